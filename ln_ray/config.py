@@ -1,0 +1,225 @@
+"""Structured configuration: one dataclass per section, YAML files in conf/, dotlist overrides.
+
+Every job starts with :func:`load_config`, which merges a YAML file and ``key=value`` overrides onto
+the dataclass schema (so an unknown key or a value of the wrong type fails at once) and then checks
+the values that types alone cannot (ranges, enums, combinations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ln_ray.prepare.segment import SEGMENT_MODES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+INPUT_FORMATS = ("auto", "parquet", "jsonl")
+METRICS = ("lalp", "galp", "rsr")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type or bad value."""
+
+
+@dataclass
+class ColumnsConfig:
+    """Names of the input columns; ``steps``, ``correct`` and ``messages`` are optional."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    teacher: str = "teacher"
+    prompt_id: str = "prompt_id"
+    steps: str = "steps"
+    correct: str = "correct"
+    messages: str = "messages"
+
+
+@dataclass
+class InputConfig:
+    """Where the traces are: a file, folder or glob on any fsspec filesystem."""
+
+    path: str = "ln_ray/demo/traces.jsonl"
+    format: str = "auto"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+
+
+@dataclass
+class OutputConfig:
+    """Where scores, selections, teacher tables and the curated set are written."""
+
+    path: str = "outputs/demo"
+
+
+@dataclass
+class StudentConfig:
+    """The student model that judges the traces.
+
+    ``model`` is a Hugging Face model id (already in the local cache), a local model directory, a
+    ``.gguf`` file, or the named default ``smollm2-135m``.
+    """
+
+    model: str = "smollm2-135m"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    allow_download: bool = False
+    chat_template: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class SegmentConfig:
+    """How responses are split into steps when the input has no ``steps`` column."""
+
+    mode: str = "sentence"
+    min_chars: int = 8
+
+
+@dataclass
+class ScoringConfig:
+    """What is computed for each trace (see DESIGN.md, "Definitions")."""
+
+    window: int = 4
+    window_fraction: float | None = None
+    rank_clip: int = 100
+    max_tokens: int = 32768
+    max_response_chars: int = 400_000
+
+
+@dataclass
+class SelectionConfig:
+    """How one trace per prompt is chosen and how teachers are compared."""
+
+    require_correct: bool = True
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class ComputeConfig:
+    """Resources: the scoring actor pool and the batch sizes that feed it."""
+
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    prepare_cpus: float = 0.5
+    batch_traces: int = 16
+    token_budget: int = 4096
+    head_chunk: int = 1024
+    torch_threads: int = 0
+
+
+@dataclass
+class LnRayConfig:
+    """The whole job configuration."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+def load_config(
+    config_name: str | None = "default", overrides: list[str] | None = None
+) -> LnRayConfig:
+    """Build a validated config from ``conf/<name>.yaml`` (or a YAML path) and dotlist overrides.
+
+    Args:
+        config_name: A name in ``conf/`` (without ``.yaml``), a path to a YAML file, or None for the
+            built-in defaults.
+        overrides: ``key=value`` strings, e.g. ``["scoring.window=2", "input.path=s3://b/x"]``.
+
+    Returns:
+        The typed config object.
+
+    Raises:
+        ConfigError: On an unknown key, a value of the wrong type or a value out of range.
+    """
+    schema = OmegaConf.structured(LnRayConfig)
+    try:
+        layers: list[Any] = [schema]
+        if config_name is not None:
+            layers.append(OmegaConf.load(_config_path(config_name)))
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc)) from None
+    cfg: LnRayConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: LnRayConfig) -> None:
+    """Check the values that the schema's types cannot; raise ConfigError listing every problem."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(bool(cfg.input.path), "input.path is empty")
+    need(cfg.input.format in INPUT_FORMATS, f"input.format must be one of {INPUT_FORMATS}")
+    need(bool(cfg.output.path), "output.path is empty")
+    need(bool(cfg.student.model), "student.model is empty")
+    need(cfg.student.dtype in DTYPES, f"student.dtype must be one of {DTYPES}")
+    need(cfg.segment.mode in SEGMENT_MODES, f"segment.mode must be one of {SEGMENT_MODES}")
+    need(cfg.segment.min_chars >= 0, "segment.min_chars must be >= 0")
+    need(cfg.scoring.window >= 0, "scoring.window must be >= 0")
+    frac = cfg.scoring.window_fraction
+    need(frac is None or 0.0 < frac <= 1.0, "scoring.window_fraction must be in (0, 1] or null")
+    need(cfg.scoring.rank_clip >= 1, "scoring.rank_clip must be >= 1")
+    need(cfg.scoring.max_tokens >= 1, "scoring.max_tokens must be >= 1")
+    need(cfg.scoring.max_response_chars >= 1, "scoring.max_response_chars must be >= 1")
+    need(cfg.selection.bootstrap_samples >= 0, "selection.bootstrap_samples must be >= 0")
+    need(0.0 < cfg.selection.confidence < 1.0, "selection.confidence must be in (0, 1)")
+    need(cfg.compute.actors >= 1, "compute.actors must be >= 1")
+    need(cfg.compute.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")
+    need(cfg.compute.cpus_per_actor > 0, "compute.cpus_per_actor must be > 0")
+    need(cfg.compute.prepare_cpus > 0, "compute.prepare_cpus must be > 0")
+    need(cfg.compute.batch_traces >= 1, "compute.batch_traces must be >= 1")
+    need(cfg.compute.token_budget >= 16, "compute.token_budget must be >= 16")
+    need(cfg.compute.head_chunk >= 1, "compute.head_chunk must be >= 1")
+    need(cfg.compute.torch_threads >= 0, "compute.torch_threads must be >= 0 (0: automatic)")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def to_yaml(cfg: LnRayConfig) -> str:
+    """Render a config back to YAML (for logs and the manifest)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: LnRayConfig) -> dict[str, Any]:
+    """Plain nested dict of a config."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]
+
+
+def _config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONF_DIR / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config named {name!r}: use one of {known} or a path to a .yaml file")
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    message = str(exc).splitlines()[0]
+    if "not in struct" in message or "Key '" in message and "not in" in message:
+        return f"unknown config key {key!r}" if key else message
+    return f"bad value for {key!r}: {message}" if key else message

@@ -1,0 +1,1 @@
+"""Turn raw rows into tokenized traces: validate, segment, render, tokenize."""

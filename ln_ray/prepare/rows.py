@@ -1,0 +1,178 @@
+"""Validate one input row and turn it into a scoring-ready trace, or a reject with a reason.
+
+Rows arrive in the canonical layout of ``ln_ray.schema.RAW_COLUMNS`` (the reader has already mapped
+the user's column names). Every failure raises :class:`RowRejected` with a short reason that ends up
+in ``rejects/``; nothing here ever evaluates or unpickles input data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ln_ray.prepare.render import RenderError, TokenizedTrace, tokenize_trace
+from ln_ray.prepare.segment import check_steps, segment_steps
+
+
+class RowRejected(ValueError):
+    """The row cannot be scored; ``str(exc)`` is the reason written to ``rejects/``."""
+
+
+@dataclass(frozen=True)
+class TraceRow:
+    """A validated input row."""
+
+    prompt_id: str
+    teacher: str
+    messages: list[dict[str, str]]
+    steps: list[str] | None
+    correct: bool | None
+
+    @property
+    def prompt(self) -> str:
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else ""
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass(frozen=True)
+class PreparedTrace:
+    """A validated row with its steps and tokens, ready for the student."""
+
+    row: TraceRow
+    trace_id: str
+    tokens: TokenizedTrace
+
+
+def validate_row(raw: dict[str, Any], max_response_chars: int) -> TraceRow:
+    """Check one canonical row and build its conversation.
+
+    Args:
+        raw: A row with the canonical keys (prompt_id, prompt, teacher, response, steps, correct,
+            messages); absent optional fields are None.
+        max_response_chars: Hard cap on the response length.
+
+    Returns:
+        The validated row.
+
+    Raises:
+        RowRejected: With the reason.
+    """
+    teacher = _text(raw, "teacher")
+    messages = _messages(raw)
+    response = messages[-1]["content"]
+    if not response.strip():
+        raise RowRejected("empty response")
+    if len(response) > max_response_chars:
+        raise RowRejected(f"response longer than {max_response_chars} characters")
+    prompt_id = raw.get("prompt_id")
+    if prompt_id is None:
+        prompt_id = "p-" + _digest(json.dumps(messages[:-1], sort_keys=True))[:16]
+    elif not isinstance(prompt_id, str | int):
+        raise RowRejected("prompt_id is not a string or integer")
+    steps = raw.get("steps")
+    if steps is not None:
+        steps = list(steps)
+        problem = check_steps(steps, response)
+        if problem:
+            raise RowRejected(f"bad steps: {problem}")
+    correct = raw.get("correct")
+    if correct is not None and not isinstance(correct, bool):
+        raise RowRejected("correct is not a boolean")
+    return TraceRow(str(prompt_id), teacher, messages, steps, correct)
+
+
+def prepare_row(
+    raw: dict[str, Any],
+    tokenizer: Any,
+    *,
+    segment_mode: str = "sentence",
+    min_step_chars: int = 8,
+    max_response_chars: int = 400_000,
+) -> PreparedTrace:
+    """Validate, segment, render and tokenize one row.
+
+    Args:
+        raw: A canonical input row.
+        tokenizer: The student's fast tokenizer with a chat template.
+        segment_mode: Segmenter used when the row has no ``steps``.
+        min_step_chars: Shorter fragments merge into the following step.
+        max_response_chars: Hard cap on the response length.
+
+    Returns:
+        The prepared trace.
+
+    Raises:
+        RowRejected: With the reason.
+    """
+    row = validate_row(raw, max_response_chars)
+    steps = row.steps or segment_steps(row.response, segment_mode, min_step_chars)
+    try:
+        tokens = tokenize_trace(tokenizer, row.messages, steps)
+    except RenderError as exc:
+        raise RowRejected(str(exc)) from None
+    return PreparedTrace(row=row, trace_id=trace_id(row, steps), tokens=tokens)
+
+
+def trace_id(row: TraceRow, steps: list[str]) -> str:
+    """Stable content hash of everything that determines a trace's scores and identity."""
+    payload = json.dumps(
+        {
+            "prompt_id": row.prompt_id,
+            "teacher": row.teacher,
+            "messages": row.messages,
+            "steps": steps,
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return _digest(payload)[:32]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _text(raw: dict[str, Any], key: str) -> str:
+    value = raw.get(key)
+    if value is None:
+        raise RowRejected(f"missing {key}")
+    if not isinstance(value, str):
+        raise RowRejected(f"{key} is not a string")
+    return value
+
+
+def _messages(raw: dict[str, Any]) -> list[dict[str, str]]:
+    """The row's ``messages`` if given, else ``[user: prompt, assistant: response]``."""
+    given = raw.get("messages")
+    if given is None:
+        return [
+            {"role": "user", "content": _text(raw, "prompt")},
+            {"role": "assistant", "content": _text(raw, "response")},
+        ]
+    if isinstance(given, str):
+        try:
+            given = json.loads(given)
+        except json.JSONDecodeError:
+            raise RowRejected("messages is not valid JSON") from None
+    if not isinstance(given, list) or not given:
+        raise RowRejected("messages is not a non-empty list")
+    messages = []
+    for message in given:
+        if not isinstance(message, dict):
+            raise RowRejected("a message is not an object")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise RowRejected("a message lacks a string role or content")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise RowRejected("the last message is not the assistant's response")
+    response = raw.get("response")
+    if response is not None and response != messages[-1]["content"]:
+        raise RowRejected("response differs from the last message")
+    return messages

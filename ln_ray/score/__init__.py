@@ -1,0 +1,1 @@
+"""Run the student over prepared traces: windows, packing, log-probs, ranks and metrics (no Ray)."""

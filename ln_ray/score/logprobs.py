@@ -1,0 +1,61 @@
+"""Per-token log-probabilities and ranks from hidden states, a chunk of rows at a time.
+
+The full ``[tokens x vocab]`` logits of a long trace would not fit (32K tokens x 150K vocab x 4
+bytes is 19 GB), so the language-model head runs on ``chunk`` rows at a time and each chunk is
+reduced at once to the two numbers kept per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TokenHead:
+    """The student's output projection, applied in fp32.
+
+    Args:
+        model: A transformers causal LM.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        head = model.get_output_embeddings()
+        # fp32 logits even for bf16 weights: ranks compare logits, and bf16 would create ties.
+        self.weight = head.weight.detach().float()
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach().float()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.scale = getattr(model.config, "logit_scale", None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[rows, vocab]`` for hidden states ``[rows, d]``."""
+        logits = torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def score(
+        self, hidden: torch.Tensor, targets: torch.Tensor, *, with_rank: bool, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-prob (and rank) of each target token.
+
+        Args:
+            hidden: ``[n, d]`` final hidden states; row ``j`` predicts ``targets[j]``.
+            targets: ``[n]`` token ids.
+            with_rank: Also compute ranks (1 + number of logits strictly greater).
+            chunk: Rows per head projection.
+
+        Returns:
+            ``(logprobs, ranks)``: fp32 ``[n]`` and int64 ``[n]`` (or None).
+        """
+        n = hidden.shape[0]
+        logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ranks = torch.empty(n, dtype=torch.int64, device=hidden.device) if with_rank else None
+        for a in range(0, n, chunk):
+            logits = self.logits(hidden[a : a + chunk])
+            target = logits.gather(1, targets[a : a + chunk, None])
+            logprobs[a : a + chunk] = target[:, 0] - torch.logsumexp(logits, dim=1)
+            if ranks is not None:
+                ranks[a : a + chunk] = (logits > target).sum(dim=1) + 1
+        return logprobs, ranks

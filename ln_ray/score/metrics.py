@@ -1,0 +1,50 @@
+"""Per-trace metrics from per-token log-probs and ranks (DESIGN.md, "Definitions")."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def trace_metrics(
+    global_logprobs: np.ndarray,
+    global_ranks: np.ndarray,
+    local_logprobs: np.ndarray,
+    step_bounds: np.ndarray,
+    rank_clip: int,
+) -> dict[str, object]:
+    """GALP, LALP, lalp_token, RSR, avg_rank, avg_surprisal and per-step local log-probs.
+
+    Args:
+        global_logprobs: Log-probs of the globally scored response tokens (a truncated trace has
+            fewer than its response tokens).
+        global_ranks: Ranks of the same tokens.
+        local_logprobs: Windowed log-probs of every response token.
+        step_bounds: ``n_steps + 1`` token boundaries of the steps.
+        rank_clip: ``r_max``; ranks above it count as ``r_max``.
+
+    Returns:
+        A dict of the metrics. A step with no tokens of its own has step log-prob None and does not
+        count towards LALP; a metric over no tokens is NaN.
+    """
+    step_logprobs: list[float | None] = []
+    for a, b in zip(step_bounds[:-1], step_bounds[1:]):
+        step_logprobs.append(
+            float(np.mean(local_logprobs[a:b], dtype=np.float64)) if b > a else None
+        )
+    scored_steps = [s for s in step_logprobs if s is not None]
+    surprisal = -global_logprobs.astype(np.float64)
+    clipped = np.minimum(global_ranks, rank_clip).astype(np.float64)
+    total_surprisal = float(surprisal.sum())
+    return {
+        "galp": _mean(-surprisal),
+        "lalp": float(np.mean(scored_steps)) if scored_steps else float("nan"),
+        "lalp_token": _mean(local_logprobs),
+        "rsr": float(clipped.sum()) / total_surprisal if total_surprisal > 0 else float("nan"),
+        "avg_rank": _mean(clipped),
+        "avg_surprisal": _mean(surprisal),
+        "step_logprobs": step_logprobs,
+    }
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values, dtype=np.float64)) if len(values) else float("nan")

@@ -1,0 +1,254 @@
+"""StudentScorer: global and local log-probs, ranks and metrics for a batch of traces.
+
+One call runs two phases over packed rows (see ``attention.py`` for the packing):
+
+1. global: one sequence per trace, ``prefix + r_1..r_g`` (``g`` response tokens, capped by
+   ``max_tokens``); yields the global log-prob and rank of every scored response token, the
+   local log-probs of the first ``k + 1`` steps (their windows are prefixes of this sequence), and
+   records the chat prefix's keys/values for phase 2;
+2. local: the remaining windows (``windows.py``), each attending to its trace's recorded prefix.
+
+Hidden state row ``t`` predicts token ``t + 1``. For a sequence ``x_0..x_{L-1}`` with prefix length
+``P`` the response token ``r_j = x_{P+j-1}`` is predicted by row ``P + j - 2``:
+
+    tokens:  x_0 ... x_{P-1} | r_1     r_2   ...  r_g
+    rows:    h_0 ... h_{P-1} | h_P     h_{P+1} ... (last row predicts nothing)
+    predicts:x_1 ... r_1     | r_2     r_3   ...
+
+so the scored rows are ``P-1 .. P+g-2``. A window starting at response token ``c`` (positions
+``P + c ..``) predicts its first token from the prefix's last row ``h_{P-1}``, also recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ln_ray.prepare.render import TokenizedTrace
+from ln_ray.score.attention import (
+    PackedLayout,
+    PrefixStore,
+    Segment,
+    install_segment_attention,
+    packed_positions,
+)
+from ln_ray.score.logprobs import TokenHead
+from ln_ray.score.metrics import trace_metrics
+from ln_ray.score.packing import pack_by_budget
+from ln_ray.score.windows import plan_windows
+
+
+@dataclass
+class TraceScores:
+    """Everything the student says about one trace."""
+
+    n_tokens: int
+    n_steps: int
+    truncated: bool
+    galp: float
+    lalp: float
+    lalp_token: float
+    rsr: float
+    avg_rank: float
+    avg_surprisal: float
+    step_logprobs: list[float | None]
+    global_logprobs: np.ndarray
+    global_ranks: np.ndarray
+    local_logprobs: np.ndarray
+
+
+@dataclass
+class _Sequence:
+    """A sequence to run and which of its predictions to keep."""
+
+    trace: int
+    tokens: np.ndarray
+    uses_prefix: bool
+    records_prefix: int
+    first_row: int  # row predicting the first scored token; -1: the prefix's last row
+    targets: np.ndarray
+    target_offset: int  # response index of the first scored token
+    is_global: bool
+
+
+class StudentScorer:
+    """Scores tokenized traces with a student causal LM, exactly and in packed batches.
+
+    Args:
+        model: A transformers causal LM (its attention is switched to the packed kernel).
+        window: Local window ``k`` in steps.
+        window_fraction: If set, each step sees this fraction of its preceding steps instead.
+        rank_clip: ``r_max`` for RSR and avg_rank.
+        max_tokens: Cap on the global sequence (prefix + response); longer traces are truncated
+            there for the global metrics and flagged, their local scores still cover every step.
+        token_budget: Tokens per packed forward pass.
+        head_chunk: Rows per output-projection chunk.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        window: int = 4,
+        window_fraction: float | None = None,
+        rank_clip: int = 100,
+        max_tokens: int = 32768,
+        token_budget: int = 4096,
+        head_chunk: int = 1024,
+    ) -> None:
+        install_segment_attention(model)
+        self.model = model
+        self.body = model.base_model
+        self.head = TokenHead(model)
+        self.device = next(model.parameters()).device
+        self.window = window
+        self.window_fraction = window_fraction
+        self.rank_clip = rank_clip
+        self.max_tokens = max_tokens
+        self.token_budget = token_budget
+        self.head_chunk = head_chunk
+        self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
+
+    @torch.inference_mode()
+    def score(self, traces: Sequence[TokenizedTrace]) -> list[TraceScores]:
+        """Score every trace; the result is in input order and independent of batching.
+
+        Args:
+            traces: Tokenized traces.
+
+        Returns:
+            One TraceScores per trace.
+        """
+        n_global = [self._global_tokens(t) for t in traces]
+        plans = [
+            plan_windows(t.step_bounds, self.window, self.window_fraction, g)
+            for t, g in zip(traces, n_global)
+        ]
+        global_lp = [np.full(g, np.nan, dtype=np.float32) for g in n_global]
+        global_rank = [np.zeros(g, dtype=np.int64) for g in n_global]
+        local_lp = [np.full(t.n_response, np.nan, dtype=np.float32) for t in traces]
+
+        store = PrefixStore()
+        globals_ = [
+            self._global_sequence(i, t, g, needs_prefix=bool(plans[i][1]))
+            for i, (t, g) in enumerate(zip(traces, n_global))
+        ]
+        for seq, lp, rank in self._run(globals_, traces, store):
+            global_lp[seq.trace][:] = lp
+            global_rank[seq.trace][:] = rank
+        windows = [
+            self._window_sequence(i, traces[i], span)
+            for i, (_, spans) in enumerate(plans)
+            for span in spans
+        ]
+        for i, (reused, _) in enumerate(plans):
+            local_lp[i][:reused] = global_lp[i][:reused]
+        for seq, lp, _ in self._run(windows, traces, store):
+            local_lp[seq.trace][seq.target_offset : seq.target_offset + len(lp)] = lp
+        store.clear()
+
+        results = []
+        for i, trace in enumerate(traces):
+            assert not np.isnan(local_lp[i]).any(), "a response token was never scored locally"
+            assert not np.isnan(global_lp[i]).any(), "a response token was never scored globally"
+            metrics = trace_metrics(
+                global_lp[i], global_rank[i], local_lp[i], trace.step_bounds, self.rank_clip
+            )
+            results.append(
+                TraceScores(
+                    n_tokens=trace.n_response,
+                    n_steps=trace.n_steps,
+                    truncated=n_global[i] < trace.n_response,
+                    global_logprobs=global_lp[i],
+                    global_ranks=global_rank[i],
+                    local_logprobs=local_lp[i],
+                    **metrics,  # type: ignore[arg-type]
+                )
+            )
+        return results
+
+    def _global_tokens(self, trace: TokenizedTrace) -> int:
+        # The prefix always runs whole (windows need its keys/values); responses are capped.
+        return max(0, min(trace.n_response, self.max_tokens - trace.prefix_len))
+
+    def _global_sequence(
+        self, index: int, trace: TokenizedTrace, n_global: int, needs_prefix: bool
+    ) -> _Sequence:
+        p = trace.prefix_len
+        return _Sequence(
+            trace=index,
+            tokens=trace.input_ids[: p + n_global],
+            uses_prefix=False,
+            records_prefix=p if needs_prefix else 0,
+            first_row=p - 1,
+            targets=trace.input_ids[p : p + n_global],
+            target_offset=0,
+            is_global=True,
+        )
+
+    def _window_sequence(self, index: int, trace: TokenizedTrace, span) -> _Sequence:
+        p = trace.prefix_len
+        return _Sequence(
+            trace=index,
+            tokens=trace.input_ids[p + span.context_start : p + span.stop],
+            uses_prefix=True,
+            records_prefix=0,
+            first_row=span.score_start - span.context_start - 1,
+            targets=trace.input_ids[p + span.score_start : p + span.stop],
+            target_offset=span.score_start,
+            is_global=False,
+        )
+
+    def _run(
+        self, sequences: list[_Sequence], traces: Sequence[TokenizedTrace], store: PrefixStore
+    ):
+        """Forward packed rows of ``sequences``; yield ``(sequence, logprobs, ranks)`` for each."""
+        prefix_lens = [t.prefix_len for t in traces]
+        for row in pack_by_budget([len(s.tokens) for s in sequences], self.token_budget):
+            batch = [sequences[i] for i in row]
+            segments, start = [], 0
+            for seq in batch:
+                segments.append(
+                    Segment(seq.trace, start, len(seq.tokens), seq.uses_prefix, seq.records_prefix)
+                )
+                start += len(seq.tokens)
+            ids = torch.from_numpy(np.concatenate([s.tokens for s in batch])).to(self.device)
+            positions = packed_positions(segments, prefix_lens).to(self.device)
+            hidden = self.body(
+                input_ids=ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                ln_layout=PackedLayout(segments, store),
+            ).last_hidden_state[0]
+            self.model_tokens += start
+            rows = []
+            for seq, seg in zip(batch, segments):
+                if seq.records_prefix:
+                    store.hidden[seq.trace] = hidden[seg.start + seq.records_prefix - 1][None]
+                n = len(seq.targets)
+                if seq.first_row >= 0:
+                    first = seg.start + seq.first_row
+                    rows.append(hidden[first : first + n])
+                else:
+                    rows.append(
+                        torch.cat([store.hidden[seq.trace], hidden[seg.start : seg.start + n - 1]])
+                    )
+            targets = torch.from_numpy(np.concatenate([s.targets for s in batch])).to(self.device)
+            with_rank = batch[0].is_global
+            lp, rank = self.head.score(
+                torch.cat(rows), targets, with_rank=with_rank, chunk=self.head_chunk
+            )
+            lp = lp.cpu().numpy()
+            rank = rank.cpu().numpy() if rank is not None else None
+            offset = 0
+            for seq in batch:
+                n = len(seq.targets)
+                yield (
+                    seq,
+                    lp[offset : offset + n],
+                    None if rank is None else rank[offset : offset + n],
+                )
+                offset += n

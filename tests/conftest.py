@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny trained tokenizer, a tiny random Llama, and the real SmolLM2 student."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ln_ray.config import StudentConfig
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "First, compute the total cost: 3 apples at $2 each is 6 dollars.",
+    "Then add the 4 dollar sandwich, so the total is 10 dollars.",
+    "Wait, let me double-check the arithmetic. 3 * 2 = 6 and 6 + 4 = 10.",
+    "The train travels 120 km in 2 hours, so its speed is 60 km/h.",
+    "So the answer is 10. Therefore the farmer crosses the river first.",
+    "<think>\nLet me think step by step about this puzzle.\n</think>\n\nThe answer is 42.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, attn: str = "eager"):
+    """A 2-layer random Llama with grouped-query attention (fp32, CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        attn_implementation=attn,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Larger-than-default weights give peaked, varied distributions (ranks beyond 1, real ties
+    # unlikely), which makes exact-rank comparisons meaningful.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture
+def tiny_pair(tiny_tokenizer):
+    """Two copies of one tiny Llama: one for the fast scorer, one for the reference."""
+    model = make_tiny_llama(len(tiny_tokenizer))
+    return model, copy.deepcopy(model)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct student (converted once from its GGUF, then cached)."""
+    from ln_ray.score.student import load_student
+
+    return load_student(StudentConfig(model="smollm2-135m"))

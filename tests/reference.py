@@ -1,0 +1,66 @@
+"""A slow, obviously-correct reference scorer: one plain forward per window, full logits.
+
+It shares nothing with ln_ray.score but the definitions in DESIGN.md, so agreement is evidence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def _forward_logprobs(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary fp32 logits and log-softmax of one unpadded sequence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return logits, torch.log_softmax(logits, dim=-1)
+
+
+def reference_scores(model, trace, *, window=4, fraction=None, max_tokens=10**9, rank_clip=100):
+    """Score one TokenizedTrace by brute force; returns a dict like TraceScores' fields."""
+    ids = trace.input_ids.tolist()
+    p = trace.prefix_len
+    t = len(ids) - p
+    bounds = trace.step_bounds.tolist()
+    n_steps = len(bounds) - 1
+
+    g = max(0, min(t, max_tokens - p))
+    global_lp, global_rank = [], []
+    if g:
+        logits, logprobs = _forward_logprobs(model, ids[: p + g])
+        for j in range(g):
+            row, target = p + j - 1, ids[p + j]
+            global_lp.append(logprobs[row, target].item())
+            global_rank.append(int((logits[row] > logits[row, target]).sum().item()) + 1)
+
+    local_lp = [math.nan] * t
+    for i in range(n_steps):
+        if bounds[i] == bounds[i + 1]:
+            continue
+        seen = window if fraction is None else math.ceil(fraction * i - 1e-9)
+        first = bounds[max(0, i - seen)]
+        window_ids = ids[:p] + ids[p + first : p + bounds[i + 1]]
+        _, logprobs = _forward_logprobs(model, window_ids)
+        for j in range(bounds[i], bounds[i + 1]):
+            row = p + (j - first) - 1
+            local_lp[j] = logprobs[row, ids[p + j]].item()
+
+    step_means = [
+        float(np.mean(local_lp[a:b])) if b > a else None for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    clipped = [min(r, rank_clip) for r in global_rank]
+    return {
+        "global_logprobs": np.array(global_lp),
+        "global_ranks": np.array(global_rank, dtype=np.int64),
+        "local_logprobs": np.array(local_lp),
+        "step_logprobs": step_means,
+        "galp": float(np.mean(global_lp)) if g else math.nan,
+        "lalp": float(np.mean([s for s in step_means if s is not None])),
+        "lalp_token": float(np.mean(local_lp)),
+        "rsr": sum(clipped) / -sum(global_lp) if g else math.nan,
+        "avg_rank": float(np.mean(clipped)) if g else math.nan,
+        "avg_surprisal": -float(np.mean(global_lp)) if g else math.nan,
+        "truncated": g < t,
+    }

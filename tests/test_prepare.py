@@ -1,0 +1,135 @@
+"""Row validation, chat rendering, joint tokenization and step-to-token mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ln_ray.prepare.render import RenderError, tokenize_trace
+from ln_ray.prepare.rows import RowRejected, prepare_row, trace_id, validate_row
+
+RESPONSE = "First, compute the total cost. 3 apples at $2 each is 6 dollars.\nSo the answer is 6."
+ROW = {"prompt_id": "q1", "prompt": "What is the total?", "teacher": "t1", "response": RESPONSE}
+
+
+def _owner_steps(tokenizer, trace, messages, steps):
+    """Recompute, token by token, which step holds each response token's last character."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    start = text.rindex(messages[-1]["content"])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends = np.cumsum([len(s) for s in steps])
+    owners = []
+    for _, b in enc["offset_mapping"][trace.prefix_len : len(trace.input_ids)]:
+        owners.append(int(np.searchsorted(ends, b - 1 - start, side="right")))
+    return owners
+
+
+def test_response_tokens_and_step_spans(tiny_tokenizer):
+    steps = [
+        "First, compute the total cost. ",
+        "3 apples at $2 each is 6 dollars.\n",
+        "So the answer is 6.",
+    ]
+    messages = [
+        {"role": "user", "content": "What is the total?"},
+        {"role": "assistant", "content": RESPONSE},
+    ]
+    trace = tokenize_trace(tiny_tokenizer, messages, steps)
+    assert tiny_tokenizer.decode(trace.input_ids[trace.prefix_len :]) == RESPONSE
+    assert tiny_tokenizer.decode(trace.input_ids[: trace.prefix_len]).endswith("assistant\n")
+    bounds = trace.step_bounds
+    assert bounds[0] == 0 and bounds[-1] == trace.n_response and trace.n_steps == 3
+    owners = _owner_steps(tiny_tokenizer, trace, messages, steps)
+    expected = np.repeat(np.arange(3), np.diff(bounds)).tolist()
+    assert owners == expected
+
+
+def test_a_step_inside_one_token_owns_no_tokens(tiny_tokenizer):
+    response = "First, compute the total cost."
+    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": response}]
+    whole = tokenize_trace(tiny_tokenizer, messages, [response])
+    pieces = [tiny_tokenizer.decode([t]) for t in whole.input_ids[whole.prefix_len :]]
+    index = next(i for i, piece in enumerate(pieces) if len(piece) >= 3)
+    cut = len("".join(pieces[:index])) + 1
+    # a step that starts and ends inside one token holds none of its tokens' last characters
+    steps = [response[:cut], response[cut : cut + 1], response[cut + 1 :]]
+    trace = tokenize_trace(tiny_tokenizer, messages, steps)
+    assert trace.step_bounds.tolist() == [0, index, index, trace.n_response]
+
+
+def test_template_that_alters_the_response_is_rejected(tiny_tokenizer):
+    tokenizer = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+        "{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Answer.\n\n"}]
+    with pytest.raises(RenderError, match="alters the response"):
+        tokenize_trace(tokenizer, messages, ["Answer.\n\n"])
+    row = {**ROW, "response": "Answer.\n\n"}
+    with pytest.raises(RowRejected, match="alters the response"):
+        prepare_row(row, tokenizer)
+
+
+def test_given_messages_with_a_system_turn(tiny_tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the total?"},
+        {"role": "assistant", "content": RESPONSE},
+    ]
+    prepared = prepare_row({"teacher": "t1", "messages": messages, "prompt_id": 7}, tiny_tokenizer)
+    assert prepared.row.prompt == "What is the total?"
+    assert prepared.row.prompt_id == "7"
+    assert (
+        tiny_tokenizer.decode(prepared.tokens.input_ids[: prepared.tokens.prefix_len]).count(
+            "Be brief."
+        )
+        == 1
+    )
+
+
+def test_input_steps_win_over_the_segmenter(tiny_tokenizer):
+    steps = [
+        "First, compute the total cost. 3 apples at $2 each is 6 dollars.\n",
+        "So the answer is 6.",
+    ]
+    prepared = prepare_row({**ROW, "steps": steps}, tiny_tokenizer)
+    assert prepared.tokens.n_steps == 2
+    segmented = prepare_row(ROW, tiny_tokenizer)
+    assert segmented.tokens.n_steps == 3
+    assert segmented.trace_id != prepared.trace_id  # different steps, different scores
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"teacher": None}, "missing teacher"),
+        ({"prompt": 3}, "prompt is not a string"),
+        ({"response": "   "}, "empty response"),
+        ({"response": "x" * 101}, "longer than 100"),
+        ({"steps": ["First, compute", " something else"]}, "bad steps"),
+        ({"correct": "yes"}, "correct is not a boolean"),
+        ({"messages": "[not json"}, "not valid JSON"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "not the assistant"),
+    ],
+)
+def test_validation_reasons(change, reason):
+    with pytest.raises(RowRejected, match=reason):
+        validate_row({**ROW, **change}, max_response_chars=100)
+
+
+def test_trace_id_is_stable_and_content_addressed():
+    a = validate_row(ROW, 10_000)
+    b = validate_row({**ROW, "teacher": "t2"}, 10_000)
+    assert trace_id(a, ["x"]) == trace_id(validate_row(dict(ROW), 10_000), ["x"])
+    assert trace_id(a, ["x"]) != trace_id(b, ["x"])
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_spans(smollm2):
+    tokenizer = smollm2.tokenizer
+    prepared = prepare_row(ROW, tokenizer)
+    tokens = prepared.tokens
+    assert tokenizer.decode(tokens.input_ids[tokens.prefix_len :]) == RESPONSE
+    prefix = tokenizer.decode(tokens.input_ids[: tokens.prefix_len])
+    assert prefix.startswith("<|im_start|>system") and prefix.endswith("<|im_start|>assistant\n")

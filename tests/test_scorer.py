@@ -1,0 +1,136 @@
+"""The fast scorer against a brute-force reference, and its invariances."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+from reference import reference_scores
+
+from ln_ray.prepare.render import tokenize_trace
+from ln_ray.score.scorer import StudentScorer
+
+_SENTENCES = [
+    "First, compute the total cost. ",
+    "3 apples at $2 each is 6 dollars. ",
+    "Then add the 4 dollar sandwich.",
+    "\nWait, let me double-check the arithmetic. ",
+    "3 * 2 = 6 and 6 + 4 = 10. ",
+    "So the answer is 10.",
+    " ",
+    "x",
+    "\n\nThe train travels 120 km in 2 hours, so its speed is 60 km/h. ",
+    "Therefore the farmer crosses the river first.",
+]
+
+
+def make_traces(tokenizer, count: int = 5, seed: int = 0):
+    """Traces of varied length and step structure (including steps too short to own a token)."""
+    rng = random.Random(seed)
+    traces = []
+    for i in range(count):
+        steps = [rng.choice(_SENTENCES) for _ in range(rng.randint(1, 12))]
+        messages = [
+            {
+                "role": "user",
+                "content": f"Puzzle {i}: " + "what is the total? " * rng.randint(1, 4),
+            },
+            {"role": "assistant", "content": "".join(steps)},
+        ]
+        traces.append(tokenize_trace(tokenizer, messages, steps))
+    return traces
+
+
+def assert_matches_reference(fast, ref):
+    np.testing.assert_allclose(fast.global_logprobs, ref["global_logprobs"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(fast.global_ranks, ref["global_ranks"])
+    np.testing.assert_allclose(fast.local_logprobs, ref["local_logprobs"], atol=1e-4, rtol=0)
+    for key in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
+        assert fast.__dict__[key] == pytest.approx(ref[key], abs=1e-4, nan_ok=True), key
+    assert fast.truncated == ref["truncated"]
+    for a, b in zip(fast.step_logprobs, ref["step_logprobs"], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "window, fraction, max_tokens",
+    [(4, None, 32768), (0, None, 32768), (1, None, 32768), (2, None, 60), (4, 0.5, 32768)],
+)
+def test_tiny_llama_matches_reference(tiny_tokenizer, tiny_pair, window, fraction, max_tokens):
+    model, ref_model = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=6)
+    scorer = StudentScorer(
+        model, window=window, window_fraction=fraction, max_tokens=max_tokens, token_budget=96
+    )
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        ref = reference_scores(
+            ref_model, trace, window=window, fraction=fraction, max_tokens=max_tokens
+        )
+        assert_matches_reference(fast, ref)
+
+
+def test_window_covering_all_steps_equals_global(tiny_tokenizer, tiny_pair):
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=4, seed=3)
+    scorer = StudentScorer(model, window=max(t.n_steps for t in traces), token_budget=64)
+    for fast in scorer.score(traces):
+        np.testing.assert_array_equal(fast.local_logprobs, fast.global_logprobs)
+        assert fast.lalp_token == pytest.approx(fast.galp)
+
+
+def test_results_do_not_depend_on_budget_or_batch_mates(tiny_tokenizer, tiny_pair):
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=8, seed=5)
+    baseline = StudentScorer(model, window=2, token_budget=10**6).score(traces)
+    for budget in (16, 50, 200):
+        scorer = StudentScorer(model, window=2, token_budget=budget)
+        for a, b in zip(baseline, scorer.score(traces), strict=True):
+            np.testing.assert_allclose(a.local_logprobs, b.local_logprobs, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(a.global_logprobs, b.global_logprobs, atol=1e-5, rtol=0)
+    # each trace alone, and the batch reversed, give the same scores
+    scorer = StudentScorer(model, window=2, token_budget=128)
+    alone = [scorer.score([t])[0] for t in traces]
+    reversed_ = scorer.score(traces[::-1])[::-1]
+    for a, b, c in zip(baseline, alone, reversed_, strict=True):
+        np.testing.assert_allclose(a.local_logprobs, b.local_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.local_logprobs, c.local_logprobs, atol=1e-5, rtol=0)
+        assert a.lalp == pytest.approx(b.lalp, abs=1e-5)
+
+
+def test_truncated_trace_still_scores_every_step_locally(tiny_tokenizer, tiny_pair):
+    model, _ = tiny_pair
+    trace = make_traces(tiny_tokenizer, count=1, seed=7)[0]
+    scorer = StudentScorer(model, window=2, max_tokens=trace.prefix_len + 5, token_budget=64)
+    result = scorer.score([trace])[0]
+    assert result.truncated
+    assert len(result.global_logprobs) == 5
+    assert len(result.local_logprobs) == trace.n_response
+    assert np.isfinite(result.local_logprobs).all()
+
+
+def test_model_tokens_count_prefix_once_per_trace(tiny_tokenizer, tiny_pair):
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=3, seed=11)
+    scorer = StudentScorer(model, window=1, token_budget=64)
+    scorer.score(traces)
+    minimum = sum(t.prefix_len + t.n_response for t in traces)
+    assert scorer.model_tokens >= minimum
+    # windows re-run only response tokens: at most (k + 1) x response tokens on top of the prefix
+    assert scorer.model_tokens <= sum(t.prefix_len + 3 * t.n_response for t in traces)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_reference(smollm2):
+    from ln_ray.config import StudentConfig
+    from ln_ray.score.student import load_student
+
+    ref_model = load_student(StudentConfig(model="smollm2-135m")).model
+    fast_model = copy.deepcopy(smollm2.model)
+    traces = make_traces(smollm2.tokenizer, count=3, seed=2)
+    scorer = StudentScorer(fast_model, window=2, token_budget=256)
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        assert_matches_reference(fast, reference_scores(ref_model, trace, window=2))

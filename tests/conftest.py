@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -88,3 +89,49 @@ def smollm2():
     from ln_ray.score.student import load_student
 
     return load_student(StudentConfig(model="smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama and the tiny tokenizer saved as a local model directory."""
+    folder = tmp_path_factory.mktemp("tiny-student")
+    make_tiny_llama(len(tiny_tokenizer), attn="sdpa").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback; s3fs finds it through AWS_ENDPOINT_URL (set before Ray)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="testing-key-id",
+        AWS_SECRET_ACCESS_KEY="testing-secret-key",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield f"http://{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A real local Ray cluster of 2 CPUs (workers inherit the S3 endpoint settings)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

@@ -116,7 +116,8 @@ def test_model_tokens_count_prefix_once_per_trace(tiny_tokenizer, tiny_pair):
     model, _ = tiny_pair
     traces = make_traces(tiny_tokenizer, count=3, seed=11)
     scorer = StudentScorer(model, window=1, token_budget=64)
-    scorer.score(traces)
+    results = scorer.score(traces)
+    assert scorer.model_tokens == sum(r.model_tokens for r in results)
     minimum = sum(t.prefix_len + t.n_response for t in traces)
     assert scorer.model_tokens >= minimum
     # windows re-run only response tokens: at most (k + 1) x response tokens on top of the prefix

@@ -48,6 +48,7 @@ class TraceScores:
     n_tokens: int
     n_steps: int
     truncated: bool
+    model_tokens: int  # tokens this trace ran through the model (prefix once, plus every window)
     galp: float
     lalp: float
     lalp_token: float
@@ -162,6 +163,7 @@ class StudentScorer:
                     n_tokens=trace.n_response,
                     n_steps=trace.n_steps,
                     truncated=n_global[i] < trace.n_response,
+                    model_tokens=len(globals_[i].tokens) + sum(s.length for s in plans[i][1]),
                     global_logprobs=global_lp[i],
                     global_ranks=global_rank[i],
                     local_logprobs=local_lp[i],

@@ -1,0 +1,85 @@
+"""The curated SFT set: each prompt's selected trace as chat ``messages``, extras carried along.
+
+Input columns other than the canonical ones travel through the job as JSON (``extra``). Here they
+become real columns again, with one type per column across every output file: the types seen in
+all selected rows are collected first (``extra_types``) and unified (``extra_schema``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+CURATED_BASE = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("teacher", pa.string()),
+        ("trace_id", pa.string()),
+        ("correct", pa.bool_()),
+        ("lalp", pa.float64()),
+        ("messages", MESSAGE_TYPE),
+    ]
+)
+_SCALARS = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
+
+
+def keep_selected(table: pa.Table, selected: frozenset[str]) -> pa.Table:
+    """Rows whose trace_id was selected."""
+    mask = pc.is_in(table["trace_id"], value_set=pa.array(sorted(selected), pa.string()))
+    return table.filter(pc.fill_null(mask, False))
+
+
+def extra_types(table: pa.Table) -> pa.Table:
+    """Distinct (column, Python type name) pairs among the rows' extra columns."""
+    seen = set()
+    for text in table["extra"].to_pylist():
+        for key, value in (json.loads(text) if text else {}).items():
+            seen.add((key, type(value).__name__))
+    keys, kinds = zip(*sorted(seen)) if seen else ((), ())
+    return pa.table({"column": pa.array(keys, pa.string()), "kind": pa.array(kinds, pa.string())})
+
+
+def extra_schema(pairs: list[tuple[str, str]], reserved: set[str] | None = None) -> pa.Schema:
+    """One Arrow type per extra column: its scalar type, float64 for int+float, else JSON text."""
+    kinds: dict[str, set[str]] = {}
+    for column, kind in pairs:
+        kinds.setdefault(column, set()).add(kind)
+    by_name = {t.__name__: arrow for t, arrow in _SCALARS.items()}
+    fields = []
+    for column in sorted(kinds):
+        if reserved and column in reserved:
+            continue
+        found = kinds[column] - {"NoneType"}
+        if len(found) == 1 and next(iter(found)) in by_name:
+            arrow = by_name[next(iter(found))]
+        elif found and found <= {"int", "float"}:
+            arrow = pa.float64()
+        else:
+            arrow = pa.string()
+        fields.append((column, arrow))
+    return pa.schema(fields)
+
+
+def curate_batch(table: pa.Table, *, schema: pa.Schema) -> pa.Table:
+    """Turn selected rows into SFT records: base columns, messages, then the extra columns."""
+    extras = [f for f in schema if f.name not in CURATED_BASE.names]
+    out: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for row in table.select([*CURATED_BASE.names, "extra"]).to_pylist():
+        for name in CURATED_BASE.names:
+            out[name].append(json.loads(row[name]) if name == "messages" else row[name])
+        values = json.loads(row["extra"]) if row["extra"] else {}
+        for field in extras:
+            value = values.get(field.name)
+            if pa.types.is_string(field.type) and value is not None and not isinstance(value, str):
+                value = json.dumps(value, ensure_ascii=False)
+            out[field.name].append(value)
+    return pa.table(out, schema=schema)
+
+
+def curated_schema(extra: pa.Schema) -> pa.Schema:
+    """The curated table's schema: the base columns followed by the extra columns."""
+    return pa.schema([*CURATED_BASE, *[f for f in extra if f.name not in CURATED_BASE.names]])

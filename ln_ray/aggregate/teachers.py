@@ -1,0 +1,119 @@
+"""Per-teacher statistics: means with bootstrap confidence intervals, wins and ranks."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+from ln_ray.aggregate.select import HIGHER_IS_BETTER
+from ln_ray.schema import TEACHERS_SCHEMA
+
+# Dataset-level RSR: sum(avg_rank) / sum(avg_surprisal) over a teacher's traces.
+RSR_DATASET = "rsr_dataset"
+_BOOTSTRAP_CELLS = 4_000_000  # resample indices drawn per chunk (bounds memory)
+
+
+def teacher_stats(
+    group: pd.DataFrame, *, samples: int, confidence: float, seed: int
+) -> pd.DataFrame:
+    """Mean and bootstrap CI of each metric over one teacher's traces.
+
+    The bootstrap resamples traces with replacement (``samples`` times) and takes the percentile
+    interval; the same resamples serve every metric. The generator is seeded from ``seed`` and the
+    teacher's name, so results do not depend on how teachers are spread over workers.
+
+    Args:
+        group: All scored traces of one teacher.
+        samples: Bootstrap resamples (0: no interval).
+        confidence: Interval coverage, e.g. 0.95.
+        seed: Base seed.
+
+    Returns:
+        One row per metric (lalp, galp, rsr, rsr_dataset): teacher, metric, mean, ci_low,
+        ci_high, count.
+    """
+    teacher = str(group["teacher"].iloc[0])
+    rng = np.random.default_rng([seed, _stable_hash(teacher)])
+    statistics = {
+        metric: _finite(group, [metric], lambda v: v[0].mean(axis=-1))
+        for metric in HIGHER_IS_BETTER
+    }
+    statistics[RSR_DATASET] = _finite(
+        group, ["avg_rank", "avg_surprisal"], lambda v: v[0].sum(axis=-1) / v[1].sum(axis=-1)
+    )
+    rows = []
+    for metric, (values, statistic) in statistics.items():
+        n = values.shape[1]
+        low = high = mean = float("nan")
+        if n:
+            mean = float(statistic(values))
+            if samples:
+                estimates = _bootstrap(values, statistic, samples, rng)
+                alpha = (1.0 - confidence) / 2.0
+                low, high = (float(q) for q in np.quantile(estimates, [alpha, 1.0 - alpha]))
+        rows.append(
+            {
+                "teacher": teacher,
+                "metric": metric,
+                "mean": mean,
+                "ci_low": low,
+                "ci_high": high,
+                "count": n,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def count_wins(selections: pd.DataFrame) -> pd.DataFrame:
+    """Prompts won per (metric, teacher), from (a projection of) the selections table."""
+    return selections.groupby(["metric", "teacher"]).size().rename("wins").reset_index()
+
+
+def rank_teachers(stats: pd.DataFrame, wins: pd.DataFrame) -> pd.DataFrame:
+    """Add wins (prompts where the teacher was selected) and rank (1 = best) per metric.
+
+    Args:
+        stats: Output rows of ``teacher_stats`` for every teacher.
+        wins: Columns metric, teacher, wins (see ``count_wins``).
+
+    Returns:
+        The teacher table in ``TEACHERS_SCHEMA`` columns, sorted by metric then rank.
+    """
+    won = {(m, t): int(n) for m, t, n in zip(wins["metric"], wins["teacher"], wins["wins"])}
+    # rsr_dataset ranks teachers on the same selections as rsr: the wins are rsr's.
+    table = stats.assign(
+        wins=[
+            won.get(("rsr" if m == RSR_DATASET else m, t), 0)
+            for m, t in zip(stats["metric"], stats["teacher"])
+        ]
+    )
+    ranked = []
+    for metric, part in table.groupby("metric", sort=True):
+        higher = HIGHER_IS_BETTER.get(metric, False)
+        key = -part["mean"] if higher else part["mean"]
+        part = part.assign(_key=key.fillna(np.inf)).sort_values(["_key", "teacher"])
+        ranked.append(part.assign(rank=np.arange(1, len(part) + 1)).drop(columns="_key"))
+    result = pd.concat(ranked, ignore_index=True) if ranked else table.assign(rank=[])
+    return result[TEACHERS_SCHEMA.names].reset_index(drop=True)
+
+
+def _finite(group: pd.DataFrame, columns: list[str], statistic):
+    values = group[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float).T
+    keep = np.isfinite(values).all(axis=0)
+    return values[:, keep], statistic
+
+
+def _bootstrap(values: np.ndarray, statistic, samples: int, rng: np.random.Generator) -> np.ndarray:
+    n = values.shape[1]
+    per_chunk = max(1, _BOOTSTRAP_CELLS // n)
+    estimates = []
+    for start in range(0, samples, per_chunk):
+        index = rng.integers(0, n, size=(min(per_chunk, samples - start), n))
+        estimates.append(statistic(values[:, index]))
+    return np.concatenate(estimates)
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")

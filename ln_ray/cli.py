@@ -1,0 +1,92 @@
+"""The ``ln-ray`` command: ``score`` (the job), ``select`` (re-run the reduce), ``summary``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ln_ray.config import ConfigError, LnRayConfig, load_config
+
+USAGE_OVERRIDES = "key=value overrides, e.g. scoring.window=2 input.path=s3://bucket/traces/"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="ln-ray", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score traces and write every output")
+    score.add_argument("--config-name", default="default", help="a name in conf/ or a YAML path")
+    score.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+
+    select = commands.add_parser(
+        "select", help="re-run selections, teacher table and curated set over existing scores"
+    )
+    select.add_argument("output_path", help="output.path of a finished run")
+    select.add_argument("overrides", nargs="*", help="e.g. selection.require_correct=false")
+
+    summary = commands.add_parser("summary", help="print the teacher table of a finished run")
+    summary.add_argument("output_path", help="output.path of a finished run")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ln_ray").setLevel(logging.INFO)
+    from ln_ray.pipeline.job import JobError
+
+    try:
+        if args.command == "score":
+            return _score(load_config(args.config_name, args.overrides))
+        if args.command == "select":
+            return _select(args.output_path, args.overrides)
+        return _summary(args.output_path)
+    except (ConfigError, JobError) as exc:
+        print(f"ln-ray: {exc}", file=sys.stderr)
+        return 2
+
+
+def _score(cfg: LnRayConfig) -> int:
+    from ln_ray.pipeline.job import read_teacher_table, run_score
+    from ln_ray.pipeline.summary import format_summary
+
+    manifest = run_score(cfg)
+    print(format_summary(manifest, read_teacher_table(cfg.output.path)))
+    return 0
+
+
+def _select(output_path: str, overrides: list[str]) -> int:
+    from ln_ray.io import storage
+    from ln_ray.pipeline.job import MANIFEST, read_teacher_table, run_reduce
+    from ln_ray.pipeline.summary import format_summary
+
+    previous = storage.read_json(storage.join(output_path, MANIFEST))["config"]
+    dotlist = [f"{key}={value}" for key, value in _flatten(previous).items()]
+    cfg = load_config(None, [*dotlist, f"output.path={output_path}", *overrides])
+    manifest = run_reduce(cfg)
+    print(format_summary(manifest, read_teacher_table(output_path)))
+    return 0
+
+
+def _summary(output_path: str) -> int:
+    from ln_ray.io import storage
+    from ln_ray.pipeline.job import MANIFEST, read_teacher_table
+    from ln_ray.pipeline.summary import format_summary
+
+    manifest = storage.read_json(storage.join(output_path, MANIFEST))
+    print(format_summary(manifest, read_teacher_table(output_path)))
+    return 0
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif value is not None and "***@" not in str(value):
+            flat[name] = value
+    return flat
+
+
+if __name__ == "__main__":
+    sys.exit(main())

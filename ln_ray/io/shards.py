@@ -1,0 +1,178 @@
+"""Read Parquet and JSONL shards row by row into the canonical raw layout, with provenance.
+
+Every row keeps its source file and 1-based row number (the line number in JSONL), so a row that
+is rejected anywhere later can be found again. A bad line (invalid JSON, not UTF-8, not an object)
+or a value of the wrong type becomes a row with ``read_error`` set, and the rest of the file is
+still read; a shard that cannot be opened at all becomes a single such row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.datasource import FileBasedDatasource
+
+from ln_ray.config import ColumnsConfig
+from ln_ray.schema import RAW_SCHEMA
+
+BLOCK_ROWS = 256
+_READ_CHUNK = 1 << 20
+
+
+class TraceShardDatasource(FileBasedDatasource):
+    """A Ray Data datasource over trace shards (each file is read by one task, streaming).
+
+    Args:
+        paths: Files to read (inside ``filesystem``).
+        formats: ``parquet`` or ``jsonl`` per path.
+        urls: The URL recorded as ``source_file`` per path (with its protocol).
+        columns: Names of the input columns.
+        **kwargs: Passed to FileBasedDatasource (``filesystem``).
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        formats: dict[str, str],
+        urls: dict[str, str],
+        columns: ColumnsConfig,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(paths, **kwargs)
+        self._formats = {_bare(p): fmt for p, fmt in formats.items()}
+        self._urls = {_bare(p): url for p, url in urls.items()}
+        self._columns = columns
+
+    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
+        # Parquet needs random access (the footer comes first); JSONL streams.
+        if self._formats.get(_bare(path)) == "parquet":
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        fmt = self._formats.get(_bare(path), "jsonl")
+        source = self._urls.get(_bare(path), path)
+        rows = iter_parquet(f, self._columns) if fmt == "parquet" else iter_jsonl(f, self._columns)
+        yield from _blocks(rows, source)
+
+
+def iter_jsonl(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
+    """Canonical rows of a JSONL stream; line numbers are 1-based, blank lines are skipped."""
+    number = 0
+    for line in _lines(f):
+        number += 1
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield _error_row(number, "line is not valid UTF-8")
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield _error_row(number, f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(record, dict):
+            yield _error_row(number, "line is not a JSON object")
+            continue
+        yield canonical_row(record, columns, number)
+
+
+def iter_parquet(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
+    """Canonical rows of a Parquet file; row numbers are 1-based."""
+    try:
+        parquet = pq.ParquetFile(f)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        yield _error_row(None, f"cannot read Parquet shard: {exc}")
+        return
+    number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=BLOCK_ROWS):
+            for record in batch.to_pylist():
+                number += 1
+                yield canonical_row(record, columns, number)
+    except Exception as exc:
+        yield _error_row(None, f"cannot read Parquet shard after row {number}: {exc}")
+
+
+def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -> dict[str, Any]:
+    """Map a user record onto the canonical columns; a value of the wrong type sets read_error."""
+    names = {
+        "prompt_id": columns.prompt_id,
+        "prompt": columns.prompt,
+        "teacher": columns.teacher,
+        "response": columns.response,
+        "steps": columns.steps,
+        "correct": columns.correct,
+        "messages": columns.messages,
+    }
+    row: dict[str, Any] = {key: record.get(name) for key, name in names.items()}
+    row["row_number"] = number
+    row["read_error"] = None
+    problems = []
+    for key in ("prompt", "teacher", "response"):
+        if row[key] is not None and not isinstance(row[key], str):
+            problems.append(f"{key} is not a string")
+            row[key] = None
+    if isinstance(row["prompt_id"], int | float) and not isinstance(row["prompt_id"], bool):
+        row["prompt_id"] = str(row["prompt_id"])
+    elif row["prompt_id"] is not None and not isinstance(row["prompt_id"], str):
+        problems.append("prompt_id is not a string or number")
+        row["prompt_id"] = None
+    steps = row["steps"]
+    if steps is not None and (
+        not isinstance(steps, list | tuple) or not all(isinstance(s, str) for s in steps)
+    ):
+        problems.append("steps is not a list of strings")
+        row["steps"] = None
+    if row["correct"] is not None and not isinstance(row["correct"], bool):
+        problems.append("correct is not a boolean")
+        row["correct"] = None
+    messages = row["messages"]
+    if messages is not None and not isinstance(messages, str):
+        row["messages"] = json.dumps(messages, ensure_ascii=False, default=str)
+    extra = {k: v for k, v in record.items() if k not in set(names.values())}
+    row["extra"] = json.dumps(extra, ensure_ascii=False, default=str) if extra else None
+    if problems:
+        row["read_error"] = "; ".join(problems)
+    return row
+
+
+def _error_row(number: int | None, reason: str) -> dict[str, Any]:
+    return {"row_number": number, "read_error": reason}
+
+
+def _blocks(rows: Iterator[dict[str, Any]], source: str) -> Iterator[pa.Table]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        row["source_file"] = source
+        batch.append(row)
+        if len(batch) >= BLOCK_ROWS:
+            yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
+            batch = []
+    if batch:
+        yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
+
+
+def _lines(f: Any) -> Iterator[bytes]:
+    """Split a binary stream into lines (without the newline) without reading it whole."""
+    rest = b""
+    while True:
+        chunk = f.read(_READ_CHUNK)
+        if not chunk:
+            break
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part.rstrip(b"\r")
+    if rest:
+        yield rest.rstrip(b"\r")
+
+
+def _bare(path: str) -> str:
+    return path.split("://", 1)[-1].lstrip("/")

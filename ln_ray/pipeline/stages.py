@@ -1,0 +1,182 @@
+"""The two per-row stages of the job, as plain callables over Arrow batches (no Ray import).
+
+``prepare_batch`` runs as a CPU task: validate, segment, render, tokenize. ``ScoreStage`` runs in an
+actor pool: built once per actor (loads the student), then ``__call__(batch) -> batch``. Both can be
+unit-tested on a table without a cluster. Rejected rows pass through both stages with their reason,
+so nothing is dropped on the way to ``rejects/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ln_ray.config import ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
+from ln_ray.prepare.render import TokenizedTrace
+from ln_ray.prepare.rows import RowRejected, prepare_row
+from ln_ray.schema import (
+    METRIC_COLUMNS,
+    PREPARED_SCHEMA,
+    RAW_SCHEMA,
+    SCORED_ROWS_SCHEMA,
+    require_columns,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _tokenizer(student: StudentConfig) -> Any:
+    # Config dataclasses are unhashable; key the per-process cache on their JSON form.
+    return _cached_tokenizer(json.dumps(dataclasses.asdict(student), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(student_json: str) -> Any:
+    from ln_ray.score.student import load_tokenizer
+
+    return load_tokenizer(StudentConfig(**json.loads(student_json)))
+
+
+def prepare_batch(
+    batch: pa.Table,
+    *,
+    student: StudentConfig,
+    segment: SegmentConfig,
+    max_response_chars: int,
+) -> pa.Table:
+    """Validate and tokenize a batch of raw rows; rejected rows keep their reason.
+
+    Args:
+        batch: Rows in ``RAW_SCHEMA``.
+        student: Whose tokenizer and chat template to use (loaded once per worker process).
+        segment: Segmenter settings for rows without ``steps``.
+        max_response_chars: Hard cap on a response's length.
+
+    Returns:
+        Rows in ``PREPARED_SCHEMA``, one per input row, in order.
+    """
+    require_columns(batch.column_names, RAW_SCHEMA.names, "prepare")
+    tokenizer = _tokenizer(student)
+    out = []
+    for raw in batch.to_pylist():
+        row: dict[str, Any] = {
+            "source_file": raw["source_file"],
+            "row_number": raw["row_number"],
+            "prompt_id": raw["prompt_id"],
+            "teacher": raw["teacher"],
+        }
+        try:
+            if raw["read_error"]:
+                raise RowRejected(raw["read_error"])
+            prepared = prepare_row(
+                raw,
+                tokenizer,
+                segment_mode=segment.mode,
+                min_step_chars=segment.min_chars,
+                max_response_chars=max_response_chars,
+            )
+        except RowRejected as exc:
+            row["reject_reason"] = str(exc)
+            out.append(row)
+            continue
+        tokens = prepared.tokens
+        row.update(
+            trace_id=prepared.trace_id,
+            prompt_id=prepared.row.prompt_id,
+            correct=prepared.row.correct,
+            messages=json.dumps(prepared.row.messages, ensure_ascii=False),
+            extra=raw["extra"],
+            input_ids=tokens.input_ids.astype(np.int32),
+            prefix_len=tokens.prefix_len,
+            step_bounds=tokens.step_bounds.astype(np.int32),
+        )
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
+
+
+class ScoreStage:
+    """Actor-side scoring: one student per actor, ``__call__`` scores a batch of prepared rows.
+
+    Args:
+        student: The student to load.
+        scoring: What to compute.
+        compute: Batch sizes, token budget, threads and whether a GPU is used.
+    """
+
+    def __init__(
+        self, student: StudentConfig, scoring: ScoringConfig, compute: ComputeConfig
+    ) -> None:
+        import torch
+
+        from ln_ray.score.scorer import StudentScorer
+        from ln_ray.score.student import load_student, pick_device
+
+        device = pick_device(compute.gpus_per_actor > 0)
+        if device.type == "cpu":
+            torch.set_num_threads(_cpu_threads(compute))
+        self.student = load_student(student, device)
+        self.scorer = StudentScorer(
+            self.student.model,
+            window=scoring.window,
+            window_fraction=scoring.window_fraction,
+            rank_clip=scoring.rank_clip,
+            max_tokens=scoring.max_tokens,
+            token_budget=compute.token_budget,
+            head_chunk=compute.head_chunk,
+        )
+        log.info(
+            "scoring actor ready: %s on %s (%d threads)",
+            self.student.identity,
+            device,
+            torch.get_num_threads(),
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score the batch's prepared rows; pass rejected rows through."""
+        require_columns(batch.column_names, PREPARED_SCHEMA.names, "score")
+        rows = batch.to_pylist()
+        todo = [i for i, row in enumerate(rows) if row["reject_reason"] is None]
+        traces = [
+            TokenizedTrace(
+                input_ids=np.asarray(rows[i]["input_ids"], dtype=np.int64),
+                prefix_len=rows[i]["prefix_len"],
+                step_bounds=np.asarray(rows[i]["step_bounds"], dtype=np.int64),
+            )
+            for i in todo
+        ]
+        results = dict(zip(todo, self.scorer.score(traces))) if traces else {}
+        out = []
+        for i, row in enumerate(rows):
+            record = {name: row.get(name) for name in SCORED_ROWS_SCHEMA.names}
+            result = results.get(i)
+            if result is not None:
+                record.update(
+                    n_tokens=result.n_tokens,
+                    n_steps=result.n_steps,
+                    truncated=result.truncated,
+                    step_logprobs=result.step_logprobs,
+                    model_tokens=result.model_tokens,
+                    **{name: _finite_or_none(getattr(result, name)) for name in METRIC_COLUMNS},
+                )
+            out.append(record)
+        return pa.Table.from_pylist(out, schema=SCORED_ROWS_SCHEMA)
+
+
+def _cpu_threads(compute: ComputeConfig) -> int:
+    if compute.torch_threads:
+        return compute.torch_threads
+    # Ray pins OMP_NUM_THREADS to the actor's CPU reservation; a single CPU actor may use the node.
+    if compute.actors == 1:
+        return os.cpu_count() or 1
+    return max(1, int(compute.cpus_per_actor))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or np.isnan(value) else float(value)

@@ -1,0 +1,126 @@
+"""Column names and Arrow types of every table ln-ray reads or writes, declared once.
+
+Stages check their input columns against these at start (``require_columns``) and the writers cast
+to them, so a renamed or missing column fails loudly where it first matters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+_PROVENANCE = [("source_file", pa.string()), ("row_number", pa.int64())]
+# What travels with a trace from preparation to the curated set. ``messages`` holds the
+# conversation as JSON text and ``extra`` every other input column as JSON, so shards with
+# different extra columns still share one schema.
+_TRACE = [
+    ("trace_id", pa.string()),
+    ("prompt_id", pa.string()),
+    ("teacher", pa.string()),
+    ("correct", pa.bool_()),
+    ("messages", pa.string()),
+    ("extra", pa.string()),
+]
+
+METRIC_COLUMNS = ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
+_SCORES = [
+    ("n_tokens", pa.int64()),
+    ("n_steps", pa.int64()),
+    *[(name, pa.float64()) for name in METRIC_COLUMNS],
+    ("truncated", pa.bool_()),
+    ("step_logprobs", pa.list_(pa.float64())),
+]
+
+# Rows as the reader hands them on: the user's columns mapped to canonical names, provenance, and
+# ``read_error`` for a line or value that could not be read.
+RAW_SCHEMA = pa.schema(
+    [
+        *_PROVENANCE,
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("teacher", pa.string()),
+        ("response", pa.string()),
+        ("steps", pa.list_(pa.string())),
+        ("correct", pa.bool_()),
+        ("messages", pa.string()),
+        ("extra", pa.string()),
+        ("read_error", pa.string()),
+    ]
+)
+
+# A prepared trace, as passed from preparation to scoring; rejected rows carry only provenance and
+# ``reject_reason``.
+PREPARED_SCHEMA = pa.schema(
+    [
+        *_PROVENANCE,
+        *_TRACE,
+        ("input_ids", pa.list_(pa.int32())),
+        ("prefix_len", pa.int32()),
+        ("step_bounds", pa.list_(pa.int32())),
+        ("reject_reason", pa.string()),
+    ]
+)
+
+# What the scoring stage hands on for every input row, scored or rejected (staged before the split
+# into scores/ and rejects/, and the source of the curated set).
+SCORED_ROWS_SCHEMA = pa.schema(
+    [*_PROVENANCE, *_TRACE, *_SCORES, ("model_tokens", pa.int64()), ("reject_reason", pa.string())]
+)
+
+# scores/: one row per scored trace (DESIGN.md, output contract). ``correct`` is null when the
+# input has no such column.
+SCORES_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("teacher", pa.string()),
+        ("trace_id", pa.string()),
+        *_SCORES,
+        ("correct", pa.bool_()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("row_number", pa.int64()),
+        ("prompt_id", pa.string()),
+        ("teacher", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+SELECTIONS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("metric", pa.string()),
+        ("teacher", pa.string()),
+        ("trace_id", pa.string()),
+        ("score", pa.float64()),
+        ("n_candidates", pa.int64()),
+    ]
+)
+
+TEACHERS_SCHEMA = pa.schema(
+    [
+        ("teacher", pa.string()),
+        ("metric", pa.string()),
+        ("mean", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("count", pa.int64()),
+        ("wins", pa.int64()),
+        ("rank", pa.int64()),
+    ]
+)
+
+
+def require_columns(present: Iterable[str], required: Iterable[str], stage: str) -> None:
+    """Fail loudly when a stage's input lacks columns it needs.
+
+    Raises:
+        KeyError: Naming the stage and the missing columns.
+    """
+    missing = sorted(set(required) - set(present))
+    if missing:
+        raise KeyError(f"{stage}: input is missing columns {missing}")

@@ -1,0 +1,141 @@
+"""Selection, teacher statistics and curation on hand-made tables (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from ln_ray.aggregate.curate import curate_batch, curated_schema, extra_schema, extra_types
+from ln_ray.aggregate.select import select_prompt
+from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
+
+
+def _prompt(rows):
+    return pd.DataFrame(
+        rows, columns=["prompt_id", "teacher", "trace_id", "correct", "lalp", "galp", "rsr"]
+    )
+
+
+def test_select_argmax_argmin_with_correct_filter():
+    group = _prompt(
+        [
+            ("p", "a", "t1", True, -1.0, -2.0, 3.0),
+            ("p", "b", "t2", False, -0.5, -1.0, 1.0),  # best everywhere, but incorrect
+            ("p", "c", "t3", True, -2.0, -1.5, 2.5),
+        ]
+    )
+    picked = select_prompt(group, filter_correct=True).set_index("metric")
+    assert picked.loc["lalp", "teacher"] == "a"
+    assert picked.loc["galp", "teacher"] == "c"
+    assert picked.loc["rsr", "teacher"] == "c"
+    assert (picked["n_candidates"] == 2).all()
+    unfiltered = select_prompt(group, filter_correct=False).set_index("metric")
+    assert set(unfiltered["teacher"]) == {"b"}
+
+
+def test_select_ties_break_by_teacher_then_trace_id():
+    group = _prompt(
+        [
+            ("p", "zeta", "t0", None, -1.0, -1.0, 2.0),
+            ("p", "alpha", "t9", None, -1.0, -1.0, 2.0),
+            ("p", "alpha", "t3", None, -1.0, -1.0, 2.0),
+        ]
+    )
+    picked = select_prompt(group, filter_correct=False)
+    assert set(zip(picked["teacher"], picked["trace_id"])) == {("alpha", "t3")}
+
+
+def test_select_skips_nan_and_prompts_without_candidates():
+    group = _prompt([("p", "a", "t1", False, -1.0, np.nan, np.nan)])
+    assert select_prompt(group, filter_correct=True).empty
+    picked = select_prompt(group, filter_correct=False)
+    assert picked["metric"].tolist() == ["lalp"]
+
+
+def _teacher(name, lalp, rank=None, surprisal=None):
+    n = len(lalp)
+    return pd.DataFrame(
+        {
+            "teacher": [name] * n,
+            "lalp": lalp,
+            "galp": lalp,
+            "rsr": np.asarray(rank or [2.0] * n) / np.asarray(surprisal or [1.0] * n),
+            "avg_rank": rank or [2.0] * n,
+            "avg_surprisal": surprisal or [1.0] * n,
+        }
+    )
+
+
+def test_teacher_stats_mean_ci_and_dataset_rsr():
+    stats = teacher_stats(
+        _teacher("a", [-1.0, -2.0, -3.0, -2.0], rank=[2, 4, 6, 8], surprisal=[1, 1, 2, 4]),
+        samples=2000,
+        confidence=0.9,
+        seed=0,
+    ).set_index("metric")
+    assert stats.loc["lalp", "mean"] == pytest.approx(-2.0)
+    assert stats.loc["lalp", "ci_low"] <= -2.0 <= stats.loc["lalp", "ci_high"]
+    assert stats.loc["lalp", "ci_low"] >= -3.0 and stats.loc["lalp", "ci_high"] <= -1.0
+    assert stats.loc["rsr_dataset", "mean"] == pytest.approx(20 / 8)
+    assert stats.loc["rsr", "mean"] == pytest.approx(np.mean([2, 4, 3, 2]))
+    assert (stats["count"] == 4).all()
+    again = teacher_stats(
+        _teacher("a", [-1.0, -2.0, -3.0, -2.0], rank=[2, 4, 6, 8], surprisal=[1, 1, 2, 4]),
+        samples=2000,
+        confidence=0.9,
+        seed=0,
+    )
+    pd.testing.assert_frame_equal(stats.reset_index()[again.columns], again)
+
+
+def test_rank_teachers_orders_by_direction_and_counts_wins():
+    stats = pd.concat(
+        [
+            teacher_stats(
+                _teacher("a", [-1.0, -1.2], rank=[9, 9]), samples=50, confidence=0.95, seed=1
+            ),
+            teacher_stats(
+                _teacher("b", [-2.0, -2.2], rank=[1, 1]), samples=50, confidence=0.95, seed=1
+            ),
+        ]
+    )
+    selections = pd.DataFrame(
+        {"metric": ["lalp", "lalp", "rsr"], "teacher": ["a", "a", "b"], "trace_id": ["x", "y", "z"]}
+    )
+    table = rank_teachers(stats, count_wins(selections)).set_index(["metric", "teacher"])
+    assert table.loc[("lalp", "a"), "rank"] == 1 and table.loc[("lalp", "b"), "rank"] == 2
+    assert table.loc[("rsr", "b"), "rank"] == 1  # lower is better
+    assert table.loc[("lalp", "a"), "wins"] == 2 and table.loc[("lalp", "b"), "wins"] == 0
+    assert table.loc[("rsr_dataset", "b"), "wins"] == 1
+
+
+def test_curate_restores_messages_and_typed_extra_columns():
+    rows = pa.table(
+        {
+            "prompt_id": ["p1", "p2"],
+            "teacher": ["a", "b"],
+            "trace_id": ["t1", "t2"],
+            "correct": [True, None],
+            "lalp": [-1.0, -2.0],
+            "messages": [
+                json.dumps(
+                    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+                ),
+                json.dumps(
+                    [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+                ),
+            ],
+            "extra": [json.dumps({"source": "x", "n": 1, "tags": ["k"]}), json.dumps({"n": 2.5})],
+        }
+    )
+    pairs = [(r["column"], r["kind"]) for r in extra_types(rows).to_pylist()]
+    schema = curated_schema(extra_schema(pairs))
+    out = curate_batch(rows, schema=schema).to_pylist()
+    assert out[0]["messages"][1] == {"role": "assistant", "content": "A1"}
+    assert out[0]["source"] == "x" and out[1]["source"] is None
+    assert out[1]["n"] == 2.5 and schema.field("n").type == pa.float64()
+    assert out[0]["tags"] == '["k"]'  # non-scalar extras travel as JSON text

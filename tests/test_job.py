@@ -1,0 +1,194 @@
+"""The Ray Data job end to end on a real local Ray cluster: local files and S3 (moto, loopback)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ln_ray.config import load_config
+from ln_ray.io import storage
+from ln_ray.pipeline.job import read_teacher_table, run_reduce, run_score
+
+pytestmark = pytest.mark.slow
+
+TEACHERS = ("alpha", "beta", "gamma")
+SENTENCES = [
+    "First, compute the total cost.",
+    "3 apples at $2 each is 6 dollars.",
+    "Then add the 4 dollar sandwich.",
+    "Wait, let me double-check the arithmetic.",
+    "3 * 2 = 6 and 6 + 4 = 10.",
+    "So the answer is 10.",
+    "The train travels 120 km in 2 hours, so its speed is 60 km/h.",
+]
+
+
+def make_rows(n_prompts: int = 6, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for p in range(n_prompts):
+        for t, teacher in enumerate(TEACHERS):
+            steps = rng.sample(SENTENCES, rng.randint(2, 5))
+            rows.append(
+                {
+                    "prompt_id": f"q{p}",
+                    "prompt": f"Puzzle {p}: what is the total?",
+                    "teacher": teacher,
+                    "response": " ".join(steps),
+                    "correct": not (p % 3 == 0 and t == 0),
+                    "source": f"batch-{p % 2}",
+                }
+            )
+    return rows
+
+
+def write_shards(fs, root: str, rows: list[dict]) -> list[str]:
+    """Half the rows as JSONL (plus two bad lines), half as Parquet."""
+    half = len(rows) // 2
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root}/part-0.jsonl", "wb") as handle:
+        for row in rows[:half]:
+            handle.write((json.dumps(row) + "\n").encode())
+        handle.write(b"{not json\n")
+        handle.write(json.dumps({**rows[0], "response": ""}).encode() + b"\n")
+    with fs.open(f"{root}/part-1.parquet", "wb") as handle:
+        pq.write_table(pa.Table.from_pylist(rows[half:]), handle)
+    return [f"{root}/part-0.jsonl", f"{root}/part-1.parquet"]
+
+
+def read_output(url: str, name: str) -> pd.DataFrame:
+    fs, root = storage.filesystem(url)
+    return pq.read_table(f"{root}/{name}", filesystem=storage.arrow_filesystem(fs)).to_pandas()
+
+
+def expected_selections(scores: pd.DataFrame, filter_correct: bool) -> dict[tuple[str, str], str]:
+    """Independent argmax/argmin per prompt, ties by teacher then trace_id."""
+    picked = {}
+    eligible = scores[scores["correct"] == True] if filter_correct else scores  # noqa: E712
+    for metric, ascending in (("lalp", False), ("galp", False), ("rsr", True)):
+        ordered = eligible.dropna(subset=[metric]).sort_values(
+            [metric, "teacher", "trace_id"], ascending=[ascending, True, True]
+        )
+        for prompt_id, first in (
+            ordered.groupby("prompt_id").head(1).set_index("prompt_id").iterrows()
+        ):
+            picked[(prompt_id, metric)] = first["trace_id"]
+    return picked
+
+
+def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> None:
+    scores = read_output(url, "scores")
+    assert len(scores) == len(rows)
+    assert list(scores.columns) == [
+        "prompt_id", "teacher", "trace_id", "n_tokens", "n_steps", "galp", "lalp", "lalp_token",
+        "rsr", "avg_rank", "avg_surprisal", "truncated", "step_logprobs", "correct",
+    ]  # fmt: skip
+    assert scores["trace_id"].is_unique
+    assert (scores["n_tokens"] > 0).all() and scores["lalp"].notna().all()
+    rejects = read_output(url, "rejects")
+    assert sorted(rejects["reason"]) == [
+        "empty response",
+        "invalid JSON: Expecting property name enclosed in double quotes at column 2",
+    ]
+    assert set(rejects["row_number"]) == {len(rows) // 2 + 1, len(rows) // 2 + 2}
+    assert all(f.endswith("part-0.jsonl") for f in rejects["source_file"])
+
+    selections = read_output(url, "selections")
+    got = {(r.prompt_id, r.metric): r.trace_id for r in selections.itertuples()}
+    assert got == expected_selections(scores, filter_correct)
+
+    teachers = read_output(url, "teachers").set_index(["metric", "teacher"])
+    for metric in ("lalp", "galp", "rsr"):
+        means = scores.groupby("teacher")[metric].mean()
+        wins = selections[selections["metric"] == metric]["teacher"].value_counts()
+        for teacher in TEACHERS:
+            row = teachers.loc[(metric, teacher)]
+            assert row["mean"] == pytest.approx(means[teacher])
+            assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+            assert row["count"] == (scores["teacher"] == teacher).sum()
+            assert row["wins"] == wins.get(teacher, 0)
+        order = means.sort_values(ascending=metric == "rsr").index.tolist()
+        assert teachers.xs(metric).sort_values("rank").index.tolist() == order
+    by_teacher = scores.groupby("teacher")
+    dataset_rsr = by_teacher["avg_rank"].sum() / by_teacher["avg_surprisal"].sum()
+    for teacher in TEACHERS:
+        assert teachers.loc[("rsr_dataset", teacher), "mean"] == pytest.approx(dataset_rsr[teacher])
+
+    curated = read_output(url, "curated")
+    lalp_ids = set(selections[selections["metric"] == "lalp"]["trace_id"])
+    assert set(curated["trace_id"]) == lalp_ids
+    source = {(r["prompt_id"], r["teacher"]): r for r in rows}
+    for record in curated.to_dict("records"):
+        original = source[(record["prompt_id"], record["teacher"])]
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        assert record["messages"][1]["content"] == original["response"]
+        assert record["source"] == original["source"]
+
+
+def job_config(input_url: str, output_url: str, student: str, *extra: str):
+    return load_config(
+        "default",
+        [
+            f"input.path={input_url}",
+            f"output.path={output_url}",
+            f"student.model={student}",
+            "compute.batch_traces=4",
+            "compute.token_budget=256",
+            "selection.bootstrap_samples=200",
+            *extra,
+        ],
+    )
+
+
+def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path):
+    import fsspec
+
+    rows = make_rows()
+    write_shards(fsspec.filesystem("file"), str(tmp_path / "in"), rows)
+    out = str(tmp_path / "out")
+    manifest = run_score(job_config(str(tmp_path / "in"), out, tiny_student_dir))
+    check_outputs(out, rows)
+
+    counts = manifest["counts"]
+    assert counts["rows_read"] == len(rows) + 2
+    assert counts["rows_scored"] == len(rows) and counts["rows_rejected"] == 2
+    for entry in manifest["inputs"]:
+        assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["student"]["identity"].startswith(tiny_student_dir)
+    assert on_disk["selection"]["filtered_on_correct"] is True
+
+    # re-run only the reduce stage with another selection option: scores are not recomputed
+    scores_before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
+    cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "selection.require_correct=false")
+    run_reduce(cfg)
+    check_outputs(out, rows, filter_correct=False)
+    scores_after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
+    assert scores_before == scores_after
+    assert not read_teacher_table(out).empty
+
+
+def test_job_reads_and_writes_s3(ray_cluster, s3_server, tiny_student_dir):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("ln-ray-test")
+    rows = make_rows(n_prompts=4, seed=1)
+    write_shards(fs, "ln-ray-test/traces", rows)
+    manifest = run_score(
+        job_config("s3://ln-ray-test/traces/", "s3://ln-ray-test/runs/r1", tiny_student_dir)
+    )
+    fs.invalidate_cache()
+    assert fs.exists("ln-ray-test/runs/r1/manifest.json")
+    check_outputs("s3://ln-ray-test/runs/r1", rows)
+    assert {entry["path"] for entry in manifest["inputs"]} == {
+        "s3://ln-ray-test/traces/part-0.jsonl",
+        "s3://ln-ray-test/traces/part-1.parquet",
+    }
+    text = json.dumps(manifest)
+    assert "testing-secret-key" not in text and "testing-key-id" not in text

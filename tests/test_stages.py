@@ -1,0 +1,92 @@
+"""Reading shards and the per-row stages, in-process on Arrow tables (no cluster)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ln_ray.config import ColumnsConfig, ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
+from ln_ray.io.shards import _blocks, iter_jsonl, iter_parquet
+from ln_ray.pipeline.stages import ScoreStage, prepare_batch
+from ln_ray.schema import PREPARED_SCHEMA, RAW_SCHEMA, SCORED_ROWS_SCHEMA
+
+GOOD = {
+    "prompt_id": 1,
+    "prompt": "Q?",
+    "teacher": "t",
+    "response": "First, add the numbers. Then we are done.",
+}
+
+
+def _raw(lines: bytes, columns: ColumnsConfig | None = None) -> pa.Table:
+    rows = iter_jsonl(io.BytesIO(lines), columns or ColumnsConfig())
+    return pa.concat_tables(list(_blocks(rows, "mem://shard.jsonl")))
+
+
+def test_jsonl_lines_are_parsed_one_by_one():
+    lines = b"\n".join(
+        [
+            json.dumps(GOOD).encode(),
+            b"{broken",
+            b"",
+            b"\xff\xfe not utf-8",
+            b"[1, 2]",
+            json.dumps({**GOOD, "teacher": 5}).encode(),
+            json.dumps({**GOOD, "extra_col": [1, 2]}).encode() + b"\r",
+        ]
+    )
+    table = _raw(lines)
+    assert table.schema == RAW_SCHEMA
+    rows = table.to_pylist()
+    assert [r["row_number"] for r in rows] == [1, 2, 4, 5, 6, 7]
+    assert rows[0]["read_error"] is None and rows[0]["prompt_id"] == "1"
+    assert rows[1]["read_error"].startswith("invalid JSON")
+    assert rows[2]["read_error"] == "line is not valid UTF-8"
+    assert rows[3]["read_error"] == "line is not a JSON object"
+    assert rows[4]["read_error"] == "teacher is not a string"
+    assert json.loads(rows[5]["extra"]) == {"extra_col": [1, 2]}
+    assert all(r["source_file"] == "mem://shard.jsonl" for r in rows)
+
+
+def test_column_names_are_mapped():
+    columns = ColumnsConfig(prompt="question", response="answer", teacher="model")
+    table = _raw(json.dumps({"question": "Q?", "answer": "A.", "model": "m"}).encode(), columns)
+    row = table.to_pylist()[0]
+    assert (row["prompt"], row["response"], row["teacher"]) == ("Q?", "A.", "m")
+
+
+def test_parquet_rows_and_a_corrupt_shard():
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([GOOD, {**GOOD, "teacher": "u"}]), buffer)
+    rows = list(iter_parquet(io.BytesIO(buffer.getvalue()), ColumnsConfig()))
+    assert [r["row_number"] for r in rows] == [1, 2]
+    broken = list(iter_parquet(io.BytesIO(b"PAR1 this is not parquet"), ColumnsConfig()))
+    assert len(broken) == 1 and broken[0]["read_error"].startswith("cannot read Parquet shard")
+
+
+def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir):
+    raw = _raw(
+        b"\n".join(
+            [json.dumps(GOOD).encode(), b"{broken", json.dumps({**GOOD, "response": " "}).encode()]
+        )
+    )
+    student = StudentConfig(model=tiny_student_dir)
+    prepared = prepare_batch(raw, student=student, segment=SegmentConfig(), max_response_chars=1000)
+    assert prepared.schema == PREPARED_SCHEMA
+    reasons = prepared["reject_reason"].to_pylist()
+    assert (
+        reasons[0] is None
+        and reasons[1].startswith("invalid JSON")
+        and reasons[2] == "empty response"
+    )
+
+    stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(token_budget=64))
+    scored = stage(prepared)
+    assert scored.schema == SCORED_ROWS_SCHEMA
+    rows = scored.to_pylist()
+    assert rows[0]["lalp"] < 0 and rows[0]["n_steps"] == 2 and rows[0]["model_tokens"] > 0
+    assert rows[1]["lalp"] is None and rows[1]["reject_reason"] == reasons[1]
+    assert [r["row_number"] for r in rows] == [1, 2, 3]

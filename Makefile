@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+demo: install
+	$(BIN)/ln-ray score --config-name default
 
 test: lint
 	$(BIN)/pytest

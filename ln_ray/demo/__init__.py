@@ -1,0 +1,1 @@
+"""Embedded demo dataset: multi-teacher reasoning traces for a few dozen small problems."""

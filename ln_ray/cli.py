@@ -56,20 +56,27 @@ def _score(cfg: LnRayConfig) -> int:
 
 def _select(output_path: str, overrides: list[str]) -> int:
     from ln_ray.io import storage
-    from ln_ray.pipeline.job import MANIFEST, read_teacher_table, run_reduce
+    from ln_ray.pipeline.job import JobError, read_teacher_table, run_select
+    from ln_ray.pipeline.outputs import MANIFEST
     from ln_ray.pipeline.summary import format_summary
 
-    previous = storage.read_json(storage.join(output_path, MANIFEST))["config"]
+    try:
+        previous = storage.read_json(storage.join(output_path, MANIFEST))["config"]
+    except FileNotFoundError:
+        raise JobError(
+            f"no finished run under {output_path!r} (manifest.json is missing)"
+        ) from None
     dotlist = [f"{key}={value}" for key, value in _flatten(previous).items()]
     cfg = load_config(None, [*dotlist, f"output.path={output_path}", *overrides])
-    manifest = run_reduce(cfg)
+    manifest = run_select(cfg)
     print(format_summary(manifest, read_teacher_table(output_path)))
     return 0
 
 
 def _summary(output_path: str) -> int:
     from ln_ray.io import storage
-    from ln_ray.pipeline.job import MANIFEST, read_teacher_table
+    from ln_ray.pipeline.job import read_teacher_table
+    from ln_ray.pipeline.outputs import MANIFEST
     from ln_ray.pipeline.summary import format_summary
 
     manifest = storage.read_json(storage.join(output_path, MANIFEST))

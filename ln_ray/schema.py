@@ -50,11 +50,12 @@ RAW_SCHEMA = pa.schema(
 )
 
 # A prepared trace, as passed from preparation to scoring; rejected rows carry only provenance and
-# ``reject_reason``.
+# ``reject_reason``. ``dup_key`` identifies (prompt_id, teacher, response) for de-duplication.
 PREPARED_SCHEMA = pa.schema(
     [
         *_PROVENANCE,
         *_TRACE,
+        ("dup_key", pa.string()),
         ("input_ids", pa.list_(pa.int32())),
         ("prefix_len", pa.int32()),
         ("step_bounds", pa.list_(pa.int32())),
@@ -62,10 +63,19 @@ PREPARED_SCHEMA = pa.schema(
     ]
 )
 
-# What the scoring stage hands on for every input row, scored or rejected (staged before the split
-# into scores/ and rejects/, and the source of the curated set).
+# The score cache: one row per scored trace, keyed by trace_id, under a key of the student's
+# identity and the scoring settings, so a re-run or a refresh scores only what is new.
+CACHE_SCHEMA = pa.schema([("trace_id", pa.string()), *_SCORES, ("model_tokens", pa.int64())])
+
+# What the scoring stage hands on for every input row (the scores live in the cache).
+ROW_META_SCHEMA = pa.schema(
+    [*_PROVENANCE, *_TRACE, ("dup_key", pa.string()), ("reject_reason", pa.string())]
+)
+
+# Every input row with its scores, scored or rejected: the run's working table, split into
+# scores/ and rejects/, and the source of the curated set.
 SCORED_ROWS_SCHEMA = pa.schema(
-    [*_PROVENANCE, *_TRACE, *_SCORES, ("model_tokens", pa.int64()), ("reject_reason", pa.string())]
+    [*ROW_META_SCHEMA, *[f for f in CACHE_SCHEMA if f.name != "trace_id"]]
 )
 
 # scores/: one row per scored trace (DESIGN.md, output contract). ``correct`` is null when the

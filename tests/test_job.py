@@ -12,7 +12,7 @@ import pytest
 
 from ln_ray.config import load_config
 from ln_ray.io import storage
-from ln_ray.pipeline.job import read_teacher_table, run_reduce, run_score
+from ln_ray.pipeline.job import read_teacher_table, run_score, run_select
 
 pytestmark = pytest.mark.slow
 
@@ -166,7 +166,7 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     # re-run only the reduce stage with another selection option: scores are not recomputed
     scores_before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
     cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "selection.require_correct=false")
-    run_reduce(cfg)
+    run_select(cfg)
     check_outputs(out, rows, filter_correct=False)
     scores_after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
     assert scores_before == scores_after

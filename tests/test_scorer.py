@@ -135,3 +135,27 @@ def test_smollm2_matches_reference(smollm2):
     scorer = StudentScorer(fast_model, window=2, token_budget=256)
     for trace, fast in zip(traces, scorer.score(traces), strict=True):
         assert_matches_reference(fast, reference_scores(ref_model, trace, window=2))
+
+
+def test_out_of_memory_splits_the_row_and_keeps_results(tiny_tokenizer, tiny_pair, monkeypatch):
+    import torch
+
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=6, seed=13)
+    expected = StudentScorer(copy.deepcopy(model), window=1, token_budget=10**6).score(traces)
+    scorer = StudentScorer(model, window=1, token_budget=10**6)
+    forward = scorer.body.forward
+    calls = {"oom": 0}
+    longest = max(len(t.input_ids) for t in traces)  # every single sequence still fits
+
+    def flaky_forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > longest:  # pretend longer rows do not fit
+            calls["oom"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(scorer.body, "forward", flaky_forward)
+    for a, b in zip(expected, scorer.score(traces), strict=True):
+        np.testing.assert_allclose(a.local_logprobs, b.local_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(a.global_ranks, b.global_ranks)
+    assert calls["oom"] > 0

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pyarrow.parquet as pq_
 
 from ln_ray.config import ColumnsConfig, ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
+from ln_ray.io import cache
 from ln_ray.io.shards import _blocks, iter_jsonl, iter_parquet
 from ln_ray.pipeline.stages import ScoreStage, prepare_batch
-from ln_ray.schema import PREPARED_SCHEMA, RAW_SCHEMA, SCORED_ROWS_SCHEMA
+from ln_ray.schema import CACHE_SCHEMA, PREPARED_SCHEMA, RAW_SCHEMA, ROW_META_SCHEMA
 
 GOOD = {
     "prompt_id": 1,
@@ -67,7 +70,7 @@ def test_parquet_rows_and_a_corrupt_shard():
     assert len(broken) == 1 and broken[0]["read_error"].startswith("cannot read Parquet shard")
 
 
-def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir):
+def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_path):
     raw = _raw(
         b"\n".join(
             [json.dumps(GOOD).encode(), b"{broken", json.dumps({**GOOD, "response": " "}).encode()]
@@ -83,10 +86,28 @@ def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir):
         and reasons[2] == "empty response"
     )
 
-    stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(token_budget=64))
-    scored = stage(prepared)
-    assert scored.schema == SCORED_ROWS_SCHEMA
-    rows = scored.to_pylist()
-    assert rows[0]["lalp"] < 0 and rows[0]["n_steps"] == 2 and rows[0]["model_tokens"] > 0
-    assert rows[1]["lalp"] is None and rows[1]["reject_reason"] == reasons[1]
-    assert [r["row_number"] for r in rows] == [1, 2, 3]
+    cache_dir = str(tmp_path / "cache")
+    stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(token_budget=64), cache_dir)
+    out = stage(prepared)
+    assert out.schema == ROW_META_SCHEMA
+    assert out["reject_reason"].to_pylist() == reasons
+    assert [r["row_number"] for r in out.to_pylist()] == [1, 2, 3]
+    files = cache.cache_files(cache_dir)
+    assert len(files) == 1
+    stored = pq_.read_table(files[0])
+    assert stored.schema == CACHE_SCHEMA
+    row = stored.to_pylist()[0]
+    assert row["trace_id"] == prepared["trace_id"][0].as_py()
+    assert row["lalp"] < 0 and row["n_steps"] == 2 and row["model_tokens"] > 0
+
+    # a trace already in the cache is not scored again
+    cached = cache.cached_trace_ids(cache_dir)
+    again = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(), cache_dir, cached)
+    again(prepared)
+    assert len(cache.cache_files(cache_dir)) == 1
+
+
+def test_cache_membership():
+    ids = np.unique(np.asarray(["b" * 32, "a" * 32, "c" * 32], dtype="S32"))
+    assert cache.contains(ids, ["a" * 32, "d" * 32, "c" * 32]).tolist() == [True, False, True]
+    assert cache.contains(np.array([], dtype="S32"), ["a" * 32]).tolist() == [False]

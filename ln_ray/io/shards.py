@@ -100,6 +100,24 @@ def iter_parquet(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
         yield _error_row(None, f"cannot read Parquet shard after row {number}: {exc}")
 
 
+def count_source_rows(url: str, fmt: str) -> dict[str, Any]:
+    """Rows in one shard, counted without parsing rows: Parquet metadata, or non-blank lines.
+
+    Returns:
+        ``{"rows_in_file": n}``, or ``{"rows_in_file": None, "unreadable": reason}``.
+    """
+    from ln_ray.io import storage
+
+    fs, path = storage.filesystem(url)
+    try:
+        with fs.open(path, "rb") as handle:
+            if fmt == "parquet":
+                return {"rows_in_file": pq.ParquetFile(handle).metadata.num_rows}
+            return {"rows_in_file": sum(1 for line in _lines(handle) if line.strip())}
+    except Exception as exc:
+        return {"rows_in_file": None, "unreadable": f"{type(exc).__name__}: {exc}"}
+
+
 def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -> dict[str, Any]:
     """Map a user record onto the canonical columns; a value of the wrong type sets read_error."""
     names = {

@@ -41,7 +41,7 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> Any:
 
 def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path as a URL with its protocol (``s3://bucket/key``), or a local path as is."""
-    return fs.unstrip_protocol(path) if _protocol(fs) != "file" else path
+    return fs.unstrip_protocol(path) if protocol(fs) != "file" else path
 
 
 def join(url: str, *parts: str) -> str:
@@ -92,7 +92,7 @@ def write_json(url: str, payload: dict[str, Any]) -> None:
     fs, path = filesystem(url)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     text = json.dumps(payload, indent=2, sort_keys=True, default=str)
-    if _protocol(fs) == "file":
+    if protocol(fs) == "file":
         tmp = path + ".tmp"
         with fs.open(tmp, "w") as handle:
             handle.write(text)
@@ -115,6 +115,7 @@ def _format_of(name: str) -> str | None:
     return None
 
 
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+def protocol(fs: fsspec.AbstractFileSystem) -> str:
+    """The filesystem's main protocol name (``file``, ``s3``, ``gcs``...)."""
     proto = fs.protocol
     return proto if isinstance(proto, str) else proto[0]

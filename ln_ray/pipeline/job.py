@@ -1,7 +1,9 @@
-"""The Ray Data job: read -> prepare -> score -> scores/ + rejects/ -> reduce -> manifest.json.
+"""The Ray Data job: read -> prepare -> score -> join with the score cache -> outputs -> reduce.
 
-``run_score`` is the whole job; ``run_reduce`` is its reduce stage alone (selections, teachers,
-curated set), which ``ln-ray select`` re-runs over finished scores with other selection options.
+``run_score`` is the whole job; ``run_select`` re-runs only the reduce stage over a finished run.
+Everything a run writes is staged and published at the end (``outputs.py``); scores persist in the
+score cache as they are computed (``io/cache.py``), so a re-run after an interruption, or a
+scheduled refresh over a grown corpus, scores only traces it has not scored before.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import logging
 import os
 import platform
 import time
-import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,39 +20,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import ln_ray
-from ln_ray.aggregate.curate import (
-    curate_batch,
-    curated_schema,
-    extra_schema,
-    extra_types,
-    keep_selected,
-)
-from ln_ray.aggregate.select import select_prompt
-from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import LnRayConfig, to_dict
-from ln_ray.io import storage
-from ln_ray.io.shards import TraceShardDatasource
+from ln_ray.io import cache, storage
+from ln_ray.io.shards import TraceShardDatasource, count_source_rows
+from ln_ray.pipeline import outputs
+from ln_ray.pipeline.outputs import MANIFEST, REDUCE_OUTPUTS, ROWS_DIR, SCORE_OUTPUTS, RunPaths
+from ln_ray.pipeline.reduce import cast_to, reduce_partitions, reduce_scores
 from ln_ray.pipeline.stages import ScoreStage, prepare_batch
-from ln_ray.schema import (
-    REJECTS_SCHEMA,
-    SCORED_ROWS_SCHEMA,
-    SCORES_SCHEMA,
-    SELECTIONS_SCHEMA,
-    TEACHERS_SCHEMA,
-)
+from ln_ray.schema import CACHE_SCHEMA, REJECTS_SCHEMA, SCORED_ROWS_SCHEMA, SCORES_SCHEMA
 
 log = logging.getLogger(__name__)
 
-ROWS_DIR = "_rows"  # every input row after scoring, scored or rejected (source of the curated set)
-OUTPUT_DIRS = ("scores", "rejects", "selections", "teachers", "curated")
-MANIFEST = "manifest.json"
-_NO_ROWS = {
-    "rows_read": 0,
-    "rows_scored": 0,
-    "rows_rejected": 0,
-    "tokens_scored": 0,
-    "model_tokens": 0,
-}
+_COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 
 
 class JobError(RuntimeError):
@@ -69,20 +49,20 @@ def connect_ray() -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = True
 
 
 def run_score(cfg: LnRayConfig) -> dict[str, Any]:
-    """Run the whole job and write every output under ``output.path``.
+    """Run the whole job and publish every output under ``output.path``.
 
     Args:
         cfg: A validated config.
 
     Returns:
-        The manifest (also written to ``output.path/manifest.json``).
+        The manifest (also written, last, to ``output.path/manifest.json``).
 
     Raises:
-        JobError: For problems with the whole run, before any scoring starts.
+        JobError: A problem with the whole run (found before any scoring starts), or rows that
+            went missing between reading and writing.
     """
     import ray
 
@@ -92,15 +72,102 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     try:
         files = storage.list_input_files(cfg.input.path, cfg.input.format)
         identity = check_student(cfg.student)
-    except (storage.InputError, StudentError) as exc:
+        paths = RunPaths.create(cfg.output.path)
+        outputs.check_writable(paths)
+    except (storage.InputError, StudentError, outputs.OutputError) as exc:
         raise JobError(str(exc)) from None
-    out_fs, out_root = storage.filesystem(cfg.output.path)
-    _prepare_output(out_fs, out_root)
     connect_ray()
-    log.info("scoring %d input files with %s", len(files), identity)
-
+    cache_url = paths.cache(cache.cache_key(identity, cfg.scoring))
+    cached = cache.cached_trace_ids(cache_url)
+    log.info(
+        "run %s: %d input files, student %s, %d traces already in the score cache",
+        paths.run_id,
+        len(files),
+        identity,
+        len(cached),
+    )
     in_fs, _ = storage.filesystem(cfg.input.path)
     urls = {path: storage.full_url(in_fs, path) for path, _ in files}
+    # Rows per file, counted independently of the pipeline (and in parallel with it).
+    counter = ray.remote(num_cpus=0.1)(count_source_rows)
+    expected_rows = [counter.remote(urls[path], fmt) for path, fmt in files]
+    try:
+        _score_rows(cfg, files, urls, in_fs, paths, cache_url, cached)
+        scored_at = time.time()
+        _assemble_rows(paths, cache_url)
+        per_file = _per_file_counts(paths)
+        inputs = _check_inputs(files, urls, per_file, ray.get(expected_rows))
+        selection = reduce_scores(paths.fs, paths.staging, paths.staging, cfg.selection)
+    except BaseException:
+        outputs.discard(paths)
+        raise
+    counts = {key: sum(entry[key] for entry in inputs) for key in _COUNTS}
+    counts["traces_scored_now"] = len(cache.cached_trace_ids(cache_url)) - len(cached)
+    score_s = max(scored_at - started, 1e-9)
+    manifest = {
+        "run_id": paths.run_id,
+        "started_at": _iso(started),
+        "finished_at": _iso(time.time()),
+        "config": outputs.redacted(to_dict(cfg)),
+        "student": {"model": cfg.student.model, "identity": identity},
+        "score_cache": outputs.redacted({"url": cache_url})["url"],
+        "inputs": inputs,
+        "counts": counts,
+        "selection": {k: v for k, v in selection.items() if k != "reduce_s"},
+        "timings": {
+            "score_s": round(score_s, 3),
+            "reduce_s": selection["reduce_s"],
+            "total_s": round(time.time() - started, 3),
+        },
+        "throughput": {
+            "tokens_per_s": round(counts["tokens_scored"] / score_s, 1),
+            "model_tokens_per_s": round(counts["model_tokens"] / score_s, 1),
+        },
+        "versions": _versions(),
+    }
+    outputs.publish(paths, (*SCORE_OUTPUTS, *REDUCE_OUTPUTS), manifest)
+    return manifest
+
+
+def run_select(cfg: LnRayConfig) -> dict[str, Any]:
+    """Re-run selections, teacher table and curated set over a finished run's scores.
+
+    Returns:
+        The updated manifest.
+    """
+    connect_ray()
+    paths = RunPaths.create(cfg.output.path)
+    manifest_url = storage.full_url(paths.fs, paths.final(MANIFEST))
+    if not paths.fs.exists(paths.final(MANIFEST)):
+        raise JobError(f"no finished run under {cfg.output.path!r} (manifest.json is missing)")
+    manifest = storage.read_json(manifest_url)
+    try:
+        selection = reduce_scores(paths.fs, paths.root, paths.staging, cfg.selection)
+    except BaseException:
+        outputs.discard(paths)
+        raise
+    manifest["selection"] = {k: v for k, v in selection.items() if k != "reduce_s"}
+    manifest["config"]["selection"] = to_dict(cfg)["selection"]
+    manifest["timings"]["reduce_s"] = selection["reduce_s"]
+    outputs.publish(paths, REDUCE_OUTPUTS, manifest)
+    return manifest
+
+
+def read_teacher_table(output_path: str) -> pd.DataFrame:
+    """The teacher table of a finished run."""
+    import pyarrow.parquet as pq
+
+    fs, root = storage.filesystem(output_path)
+    if not fs.exists(storage.join(root, MANIFEST)):
+        raise JobError(f"no finished run under {output_path!r} (manifest.json is missing)")
+    table = pq.read_table(storage.join(root, "teachers"), filesystem=storage.arrow_filesystem(fs))
+    return table.to_pandas()
+
+
+def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str, cached) -> None:
+    """Stream shards through preparation and the scoring actors; stage every row's metadata."""
+    import ray
+
     datasource = TraceShardDatasource(
         [path for path, _ in files],
         dict(files),
@@ -109,7 +176,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         filesystem=storage.arrow_filesystem(in_fs),
     )
     compute = cfg.compute
-    rows = (
+    (
         ray.data.read_datasource(datasource, num_cpus=compute.prepare_cpus)
         .map_batches(
             prepare_batch,
@@ -128,6 +195,8 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
                 "student": cfg.student,
                 "scoring": cfg.scoring,
                 "compute": compute,
+                "cache_url": cache_url,
+                "cached": cached,
             },
             batch_format="pyarrow",
             batch_size=compute.batch_traces,
@@ -135,195 +204,88 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
             num_cpus=compute.cpus_per_actor,
             num_gpus=compute.gpus_per_actor,
         )
+        .write_parquet(paths.staged("_meta"), filesystem=paths.arrow_fs)
     )
-    arrow_fs = storage.arrow_filesystem(out_fs)
-    rows.write_parquet(storage.join(out_root, ROWS_DIR), filesystem=arrow_fs)
-    scored_at = time.time()
-
-    staged = ray.data.read_parquet(
-        storage.join(out_root, ROWS_DIR), filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA
-    )
-    staged.map_batches(_scores_part, batch_format="pyarrow").write_parquet(
-        storage.join(out_root, "scores"), filesystem=arrow_fs
-    )
-    staged.map_batches(_rejects_part, batch_format="pyarrow").write_parquet(
-        storage.join(out_root, "rejects"), filesystem=arrow_fs
-    )
-    per_file = _per_file_counts(staged)
-    manifest = {
-        "run_id": uuid.uuid4().hex,
-        "started_at": _iso(started),
-        "config": _redacted(to_dict(cfg)),
-        "student": {"model": cfg.student.model, "identity": identity},
-        "inputs": [
-            {"path": urls[path], "format": fmt, **per_file.get(urls[path], _NO_ROWS)}
-            for path, fmt in files
-        ],
-        "counts": _counts(per_file),
-        "timings": {"score_s": round(scored_at - started, 3)},
-        "versions": _versions(),
-    }
-    manifest.update(run_reduce(cfg, manifest=manifest))
-    manifest["timings"]["total_s"] = round(time.time() - started, 3)
-    tokens = manifest["counts"]["tokens_scored"]
-    manifest["throughput"] = {
-        "tokens_per_s": round(tokens / max(scored_at - started, 1e-9), 1),
-        "model_tokens_per_s": round(
-            manifest["counts"]["model_tokens"] / max(scored_at - started, 1e-9), 1
-        ),
-    }
-    manifest["finished_at"] = _iso(time.time())
-    storage.write_json(storage.join(cfg.output.path, MANIFEST), manifest)
-    return manifest
 
 
-def run_reduce(cfg: LnRayConfig, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Selections, teacher table and curated set from ``scores/`` and ``_rows/``.
-
-    Args:
-        cfg: The config (``selection.*`` and ``output.path`` are used).
-        manifest: The scoring run's manifest; when None (``ln-ray select``), the existing
-            manifest.json is updated instead.
-
-    Returns:
-        The manifest entries the reduce stage owns (``selection``, ``timings.reduce_s``).
-    """
+def _assemble_rows(paths: RunPaths, cache_url: str) -> None:
+    """Join every row with its cached scores, mark duplicates, write _rows/, scores/, rejects/."""
     import ray
 
-    connect_ray()
-    started = time.time()
-    out_fs, out_root = storage.filesystem(cfg.output.path)
-    arrow_fs = storage.arrow_filesystem(out_fs)
-    for name in ("selections", "teachers", "curated"):
-        _remove(out_fs, storage.join(out_root, name))
+    partitions = reduce_partitions()
+    meta = ray.data.read_parquet(paths.staged("_meta"), filesystem=paths.arrow_fs)
+    duplicates = _find_duplicates(meta, partitions)
+    cache_fs, _ = storage.filesystem(cache_url)
     scores = ray.data.read_parquet(
-        storage.join(out_root, "scores"), filesystem=arrow_fs, schema=SCORES_SCHEMA
+        cache.cache_files(cache_url),
+        filesystem=storage.arrow_filesystem(cache_fs),
+        schema=CACHE_SCHEMA,
     )
-    has_correct = _count_valid(scores, "correct") > 0
-    partitions = _reduce_partitions()
-    filter_correct = cfg.selection.require_correct and has_correct
-    columns = ["prompt_id", "teacher", "trace_id", "correct", "lalp", "galp", "rsr"]
-    selections = (
-        scores.select_columns(columns)
-        .groupby("prompt_id", num_partitions=partitions)
-        .map_groups(
-            select_prompt, fn_kwargs={"filter_correct": filter_correct}, batch_format="pandas"
+    if scores.count() > len(cache.cached_trace_ids(cache_url)):
+        # A retried batch or a duplicate row stored a trace twice (with equal values): keep one.
+        scores = scores.groupby("trace_id", num_partitions=partitions).map_groups(
+            lambda group: group.slice(0, 1), batch_format="pyarrow"
         )
-        .materialize()
+    rows = meta.join(scores, "left_outer", num_partitions=partitions, on=("trace_id",))
+    rows = rows.map_batches(
+        _finish_rows, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow"
+    ).materialize()
+    rows.write_parquet(paths.staged(ROWS_DIR), filesystem=paths.arrow_fs)
+    rows.map_batches(_scores_part, batch_format="pyarrow").write_parquet(
+        paths.staged("scores"), filesystem=paths.arrow_fs
     )
-    selections.map_batches(_cast(SELECTIONS_SCHEMA), batch_format="pyarrow").write_parquet(
-        storage.join(out_root, "selections"), filesystem=arrow_fs
+    rows.map_batches(_rejects_part, batch_format="pyarrow").write_parquet(
+        paths.staged("rejects"), filesystem=paths.arrow_fs
     )
-    chosen = selections.select_columns(["metric", "teacher", "trace_id"]).to_pandas()
-    stats = (
-        scores.select_columns(["teacher", "lalp", "galp", "rsr", "avg_rank", "avg_surprisal"])
-        .groupby("teacher", num_partitions=partitions)
-        .map_groups(
-            teacher_stats,
-            fn_kwargs={
-                "samples": cfg.selection.bootstrap_samples,
-                "confidence": cfg.selection.confidence,
-                "seed": cfg.selection.seed,
-            },
-            batch_format="pandas",
-        )
-        .to_pandas()
-    )
-    table = rank_teachers(stats, count_wins(chosen))
-    _write_table(
-        pa.Table.from_pandas(table, schema=TEACHERS_SCHEMA, preserve_index=False),
-        storage.join(out_root, "teachers"),
-        out_fs,
-    )
-    picked = chosen[chosen["metric"] == "lalp"]
-    subset = (
-        ray.data.read_parquet(
-            storage.join(out_root, ROWS_DIR), filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA
-        )
-        .map_batches(
-            keep_selected,
-            fn_kwargs={"selected": frozenset(picked["trace_id"])},
-            batch_format="pyarrow",
-        )
-        .materialize()
-    )
-    kinds = subset.map_batches(extra_types, batch_format="pyarrow").take_all()
-    schema = curated_schema(extra_schema([(k["column"], k["kind"]) for k in kinds]))
-    subset.map_batches(
-        curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"
-    ).write_parquet(storage.join(out_root, "curated"), filesystem=arrow_fs)
-
-    n_prompts = scores.select_columns(["prompt_id"]).unique("prompt_id")
-    entries = {
-        "selection": {
-            "require_correct": cfg.selection.require_correct,
-            "filtered_on_correct": filter_correct,
-            "prompts": len(n_prompts),
-            "prompts_selected": len(picked),
-            "bootstrap_samples": cfg.selection.bootstrap_samples,
-            "confidence": cfg.selection.confidence,
-        },
-    }
-    reduce_s = round(time.time() - started, 3)
-    if manifest is None:
-        url = storage.join(cfg.output.path, MANIFEST)
-        existing = storage.read_json(url)
-        existing.update(entries)
-        existing.setdefault("timings", {})["reduce_s"] = reduce_s
-        existing["config"]["selection"] = to_dict(cfg)["selection"]
-        storage.write_json(url, existing)
-        return existing
-    manifest["timings"]["reduce_s"] = reduce_s
-    return entries
+    paths.fs.rm(paths.staged("_meta"), recursive=True)
 
 
-def read_teacher_table(output_path: str) -> pd.DataFrame:
-    """The teacher table of a finished run."""
-    import pyarrow.parquet as pq
+def _find_duplicates(meta, partitions: int) -> dict[tuple[str, int], str]:
+    """Rows repeating an earlier (prompt_id, teacher, response): the reason, by (file, row)."""
 
-    fs, root = storage.filesystem(output_path)
-    path = storage.join(root, "teachers")
-    if not fs.exists(path):
-        raise JobError(f"no teacher table under {output_path!r}: has the job finished?")
-    return pq.read_table(path, filesystem=storage.arrow_filesystem(fs)).to_pandas()
+    def later_copies(group: pa.Table) -> pa.Table:
+        ordered = group.sort_by([("source_file", "ascending"), ("row_number", "ascending")])
+        first = ordered.slice(0, 1).to_pylist()[0]
+        rest = ordered.slice(1)
+        reason = f"duplicate of {first['source_file']} row {first['row_number']}"
+        return rest.select(["source_file", "row_number"]).append_column(
+            "reason", pa.array([reason] * rest.num_rows, pa.string())
+        )
+
+    copies = (
+        meta.select_columns(["dup_key", "source_file", "row_number"])
+        .map_batches(lambda t: t.filter(pc.is_valid(t["dup_key"])), batch_format="pyarrow")
+        .groupby("dup_key", num_partitions=partitions)
+        .map_groups(later_copies, batch_format="pyarrow")
+        .take_all()
+    )
+    return {(c["source_file"], c["row_number"]): c["reason"] for c in copies}
+
+
+def _finish_rows(table: pa.Table, duplicates: dict[tuple[str, int], str]) -> pa.Table:
+    if duplicates:
+        keys = zip(table["source_file"].to_pylist(), table["row_number"].to_pylist())
+        reasons = [duplicates.get(key) for key in keys]
+        merged = pc.coalesce(table["reject_reason"], pa.array(reasons, pa.string()))
+        table = table.set_column(
+            table.schema.get_field_index("reject_reason"), "reject_reason", merged
+        )
+    return table.select(SCORED_ROWS_SCHEMA.names).cast(SCORED_ROWS_SCHEMA)
 
 
 def _scores_part(table: pa.Table) -> pa.Table:
-    scored = table.filter(pc.is_null(table["reject_reason"]))
-    return scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
+    return cast_to(SCORES_SCHEMA)(table.filter(pc.is_null(table["reject_reason"])))
 
 
 def _rejects_part(table: pa.Table) -> pa.Table:
     rejected = table.filter(pc.is_valid(table["reject_reason"]))
-    return (
-        rejected.select(["source_file", "row_number", "prompt_id", "teacher", "reject_reason"])
-        .rename_columns(REJECTS_SCHEMA.names)
-        .cast(REJECTS_SCHEMA)
-    )
+    columns = ["source_file", "row_number", "prompt_id", "teacher", "reject_reason"]
+    return rejected.select(columns).rename_columns(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
 
 
-def _count_valid(ds, column: str) -> int:
-    counts = ds.select_columns([column]).map_batches(
-        lambda t: pa.table({"n": [t.num_rows - t[column].null_count]}), batch_format="pyarrow"
-    )
-    return int(counts.sum("n") or 0)
-
-
-def _reduce_partitions() -> int:
-    """Shuffle partitions for groupbys: one per cluster CPU (Ray defaults to 200, for big data)."""
+def _per_file_counts(paths: RunPaths) -> dict[str, dict[str, int]]:
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _cast(schema: pa.Schema):
-    def cast(table: pa.Table) -> pa.Table:
-        return table.select(schema.names).cast(schema)
-
-    return cast
-
-
-def _per_file_counts(staged) -> dict[str, dict[str, int]]:
     def flags(table: pa.Table) -> pa.Table:
         rejected = pc.is_valid(table["reject_reason"])
         return pa.table(
@@ -331,73 +293,41 @@ def _per_file_counts(staged) -> dict[str, dict[str, int]]:
                 "source_file": table["source_file"],
                 "rows_scored": pc.cast(pc.invert(rejected), pa.int64()),
                 "rows_rejected": pc.cast(rejected, pa.int64()),
-                "tokens_scored": pc.fill_null(table["n_tokens"], 0),
-                "model_tokens": pc.fill_null(table["model_tokens"], 0),
+                "shard_errors": pc.cast(pc.is_null(table["row_number"]), pa.int64()),
+                "tokens_scored": pc.if_else(rejected, 0, pc.fill_null(table["n_tokens"], 0)),
+                "model_tokens": pc.if_else(rejected, 0, pc.fill_null(table["model_tokens"], 0)),
             }
         )
 
+    columns = ["rows_scored", "rows_rejected", "shard_errors", "tokens_scored", "model_tokens"]
     summed = (
-        staged.map_batches(flags, batch_format="pyarrow")
-        .groupby("source_file", num_partitions=_reduce_partitions())
-        .sum(["rows_scored", "rows_rejected", "tokens_scored", "model_tokens"])
-        .to_pandas()
+        ray.data.read_parquet(paths.staged(ROWS_DIR), filesystem=paths.arrow_fs)
+        .map_batches(flags, batch_format="pyarrow")
+        .groupby("source_file", num_partitions=reduce_partitions())
+        .sum(columns)
+        .take_all()
     )
-    counts = {}
-    for record in summed.to_dict("records"):
-        entry = {
-            key.removeprefix("sum(").removesuffix(")"): int(value)
-            for key, value in record.items()
-            if key != "source_file"
-        }
-        entry["rows_read"] = entry["rows_scored"] + entry["rows_rejected"]
-        counts[record["source_file"]] = entry
-    return counts
+    return {
+        record["source_file"]: {column: int(record[f"sum({column})"]) for column in columns}
+        for record in summed
+    }
 
 
-def _counts(per_file: dict[str, dict[str, int]]) -> dict[str, int]:
-    return {key: sum(entry[key] for entry in per_file.values()) for key in _NO_ROWS}
-
-
-def _prepare_output(fs, root: str) -> None:
-    """Fail fast on an unwritable output, then clear the outputs of any earlier run."""
-    try:
-        fs.makedirs(root, exist_ok=True)
-        probe = storage.join(root, f".ln-ray-probe-{uuid.uuid4().hex}")
-        with fs.open(probe, "wb") as handle:
-            handle.write(b"ok")
-        fs.rm(probe)
-    except Exception as exc:
-        raise JobError(f"output.path is not writable: {type(exc).__name__}: {exc}") from None
-    for name in (*OUTPUT_DIRS, ROWS_DIR, MANIFEST):
-        _remove(fs, storage.join(root, name))
-
-
-def _remove(fs, path: str) -> None:
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-def _write_table(table: pa.Table, folder: str, fs) -> None:
-    import pyarrow.parquet as pq
-
-    fs.makedirs(folder, exist_ok=True)
-    pq.write_table(
-        table, storage.join(folder, "part-0.parquet"), filesystem=storage.arrow_filesystem(fs)
-    )
-
-
-def _redacted(config: dict[str, Any]) -> dict[str, Any]:
-    """Drop credentials that a URL may carry (``s3://KEY:SECRET@bucket``)."""
-    import re
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, str):
-            return re.sub(r"(?<=://)[^/@\s]+@", "***@", value)
-        return value
-
-    return scrub(config)
+def _check_inputs(files, urls, per_file, expected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per input file: rows read == rows scored + rows rejected, and nothing went missing."""
+    inputs, lost = [], []
+    for (path, fmt), source in zip(files, expected):
+        counts = per_file.get(urls[path], dict.fromkeys(_COUNTS[1:] + ("shard_errors",), 0))
+        entry = {"path": urls[path], "format": fmt, **source}
+        entry.update(counts)
+        entry["rows_read"] = counts["rows_scored"] + counts["rows_rejected"]
+        readable = entry["rows_read"] - counts["shard_errors"]
+        if source.get("rows_in_file") is not None and readable != source["rows_in_file"]:
+            lost.append(f"{urls[path]}: {source['rows_in_file']} rows in the file, {readable} read")
+        inputs.append(entry)
+    if lost:
+        raise JobError("rows went missing between reading and writing:\n  " + "\n  ".join(lost))
+    return inputs
 
 
 def _versions() -> dict[str, str]:

@@ -1,15 +1,16 @@
 """The two per-row stages of the job, as plain callables over Arrow batches (no Ray import).
 
-``prepare_batch`` runs as a CPU task: validate, segment, render, tokenize. ``ScoreStage`` runs in an
-actor pool: built once per actor (loads the student), then ``__call__(batch) -> batch``. Both can be
-unit-tested on a table without a cluster. Rejected rows pass through both stages with their reason,
-so nothing is dropped on the way to ``rejects/``.
+``prepare_batch`` runs as a CPU task: validate, segment, render, tokenize. ``ScoreStage`` runs in
+an actor pool: built once per actor (loads the student), then ``__call__(batch) -> batch``, writing
+new scores to the score cache. Both can be unit-tested on a table without a cluster. Rejected rows
+pass through both stages with their reason, so nothing is dropped on the way to ``rejects/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -19,13 +20,15 @@ import numpy as np
 import pyarrow as pa
 
 from ln_ray.config import ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
+from ln_ray.io import cache
 from ln_ray.prepare.render import TokenizedTrace
-from ln_ray.prepare.rows import RowRejected, prepare_row
+from ln_ray.prepare.rows import RowRejected, TraceRow, prepare_row
 from ln_ray.schema import (
+    CACHE_SCHEMA,
     METRIC_COLUMNS,
     PREPARED_SCHEMA,
     RAW_SCHEMA,
-    SCORED_ROWS_SCHEMA,
+    ROW_META_SCHEMA,
     require_columns,
 )
 
@@ -92,6 +95,7 @@ def prepare_batch(
             prompt_id=prepared.row.prompt_id,
             correct=prepared.row.correct,
             messages=json.dumps(prepared.row.messages, ensure_ascii=False),
+            dup_key=duplicate_key(prepared.row),
             extra=raw["extra"],
             input_ids=tokens.input_ids.astype(np.int32),
             prefix_len=tokens.prefix_len,
@@ -104,14 +108,25 @@ def prepare_batch(
 class ScoreStage:
     """Actor-side scoring: one student per actor, ``__call__`` scores a batch of prepared rows.
 
+    Each batch's new scores go to the score cache at once (so an interrupted run loses nothing);
+    rows whose trace is already cached are not scored again. The stage returns every row's
+    metadata; scores are joined back from the cache afterwards.
+
     Args:
         student: The student to load.
         scoring: What to compute.
         compute: Batch sizes, token budget, threads and whether a GPU is used.
+        cache_url: The score cache folder for this student and scoring settings.
+        cached: Sorted trace_ids already in the cache when the run started.
     """
 
     def __init__(
-        self, student: StudentConfig, scoring: ScoringConfig, compute: ComputeConfig
+        self,
+        student: StudentConfig,
+        scoring: ScoringConfig,
+        compute: ComputeConfig,
+        cache_url: str,
+        cached: np.ndarray | None = None,
     ) -> None:
         import torch
 
@@ -131,6 +146,8 @@ class ScoreStage:
             token_budget=compute.token_budget,
             head_chunk=compute.head_chunk,
         )
+        self.cache_url = cache_url
+        self.cached = cached if cached is not None else np.array([], dtype="S32")
         log.info(
             "scoring actor ready: %s on %s (%d threads)",
             self.student.identity,
@@ -139,34 +156,51 @@ class ScoreStage:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Score the batch's prepared rows; pass rejected rows through."""
+        """Score the batch's new traces into the cache; hand on every row's metadata."""
         require_columns(batch.column_names, PREPARED_SCHEMA.names, "score")
         rows = batch.to_pylist()
-        todo = [i for i, row in enumerate(rows) if row["reject_reason"] is None]
+        candidates = [r for r in rows if r["reject_reason"] is None]
+        known = cache.contains(self.cached, [r["trace_id"] for r in candidates])
+        todo: dict[str, dict[str, Any]] = {}
+        for row, done in zip(candidates, known):
+            if not done:
+                todo.setdefault(row["trace_id"], row)  # a duplicate row is scored once
+        if todo:
+            self._score_into_cache(list(todo.values()))
+        return pa.Table.from_pylist(
+            [{name: row.get(name) for name in ROW_META_SCHEMA.names} for row in rows],
+            schema=ROW_META_SCHEMA,
+        )
+
+    def _score_into_cache(self, rows: list[dict[str, Any]]) -> None:
         traces = [
             TokenizedTrace(
-                input_ids=np.asarray(rows[i]["input_ids"], dtype=np.int64),
-                prefix_len=rows[i]["prefix_len"],
-                step_bounds=np.asarray(rows[i]["step_bounds"], dtype=np.int64),
+                input_ids=np.asarray(row["input_ids"], dtype=np.int64),
+                prefix_len=row["prefix_len"],
+                step_bounds=np.asarray(row["step_bounds"], dtype=np.int64),
             )
-            for i in todo
+            for row in rows
         ]
-        results = dict(zip(todo, self.scorer.score(traces))) if traces else {}
-        out = []
-        for i, row in enumerate(rows):
-            record = {name: row.get(name) for name in SCORED_ROWS_SCHEMA.names}
-            result = results.get(i)
-            if result is not None:
-                record.update(
-                    n_tokens=result.n_tokens,
-                    n_steps=result.n_steps,
-                    truncated=result.truncated,
-                    step_logprobs=result.step_logprobs,
-                    model_tokens=result.model_tokens,
+        records = []
+        for row, result in zip(rows, self.scorer.score(traces)):
+            records.append(
+                {
+                    "trace_id": row["trace_id"],
+                    "n_tokens": result.n_tokens,
+                    "n_steps": result.n_steps,
+                    "truncated": result.truncated,
+                    "step_logprobs": result.step_logprobs,
+                    "model_tokens": result.model_tokens,
                     **{name: _finite_or_none(getattr(result, name)) for name in METRIC_COLUMNS},
-                )
-            out.append(record)
-        return pa.Table.from_pylist(out, schema=SCORED_ROWS_SCHEMA)
+                }
+            )
+        cache.write_part(self.cache_url, pa.Table.from_pylist(records, schema=CACHE_SCHEMA))
+
+
+def duplicate_key(row: TraceRow) -> str:
+    """Rows with equal (prompt_id, teacher, response) are duplicates of each other."""
+    payload = json.dumps([row.prompt_id, row.teacher, row.response], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
 def _cpu_threads(compute: ComputeConfig) -> int:

@@ -21,6 +21,7 @@ so the scored rows are ``P-1 .. P+g-2``. A window starting at response token ``c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ from ln_ray.score.logprobs import TokenHead
 from ln_ray.score.metrics import trace_metrics
 from ln_ray.score.packing import pack_by_budget
 from ln_ray.score.windows import plan_windows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -210,47 +213,72 @@ class StudentScorer:
         """Forward packed rows of ``sequences``; yield ``(sequence, logprobs, ranks)`` for each."""
         prefix_lens = [t.prefix_len for t in traces]
         for row in pack_by_budget([len(s.tokens) for s in sequences], self.token_budget):
-            batch = [sequences[i] for i in row]
-            segments, start = [], 0
-            for seq in batch:
-                segments.append(
-                    Segment(seq.trace, start, len(seq.tokens), seq.uses_prefix, seq.records_prefix)
-                )
-                start += len(seq.tokens)
-            ids = torch.from_numpy(np.concatenate([s.tokens for s in batch])).to(self.device)
-            positions = packed_positions(segments, prefix_lens).to(self.device)
-            hidden = self.body(
-                input_ids=ids[None],
-                position_ids=positions[None],
-                use_cache=False,
-                ln_layout=PackedLayout(segments, store),
-            ).last_hidden_state[0]
-            self.model_tokens += start
-            rows = []
-            for seq, seg in zip(batch, segments):
-                if seq.records_prefix:
-                    store.hidden[seq.trace] = hidden[seg.start + seq.records_prefix - 1][None]
-                n = len(seq.targets)
-                if seq.first_row >= 0:
-                    first = seg.start + seq.first_row
-                    rows.append(hidden[first : first + n])
-                else:
-                    rows.append(
-                        torch.cat([store.hidden[seq.trace], hidden[seg.start : seg.start + n - 1]])
-                    )
-            targets = torch.from_numpy(np.concatenate([s.targets for s in batch])).to(self.device)
-            with_rank = batch[0].is_global
-            lp, rank = self.head.score(
-                torch.cat(rows), targets, with_rank=with_rank, chunk=self.head_chunk
+            yield from self._score_row([sequences[i] for i in row], prefix_lens, store)
+
+    def _score_row(self, batch: list[_Sequence], prefix_lens: list[int], store: PrefixStore):
+        """One packed row; on out-of-memory, split it in halves and try again."""
+        try:
+            return self._forward_row(batch, prefix_lens, store)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if len(batch) == 1 or not _is_out_of_memory(exc):
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(batch) // 2
+        log.warning(
+            "out of memory on a row of %d tokens: splitting it in two",
+            sum(len(s.tokens) for s in batch),
+        )
+        return self._score_row(batch[:half], prefix_lens, store) + self._score_row(
+            batch[half:], prefix_lens, store
+        )
+
+    def _forward_row(self, batch: list[_Sequence], prefix_lens: list[int], store: PrefixStore):
+        segments, start = [], 0
+        for seq in batch:
+            segments.append(
+                Segment(seq.trace, start, len(seq.tokens), seq.uses_prefix, seq.records_prefix)
             )
-            lp = lp.cpu().numpy()
-            rank = rank.cpu().numpy() if rank is not None else None
-            offset = 0
-            for seq in batch:
-                n = len(seq.targets)
-                yield (
-                    seq,
-                    lp[offset : offset + n],
-                    None if rank is None else rank[offset : offset + n],
+            start += len(seq.tokens)
+        ids = torch.from_numpy(np.concatenate([s.tokens for s in batch])).to(self.device)
+        positions = packed_positions(segments, prefix_lens).to(self.device)
+        hidden = self.body(
+            input_ids=ids[None],
+            position_ids=positions[None],
+            use_cache=False,
+            ln_layout=PackedLayout(segments, store),
+        ).last_hidden_state[0]
+        rows = []
+        for seq, seg in zip(batch, segments):
+            if seq.records_prefix:
+                store.hidden[seq.trace] = hidden[seg.start + seq.records_prefix - 1][None]
+            n = len(seq.targets)
+            if seq.first_row >= 0:
+                first = seg.start + seq.first_row
+                rows.append(hidden[first : first + n])
+            else:
+                rows.append(
+                    torch.cat([store.hidden[seq.trace], hidden[seg.start : seg.start + n - 1]])
                 )
-                offset += n
+        targets = torch.from_numpy(np.concatenate([s.targets for s in batch])).to(self.device)
+        lp, rank = self.head.score(
+            torch.cat(rows), targets, with_rank=batch[0].is_global, chunk=self.head_chunk
+        )
+        self.model_tokens += start
+        lp = lp.cpu().numpy()
+        rank = rank.cpu().numpy() if rank is not None else None
+        out, offset = [], 0
+        for seq in batch:
+            n = len(seq.targets)
+            out.append(
+                (seq, lp[offset : offset + n], None if rank is None else rank[offset : offset + n])
+            )
+            offset += n
+        return out
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    message = str(exc).lower()
+    return "out of memory" in message or "not enough memory" in message

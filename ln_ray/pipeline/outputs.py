@@ -1,0 +1,119 @@
+"""Where a run writes, and how its results become visible: complete, or not at all.
+
+A run writes every output into ``<output.path>/_runs/<run_id>/``. Only when all of them are written
+does it publish: ``manifest.json`` is removed first, each output folder replaces the old one, and
+the new ``manifest.json`` is written last. Readers treat a folder without ``manifest.json`` as
+incomplete (the ``_SUCCESS`` convention); a run killed at any point leaves the previous results, or
+no manifest, never a mix presented as finished. One run at a time may write to an output path.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ln_ray.io import storage
+
+ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected (source of curated/)
+RUNS_DIR = "_runs"
+CACHE_DIR = "_cache"
+MANIFEST = "manifest.json"
+SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR)
+REDUCE_OUTPUTS = ("selections", "teachers", "curated")
+
+
+class OutputError(RuntimeError):
+    """The output location cannot be used."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Paths (inside ``fs``) of one run's output, staging area and score cache."""
+
+    fs: Any
+    root: str
+    run_id: str
+
+    @classmethod
+    def create(cls, output_url: str) -> RunPaths:
+        fs, root = storage.filesystem(output_url)
+        return cls(fs, root.rstrip("/"), uuid.uuid4().hex[:16])
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.root, RUNS_DIR, self.run_id)
+
+    def staged(self, name: str) -> str:
+        return storage.join(self.staging, name)
+
+    def final(self, name: str) -> str:
+        return storage.join(self.root, name)
+
+    def cache(self, key: str) -> str:
+        return storage.full_url(self.fs, storage.join(self.root, CACHE_DIR, key))
+
+    @property
+    def arrow_fs(self) -> Any:
+        return storage.arrow_filesystem(self.fs)
+
+
+def check_writable(paths: RunPaths) -> None:
+    """Fail fast when the output location cannot be written."""
+    try:
+        paths.fs.makedirs(paths.staging, exist_ok=True)
+        probe = storage.join(paths.staging, ".probe")
+        with paths.fs.open(probe, "wb") as handle:
+            handle.write(b"ok")
+        paths.fs.rm(probe)
+    except Exception as exc:
+        raise OutputError(f"output.path is not writable: {type(exc).__name__}: {exc}") from None
+
+
+def publish(paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any]) -> None:
+    """Move the staged outputs into place, then write the manifest last."""
+    manifest_path = paths.final(MANIFEST)
+    if paths.fs.exists(manifest_path):
+        paths.fs.rm(manifest_path)
+    paths.fs.invalidate_cache()
+    for name in names:
+        _remove(paths.fs, paths.final(name))
+        if paths.fs.exists(paths.staged(name)):
+            _move_folder(paths.fs, paths.staged(name), paths.final(name))
+    storage.write_json(storage.full_url(paths.fs, manifest_path), manifest)
+    # Also clears staging areas that killed runs left behind (one run per output path at a time).
+    _remove(paths.fs, storage.join(paths.root, RUNS_DIR))
+
+
+def discard(paths: RunPaths) -> None:
+    """Remove a failed run's staging area."""
+    _remove(paths.fs, paths.staging)
+
+
+def redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """Drop credentials that a URL may carry (``s3://KEY:SECRET@bucket``)."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, str):
+            return re.sub(r"(?<=://)[^/@\s]+@", "***@", value)
+        return value
+
+    return scrub(config)
+
+
+def _move_folder(fs: Any, source: str, target: str) -> None:
+    if storage.protocol(fs) == "file":
+        fs.mv(source, target, recursive=True)  # a rename
+        return
+    # Object stores have no folders to rename: copy each object, then delete the originals.
+    for path in fs.find(source):
+        fs.copy(path, storage.join(target, path[len(source) :].lstrip("/")))
+    fs.rm(source, recursive=True)
+
+
+def _remove(fs: Any, path: str) -> None:
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

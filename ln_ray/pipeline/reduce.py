@@ -1,0 +1,136 @@
+"""The reduce stage on Ray Data: selections and teacher table (groupbys), the curated set.
+
+It reads ``scores/`` and ``_rows/`` from one folder and writes ``selections/``, ``teachers/`` and
+``curated/`` into another (a run's staging area), so it serves both a scoring run and
+``ln-ray select`` over a finished run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ln_ray.aggregate.curate import (
+    curate_batch,
+    curated_schema,
+    extra_schema,
+    extra_types,
+    keep_selected,
+)
+from ln_ray.aggregate.select import select_prompt
+from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
+from ln_ray.config import SelectionConfig
+from ln_ray.io import storage
+from ln_ray.pipeline.outputs import ROWS_DIR
+from ln_ray.schema import SCORED_ROWS_SCHEMA, SCORES_SCHEMA, SELECTIONS_SCHEMA, TEACHERS_SCHEMA
+
+
+def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig) -> dict[str, Any]:
+    """Write selections/, teachers/ and curated/ under ``target`` from ``source``'s scores.
+
+    Args:
+        fs: The output filesystem (fsspec).
+        source: Folder holding ``scores/`` and ``_rows/``.
+        target: Folder to write into.
+        selection: Selection options.
+
+    Returns:
+        The manifest's ``selection`` entry (with ``reduce_s``).
+    """
+    import ray
+
+    started = time.time()
+    arrow_fs = storage.arrow_filesystem(fs)
+    scores = ray.data.read_parquet(
+        storage.join(source, "scores"), filesystem=arrow_fs, schema=SCORES_SCHEMA
+    ).materialize()
+    filter_correct = selection.require_correct and count_valid(scores, "correct") > 0
+    partitions = reduce_partitions()
+    selections = (
+        scores.select_columns(
+            ["prompt_id", "teacher", "trace_id", "correct", "lalp", "galp", "rsr"]
+        )
+        .groupby("prompt_id", num_partitions=partitions)
+        .map_groups(
+            select_prompt, fn_kwargs={"filter_correct": filter_correct}, batch_format="pandas"
+        )
+        .map_batches(cast_to(SELECTIONS_SCHEMA), batch_format="pyarrow")
+        .materialize()
+    )
+    selections.write_parquet(storage.join(target, "selections"), filesystem=arrow_fs)
+    chosen = selections.select_columns(["metric", "teacher", "trace_id"]).to_pandas()
+    stats = (
+        scores.select_columns(["teacher", "lalp", "galp", "rsr", "avg_rank", "avg_surprisal"])
+        .groupby("teacher", num_partitions=partitions)
+        .map_groups(
+            teacher_stats,
+            fn_kwargs={
+                "samples": selection.bootstrap_samples,
+                "confidence": selection.confidence,
+                "seed": selection.seed,
+            },
+            batch_format="pandas",
+        )
+        .to_pandas()
+    )
+    table = rank_teachers(stats, count_wins(chosen))
+    fs.makedirs(storage.join(target, "teachers"), exist_ok=True)
+    pq.write_table(
+        pa.Table.from_pandas(table, schema=TEACHERS_SCHEMA, preserve_index=False),
+        storage.join(target, "teachers", "part-0.parquet"),
+        filesystem=arrow_fs,
+    )
+
+    picked = chosen[chosen["metric"] == "lalp"]
+    subset = (
+        ray.data.read_parquet(
+            storage.join(source, ROWS_DIR), filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA
+        )
+        .map_batches(
+            keep_selected,
+            fn_kwargs={"selected": frozenset(picked["trace_id"])},
+            batch_format="pyarrow",
+        )
+        .materialize()
+    )
+    kinds = subset.map_batches(extra_types, batch_format="pyarrow").take_all()
+    schema = curated_schema(extra_schema([(k["column"], k["kind"]) for k in kinds]))
+    subset.map_batches(
+        curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"
+    ).write_parquet(storage.join(target, "curated"), filesystem=arrow_fs)
+    return {
+        "require_correct": selection.require_correct,
+        "filtered_on_correct": filter_correct,
+        "prompts": len(scores.unique("prompt_id")),
+        "prompts_selected": len(picked),
+        "bootstrap_samples": selection.bootstrap_samples,
+        "confidence": selection.confidence,
+        "reduce_s": round(time.time() - started, 3),
+    }
+
+
+def count_valid(ds: Any, column: str) -> int:
+    """Non-null values of ``column`` in a dataset."""
+    counts = ds.select_columns([column]).map_batches(
+        lambda t: pa.table({"n": [t.num_rows - t[column].null_count]}), batch_format="pyarrow"
+    )
+    return int(counts.sum("n") or 0)
+
+
+def reduce_partitions() -> int:
+    """Shuffle partitions for groupbys: one per cluster CPU (Ray defaults to 200, for big data)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cast_to(schema: pa.Schema):
+    """A batch function selecting and casting a table to ``schema``."""
+
+    def cast(table: pa.Table) -> pa.Table:
+        return table.select(schema.names).cast(schema)
+
+    return cast

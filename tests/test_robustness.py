@@ -1,0 +1,272 @@
+"""Nothing lost: bad input, fail-fast errors, killed actors, interrupted drivers, refreshes.
+
+Every test runs the real job on a local Ray cluster with the tiny student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_job import make_rows, read_output
+
+from ln_ray.config import ConfigError, load_config
+from ln_ray.io import cache
+from ln_ray.pipeline.job import JobError, run_score
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config(input_path, output_path, student, *extra):
+    return load_config(
+        "default",
+        [
+            f"input.path={input_path}",
+            f"output.path={output_path}",
+            f"student.model={student}",
+            "compute.batch_traces=2",
+            "compute.token_budget=256",
+            "selection.bootstrap_samples=100",
+            *extra,
+        ],
+    )
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def scores_by_trace(output: str) -> pd.DataFrame:
+    return read_output(output, "scores").set_index("trace_id").sort_index()
+
+
+def assert_same_scores(a: str, b: str, atol: float = 1e-5) -> None:
+    left, right = scores_by_trace(a), scores_by_trace(b)
+    assert left.index.equals(right.index)
+    for column in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
+        assert (left[column] - right[column]).abs().max() <= atol, column
+    for x, y in zip(left["step_logprobs"], right["step_logprobs"], strict=True):
+        assert max(abs(p - q) for p, q in zip(x, y, strict=True)) <= atol
+    pd.testing.assert_frame_equal(
+        read_output(a, "selections").sort_values(["prompt_id", "metric"]).reset_index(drop=True),
+        read_output(b, "selections").sort_values(["prompt_id", "metric"]).reset_index(drop=True),
+        check_exact=False,
+        atol=atol,
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """60 traces in a JSONL shard and a Parquet shard."""
+    root = tmp_path_factory.mktemp("corpus")
+    rows = make_rows(n_prompts=20, seed=3)
+    write_jsonl(root / "in" / "a.jsonl", rows[:30])
+    pq.write_table(pa.Table.from_pylist(rows[30:]), root / "in" / "b.parquet")
+    return root / "in", rows
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_cluster, tiny_student_dir, corpus, tmp_path_factory):
+    """An undisturbed run over the corpus."""
+    out = str(tmp_path_factory.mktemp("reference") / "out")
+    manifest = run_score(config(corpus[0], out, tiny_student_dir))
+    assert manifest["counts"]["rows_scored"] == len(corpus[1])
+    return out
+
+
+def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir, tmp_path):
+    good = {"prompt_id": "q1", "prompt": "What is 2+2?", "teacher": "t1",
+            "response": "First, add two and two. So the answer is 4."}  # fmt: skip
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = [
+        json.dumps(good).encode(),  # 1
+        b"{broken",  # 2
+        b'{"prompt": "caf\xe9"}',  # 3: Latin-1, not UTF-8
+        json.dumps({**good, "prompt": None}).encode(),  # 4
+        json.dumps({**good, "teacher": 7}).encode(),  # 5
+        json.dumps({**good, "response": ""}).encode(),  # 6
+        json.dumps({**good, "teacher": "t2", "steps": ["First,", " nope."]}).encode(),  # 7
+        json.dumps({**good, "teacher": "t3", "response": "x " * 600}).encode(),  # 8
+        json.dumps(good).encode(),  # 9: duplicate of line 1
+        json.dumps({**good, "teacher": "t4", "response": "Padded answer.\n\n"}).encode(),  # 10
+        b"[1, 2]",  # 11
+        json.dumps({**good, "teacher": "t5"}).encode(),  # 12: fine
+    ]
+    (folder / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    pq.write_table(pa.Table.from_pylist([{**good, "teacher": "t6"}]), folder / "b.parquet")
+    (folder / "c.parquet").write_bytes(b"PAR1 definitely not a parquet file PAR1")
+    trimming = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+        "{% endfor %}"
+    )
+    out = str(tmp_path / "out")
+    cfg = config(folder, out, tiny_student_dir, "scoring.max_response_chars=1000")
+    cfg.student.chat_template = trimming
+    manifest = run_score(cfg)
+    scores = read_output(out, "scores")
+    assert sorted(scores["teacher"]) == ["t1", "t5", "t6"]
+    rejects = read_output(out, "rejects")
+    a = rejects[rejects["source_file"].str.endswith("a.jsonl")].set_index("row_number")["reason"]
+    assert a[2].startswith("invalid JSON")
+    assert a[3] == "line is not valid UTF-8"
+    assert a[4] == "missing prompt"
+    assert a[5] == "teacher is not a string"
+    assert a[6] == "empty response"
+    assert a[7].startswith("bad steps")
+    assert a[8] == "response longer than 1000 characters"
+    assert a[9].startswith("duplicate of") and a[9].endswith("a.jsonl row 1")
+    assert a[10] == "chat template alters the response text"
+    assert a[11] == "line is not a JSON object"
+    assert len(a) == 10
+    corrupt = rejects[rejects["source_file"].str.endswith("c.parquet")]
+    assert len(corrupt) == 1 and corrupt["reason"].iloc[0].startswith("cannot read Parquet shard")
+
+    by_file = {Path(entry["path"]).name: entry for entry in manifest["inputs"]}
+    assert by_file["a.jsonl"]["rows_in_file"] == 12
+    assert by_file["a.jsonl"]["rows_read"] == 12 == 2 + 10
+    assert by_file["b.parquet"]["rows_scored"] == 1
+    assert by_file["c.parquet"]["rows_in_file"] is None and "unreadable" in by_file["c.parquet"]
+    for entry in manifest["inputs"]:
+        assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
+    assert manifest["counts"]["rows_read"] == 14
+
+
+def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (config(tmp_path / "empty", tmp_path / "o1", tiny_student_dir), "no input files"),
+        (config(tmp_path / "missing", tmp_path / "o2", tiny_student_dir), "does not exist"),
+        (config(corpus[0], tmp_path / "a-file" / "out", tiny_student_dir), "not writable"),
+        (config(corpus[0], tmp_path / "o3", str(tmp_path / "no-model")), "cannot load student"),
+    ]
+    for cfg, message in cases:
+        started = time.time()
+        with pytest.raises(JobError, match=message):
+            run_score(cfg)
+        assert time.time() - started < 30
+    assert not (tmp_path / "o3" / "scores").exists()
+    with pytest.raises(ConfigError, match="compute.token_budget"):
+        config(corpus[0], tmp_path / "o4", tiny_student_dir, "compute.token_budget=1")
+
+
+def _scoring_actor_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "ScoreStage" in cmdline:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def test_killed_scoring_actor_is_restarted(
+    ray_cluster, tiny_student_dir, corpus, reference_run, tmp_path
+):
+    out = str(tmp_path / "out")
+    cfg = config(corpus[0], out, tiny_student_dir, "compute.batch_traces=1")
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(manifest=run_score(cfg)))
+    worker.start()
+    cache_dir = Path(out) / "_cache"
+    killed_with = None
+    deadline = time.time() + 300
+    while worker.is_alive() and killed_with is None and time.time() < deadline:
+        done = list(cache_dir.rglob("part-*.parquet")) if cache_dir.exists() else []
+        pids = _scoring_actor_pids()
+        if done and pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed_with = len(done)
+        time.sleep(0.02)
+    worker.join(timeout=600)
+    assert killed_with is not None and killed_with < len(corpus[1]), "killed too late"
+    assert result["manifest"]["counts"]["rows_scored"] == len(corpus[1])
+    assert_same_scores(out, reference_run)
+
+
+def test_interrupted_driver_resumes_where_it_stopped(
+    ray_cluster, tiny_student_dir, corpus, reference_run, tmp_path
+):
+    import ray
+
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, "jobs/score.py", f"input.path={corpus[0]}", f"output.path={out}",
+         f"student.model={tiny_student_dir}", "compute.batch_traces=1"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    parts: list[Path] = []
+    while driver.poll() is None and time.time() < deadline:
+        parts = list((out / "_cache").rglob("part-*.parquet")) if (out / "_cache").exists() else []
+        if len(parts) >= 3:
+            driver.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    driver.wait(timeout=60)
+    assert 3 <= len(parts) < len(corpus[1]), "the driver was not stopped mid-run"
+    assert not (out / "manifest.json").exists()  # nothing was published
+
+    manifest = run_score(config(corpus[0], str(out), tiny_student_dir))
+    scored_before = len(cache.cached_trace_ids(str(next((out / "_cache").iterdir()))))
+    assert manifest["counts"]["traces_scored_now"] < len(corpus[1])
+    assert scored_before == len(corpus[1])
+    assert_same_scores(str(out), reference_run)
+    assert not (out / "_runs").exists()  # staging areas, the killed run's too, are cleaned up
+
+
+def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path):
+    rows = make_rows(n_prompts=8, seed=11)
+    folder = tmp_path / "in"
+    write_jsonl(folder / "day-1.jsonl", rows[:12])
+    out = str(tmp_path / "out")
+    first = run_score(config(folder, out, tiny_student_dir))
+    assert first["counts"]["traces_scored_now"] == 12
+
+    write_jsonl(folder / "day-2.jsonl", rows[12:])
+    second = run_score(config(folder, out, tiny_student_dir))
+    assert second["counts"]["traces_scored_now"] == len(rows) - 12
+    assert second["counts"]["rows_scored"] == len(rows)
+    scores = read_output(out, "scores")
+    assert len(scores) == len(rows)
+    selections = read_output(out, "selections")
+    assert set(selections["prompt_id"]) == {row["prompt_id"] for row in rows}
+    teachers = read_output(out, "teachers")
+    assert teachers[teachers["metric"] == "lalp"]["count"].sum() == len(rows)
+
+    # another scoring setting is another cache key: everything is scored again
+    third = run_score(config(folder, out, tiny_student_dir, "scoring.window=1"))
+    assert third["counts"]["traces_scored_now"] == len(rows)
+
+
+def test_scores_do_not_depend_on_batching_actors_or_order(
+    ray_cluster, tiny_student_dir, corpus, reference_run, tmp_path
+):
+    folder = tmp_path / "in"
+    rows = list(reversed(corpus[1]))
+    write_jsonl(folder / "z-first.jsonl", rows[:25])
+    pq.write_table(pa.Table.from_pylist(rows[25:]), folder / "a-second.parquet")
+    out = str(tmp_path / "out")
+    run_score(
+        config(
+            folder, out, tiny_student_dir,
+            "compute.batch_traces=7", "compute.token_budget=4096", "compute.actors=2",
+            "compute.cpus_per_actor=0.5",
+        )
+    )  # fmt: skip
+    assert_same_scores(out, reference_run)

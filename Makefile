@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo test lint format clean
+.PHONY: install browser demo test lint format report clean
 
 install: $(STAMP)
 
@@ -34,10 +34,20 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Headless Chromium and its driver, for the test that renders `ln-ray report` (Debian packages).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver)
+
 demo: install
 	$(BIN)/ln-ray score --config-name default
 
-test: lint
+report: install
+	$(BIN)/ln-ray report outputs/demo
+
+test: lint browser
 	$(BIN)/pytest
 
 clean:

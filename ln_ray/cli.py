@@ -1,4 +1,4 @@
-"""The ``ln-ray`` command: ``score`` (the job), ``select`` (re-run the reduce), ``summary``."""
+"""The ``ln-ray`` command: ``score``, ``select`` (re-run the reduce), ``summary``, ``report``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = commands.add_parser("summary", help="print the teacher table of a finished run")
     summary.add_argument("output_path", help="output.path of a finished run")
 
+    report = commands.add_parser("report", help="write report.html next to a finished run")
+    report.add_argument("output_path", help="output.path of a finished run")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ln_ray").setLevel(logging.INFO)
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             return _score(load_config(args.config_name, args.overrides))
         if args.command == "select":
             return _select(args.output_path, args.overrides)
+        if args.command == "report":
+            return _report(args.output_path)
         return _summary(args.output_path)
     except (ConfigError, JobError) as exc:
         print(f"ln-ray: {exc}", file=sys.stderr)
@@ -81,6 +86,17 @@ def _summary(output_path: str) -> int:
 
     manifest = storage.read_json(storage.join(output_path, MANIFEST))
     print(format_summary(manifest, read_teacher_table(output_path)))
+    return 0
+
+
+def _report(output_path: str) -> int:
+    from ln_ray.report import write_report
+
+    try:
+        print(f"wrote {write_report(output_path)}")
+    except FileNotFoundError as exc:
+        print(f"ln-ray: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,7 +13,8 @@ import pyarrow as pa
 _PROVENANCE = [("source_file", pa.string()), ("row_number", pa.int64())]
 # What travels with a trace from preparation to the curated set. ``messages`` holds the
 # conversation as JSON text and ``extra`` every other input column as JSON, so shards with
-# different extra columns still share one schema.
+# different extra columns still share one schema; ``step_chars`` are the steps' lengths in
+# characters (they partition the response).
 _TRACE = [
     ("trace_id", pa.string()),
     ("prompt_id", pa.string()),
@@ -21,6 +22,7 @@ _TRACE = [
     ("correct", pa.bool_()),
     ("messages", pa.string()),
     ("extra", pa.string()),
+    ("step_chars", pa.list_(pa.int32())),
 ]
 
 METRIC_COLUMNS = ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal")

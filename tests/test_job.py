@@ -159,6 +159,11 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     assert counts["rows_scored"] == len(rows) and counts["rows_rejected"] == 2
     for entry in manifest["inputs"]:
         assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
+    stages = manifest["stages"]
+    assert stages["read_prepare_score"]["traces_scored_now"] == len(rows)
+    assert stages["read_prepare_score"]["tokens_scored_now"] == counts["tokens_scored"] > 0
+    assert stages["assemble"]["rows_rejected"] == 2 and stages["reduce"]["prompts"] == 6
+    assert all(stage["seconds"] > 0 for stage in stages.values())
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk["student"]["identity"].startswith(tiny_student_dir)
     assert on_disk["selection"]["filtered_on_correct"] is True

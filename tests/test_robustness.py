@@ -142,6 +142,11 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     for entry in manifest["inputs"]:
         assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
     assert manifest["counts"]["rows_read"] == 14
+    reasons = manifest["reject_reasons"]
+    assert reasons["duplicate"] == 1 and reasons["invalid JSON"] == 1
+    assert reasons["cannot read Parquet shard"] == 1 and sum(reasons.values()) == 11
+    assert manifest["stages"]["assemble"]["duplicates"] == 1
+    assert manifest["stages"]["read_prepare_score"]["shard_errors"] == 1
 
 
 def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp_path):

@@ -32,6 +32,7 @@ from ln_ray.schema import CACHE_SCHEMA, REJECTS_SCHEMA, SCORED_ROWS_SCHEMA, SCOR
 log = logging.getLogger(__name__)
 
 _COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
+_PER_FILE = (*_COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
 
 
 class JobError(RuntimeError):
@@ -94,16 +95,25 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     try:
         _score_rows(cfg, files, urls, in_fs, paths, cache_url, cached)
         scored_at = time.time()
-        _assemble_rows(paths, cache_url)
-        per_file = _per_file_counts(paths)
+        scored_now = len(cache.cached_trace_ids(cache_url)) - len(cached)
+        log.info(
+            "scored %d new traces in %.1fs; assembling outputs", scored_now, scored_at - started
+        )
+        duplicates = _assemble_rows(paths, cache_url)
+        per_file = _per_file_counts(paths, cached)
         inputs = _check_inputs(files, urls, per_file, ray.get(expected_rows))
+        reasons = _reject_reasons(paths)
+        assembled_at = time.time()
+        log.info("selecting per prompt and ranking teachers")
         selection = reduce_scores(paths.fs, paths.staging, paths.staging, cfg.selection)
     except BaseException:
         outputs.discard(paths)
         raise
     counts = {key: sum(entry[key] for entry in inputs) for key in _COUNTS}
-    counts["traces_scored_now"] = len(cache.cached_trace_ids(cache_url)) - len(cached)
+    counts["traces_scored_now"] = scored_now
     score_s = max(scored_at - started, 1e-9)
+    new_tokens = sum(entry["tokens_scored_now"] for entry in inputs)
+    new_model_tokens = sum(entry["model_tokens_now"] for entry in inputs)
     manifest = {
         "run_id": paths.run_id,
         "started_at": _iso(started),
@@ -113,19 +123,38 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         "score_cache": outputs.redacted({"url": cache_url})["url"],
         "inputs": inputs,
         "counts": counts,
+        "reject_reasons": reasons,
         "selection": {k: v for k, v in selection.items() if k != "reduce_s"},
+        "stages": {
+            "read_prepare_score": {
+                "seconds": round(score_s, 3),
+                "rows": counts["rows_read"],
+                "shard_errors": sum(entry["shard_errors"] for entry in inputs),
+                "traces_scored_now": scored_now,
+                "tokens_scored_now": new_tokens,
+                "model_tokens_now": new_model_tokens,
+            },
+            "assemble": {
+                "seconds": round(assembled_at - scored_at, 3),
+                "rows_scored": counts["rows_scored"],
+                "rows_rejected": counts["rows_rejected"],
+                "duplicates": duplicates,
+            },
+            "reduce": {"seconds": selection["reduce_s"], "prompts": selection["prompts"]},
+        },
         "timings": {
             "score_s": round(score_s, 3),
             "reduce_s": selection["reduce_s"],
             "total_s": round(time.time() - started, 3),
         },
-        "throughput": {
-            "tokens_per_s": round(counts["tokens_scored"] / score_s, 1),
-            "model_tokens_per_s": round(counts["model_tokens"] / score_s, 1),
+        "throughput": {  # over the traces scored by this run (not those from the cache)
+            "tokens_per_s": round(new_tokens / score_s, 1),
+            "model_tokens_per_s": round(new_model_tokens / score_s, 1),
         },
         "versions": _versions(),
     }
     outputs.publish(paths, (*SCORE_OUTPUTS, *REDUCE_OUTPUTS), manifest)
+    log.info("published run %s to %s", paths.run_id, cfg.output.path)
     return manifest
 
 
@@ -208,8 +237,12 @@ def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str, cached
     )
 
 
-def _assemble_rows(paths: RunPaths, cache_url: str) -> None:
-    """Join every row with its cached scores, mark duplicates, write _rows/, scores/, rejects/."""
+def _assemble_rows(paths: RunPaths, cache_url: str) -> int:
+    """Join rows with their cached scores, mark duplicates, write _rows/, scores/, rejects/.
+
+    Returns:
+        The number of duplicate rows rejected.
+    """
     import ray
 
     partitions = reduce_partitions()
@@ -237,7 +270,10 @@ def _assemble_rows(paths: RunPaths, cache_url: str) -> None:
     rows.map_batches(_rejects_part, batch_format="pyarrow").write_parquet(
         paths.staged("rejects"), filesystem=paths.arrow_fs
     )
+    for name, schema in (("scores", SCORES_SCHEMA), ("rejects", REJECTS_SCHEMA)):
+        outputs.ensure_table(paths.fs, paths.staged(name), schema)
     paths.fs.rm(paths.staged("_meta"), recursive=True)
+    return len(duplicates)
 
 
 def _find_duplicates(meta, partitions: int) -> dict[tuple[str, int], str]:
@@ -283,11 +319,15 @@ def _rejects_part(table: pa.Table) -> pa.Table:
     return rejected.select(columns).rename_columns(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
 
 
-def _per_file_counts(paths: RunPaths) -> dict[str, dict[str, int]]:
+def _per_file_counts(paths: RunPaths, cached) -> dict[str, dict[str, int]]:
     import ray
 
     def flags(table: pa.Table) -> pa.Table:
         rejected = pc.is_valid(table["reject_reason"])
+        ids = table["trace_id"].to_pylist()
+        new = pc.and_(
+            pa.array(~cache.contains(cached, [i or "" for i in ids])), pc.invert(rejected)
+        )
         return pa.table(
             {
                 "source_file": table["source_file"],
@@ -296,10 +336,20 @@ def _per_file_counts(paths: RunPaths) -> dict[str, dict[str, int]]:
                 "shard_errors": pc.cast(pc.is_null(table["row_number"]), pa.int64()),
                 "tokens_scored": pc.if_else(rejected, 0, pc.fill_null(table["n_tokens"], 0)),
                 "model_tokens": pc.if_else(rejected, 0, pc.fill_null(table["model_tokens"], 0)),
+                "tokens_scored_now": pc.if_else(new, pc.fill_null(table["n_tokens"], 0), 0),
+                "model_tokens_now": pc.if_else(new, pc.fill_null(table["model_tokens"], 0), 0),
             }
         )
 
-    columns = ["rows_scored", "rows_rejected", "shard_errors", "tokens_scored", "model_tokens"]
+    columns = [
+        "rows_scored",
+        "rows_rejected",
+        "shard_errors",
+        "tokens_scored",
+        "model_tokens",
+        "tokens_scored_now",
+        "model_tokens_now",
+    ]
     summed = (
         ray.data.read_parquet(paths.staged(ROWS_DIR), filesystem=paths.arrow_fs)
         .map_batches(flags, batch_format="pyarrow")
@@ -313,11 +363,30 @@ def _per_file_counts(paths: RunPaths) -> dict[str, dict[str, int]]:
     }
 
 
+def _reject_reasons(paths: RunPaths) -> dict[str, int]:
+    """How many rows were rejected for each kind of reason (details stay in rejects/)."""
+    import ray
+
+    def kinds(table: pa.Table) -> pa.Table:
+        reasons = table["reason"].to_pylist()
+        kind = ["duplicate" if r.startswith("duplicate of") else r.split(":")[0] for r in reasons]
+        return pa.table({"kind": pa.array(kind, pa.string())})
+
+    counted = (
+        ray.data.read_parquet(paths.staged("rejects"), filesystem=paths.arrow_fs)
+        .map_batches(kinds, batch_format="pyarrow")
+        .groupby("kind", num_partitions=reduce_partitions())
+        .count()
+        .take_all()
+    )
+    return {row["kind"]: int(row["count()"]) for row in sorted(counted, key=lambda r: r["kind"])}
+
+
 def _check_inputs(files, urls, per_file, expected: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per input file: rows read == rows scored + rows rejected, and nothing went missing."""
     inputs, lost = [], []
     for (path, fmt), source in zip(files, expected):
-        counts = per_file.get(urls[path], dict.fromkeys(_COUNTS[1:] + ("shard_errors",), 0))
+        counts = per_file.get(urls[path], dict.fromkeys(_PER_FILE, 0))
         entry = {"path": urls[path], "format": fmt, **source}
         entry.update(counts)
         entry["rows_read"] = counts["rows_scored"] + counts["rows_rejected"]

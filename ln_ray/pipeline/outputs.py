@@ -86,6 +86,23 @@ def publish(paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any]) -
     _remove(paths.fs, storage.join(paths.root, RUNS_DIR))
 
 
+def ensure_table(fs: Any, folder: str, schema: Any) -> None:
+    """Give an output that came out empty one empty Parquet file, so readers still see its schema.
+
+    (Ray Data writes no file at all for an empty dataset.)
+    """
+    import pyarrow.parquet as pq
+
+    if fs.exists(folder) and any(p.endswith(".parquet") for p in fs.find(folder)):
+        return
+    fs.makedirs(folder, exist_ok=True)
+    pq.write_table(
+        schema.empty_table(),
+        storage.join(folder, "part-0.parquet"),
+        filesystem=storage.arrow_filesystem(fs),
+    )
+
+
 def discard(paths: RunPaths) -> None:
     """Remove a failed run's staging area."""
     _remove(paths.fs, paths.staging)

@@ -24,7 +24,7 @@ from ln_ray.aggregate.select import select_prompt
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import SelectionConfig
 from ln_ray.io import storage
-from ln_ray.pipeline.outputs import ROWS_DIR
+from ln_ray.pipeline.outputs import ROWS_DIR, ensure_table
 from ln_ray.schema import SCORED_ROWS_SCHEMA, SCORES_SCHEMA, SELECTIONS_SCHEMA, TEACHERS_SCHEMA
 
 
@@ -61,6 +61,7 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
         .materialize()
     )
     selections.write_parquet(storage.join(target, "selections"), filesystem=arrow_fs)
+    ensure_table(fs, storage.join(target, "selections"), SELECTIONS_SCHEMA)
     chosen = selections.select_columns(["metric", "teacher", "trace_id"]).to_pandas()
     stats = (
         scores.select_columns(["teacher", "lalp", "galp", "rsr", "avg_rank", "avg_surprisal"])
@@ -101,6 +102,7 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
     subset.map_batches(
         curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"
     ).write_parquet(storage.join(target, "curated"), filesystem=arrow_fs)
+    ensure_table(fs, storage.join(target, "curated"), schema)
     return {
         "require_correct": selection.require_correct,
         "filtered_on_correct": filter_correct,

@@ -96,6 +96,7 @@ def prepare_batch(
             correct=prepared.row.correct,
             messages=json.dumps(prepared.row.messages, ensure_ascii=False),
             dup_key=duplicate_key(prepared.row),
+            step_chars=[len(step) for step in prepared.steps],
             extra=raw["extra"],
             input_ids=tokens.input_ids.astype(np.int32),
             prefix_len=tokens.prefix_len,

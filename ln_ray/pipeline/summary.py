@@ -41,13 +41,20 @@ def format_summary(manifest: dict[str, Any], table: pd.DataFrame) -> str:
     timings = manifest.get("timings", {})
     speed = manifest.get("throughput", {})
     selection = manifest.get("selection", {})
+    reasons = manifest.get("reject_reasons", {})
     lines = [
         f"ln-ray run {manifest.get('run_id', '?')}  student {manifest['student']['identity']}",
         f"  rows read {counts.get('rows_read', 0)}: scored {counts.get('rows_scored', 0)}, "
         f"rejected {counts.get('rows_rejected', 0)}  ({len(manifest.get('inputs', []))} files)",
+        *(
+            [f"  rejected by reason: {', '.join(f'{k} {v}' for k, v in reasons.items())}"]
+            if reasons
+            else []
+        ),
         f"  tokens scored {counts.get('tokens_scored', 0)} "
-        f"({speed.get('tokens_per_s', 0):.0f} tokens/s; model tokens "
-        f"{counts.get('model_tokens', 0)}, {speed.get('model_tokens_per_s', 0):.0f}/s)",
+        f"(new traces this run: {counts.get('traces_scored_now', 0)}, "
+        f"{speed.get('tokens_per_s', 0):.0f} tokens/s, "
+        f"{speed.get('model_tokens_per_s', 0):.0f} model tokens/s)",
         f"  prompts {selection.get('prompts', 0)}, selected {selection.get('prompts_selected', 0)}"
         f" (filtered on correct: {selection.get('filtered_on_correct', False)})",
         f"  time: scoring {timings.get('score_s', 0):.1f}s, "

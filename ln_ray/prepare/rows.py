@@ -46,6 +46,7 @@ class PreparedTrace:
 
     row: TraceRow
     trace_id: str
+    steps: list[str]
     tokens: TokenizedTrace
 
 
@@ -116,7 +117,7 @@ def prepare_row(
         tokens = tokenize_trace(tokenizer, row.messages, steps)
     except RenderError as exc:
         raise RowRejected(str(exc)) from None
-    return PreparedTrace(row=row, trace_id=trace_id(row, steps), tokens=tokens)
+    return PreparedTrace(row=row, trace_id=trace_id(row, steps), steps=steps, tokens=tokens)
 
 
 def trace_id(row: TraceRow, steps: list[str]) -> str:

@@ -1,0 +1,294 @@
+"""``ln-ray report``: one self-contained HTML page (PNG figures inlined) about a finished run.
+
+It shows the teacher table per metric with confidence intervals, each teacher's distribution of
+lalp, galp and rsr, how often each teacher wins per metric, how often the metrics agree on the
+selected trace, and the traces whose local and global scores disagree most, with their least
+natural steps highlighted.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ln_ray.io import storage
+from ln_ray.pipeline.outputs import MANIFEST, ROWS_DIR
+
+METRICS = ("lalp", "galp", "rsr")
+REPORT_NAME = "report.html"
+_DISAGREEMENTS = 5
+_HIGHLIGHTED_STEPS = 3
+
+
+def write_report(output_path: str) -> str:
+    """Render the report of the run under ``output_path``; returns the page's URL."""
+    run = load_run(output_path)
+    page = render_report(run)
+    fs, root = storage.filesystem(output_path)
+    target = storage.join(root, REPORT_NAME)
+    with fs.open(target, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    return storage.full_url(fs, target)
+
+
+def load_run(output_path: str) -> dict[str, Any]:
+    """The tables and manifest of a finished run."""
+    fs, root = storage.filesystem(output_path)
+    if not fs.exists(storage.join(root, MANIFEST)):
+        raise FileNotFoundError(f"no finished run under {output_path!r} (manifest.json is missing)")
+    arrow_fs = storage.arrow_filesystem(fs)
+
+    def table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        return pq.read_table(
+            storage.join(root, name), columns=columns, filesystem=arrow_fs
+        ).to_pandas()
+
+    return {
+        "manifest": storage.read_json(storage.join(output_path, MANIFEST)),
+        "scores": table("scores"),
+        "selections": table("selections"),
+        "teachers": table("teachers"),
+        "rows": table(ROWS_DIR, ["trace_id", "messages", "step_chars"]),
+    }
+
+
+def render_report(run: dict[str, Any]) -> str:
+    """The HTML page for a loaded run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    manifest, scores, selections, teachers = (
+        run["manifest"], run["scores"], run["selections"], run["teachers"]
+    )  # fmt: skip
+    order = teachers[teachers["metric"] == "lalp"].sort_values("rank")[
+        "teacher"
+    ].tolist() or sorted(scores["teacher"].unique())
+    agreement = metric_agreement(selections)
+    sections = [
+        _section(
+            "Teachers",
+            _teacher_tables(teachers)
+            + _figure(_plot_teachers(teachers, order), "Mean per teacher with its bootstrap CI"),
+        ),
+        _section(
+            "Score distributions",
+            _figure(_plot_distributions(scores, order), "Per-trace lalp, galp and rsr by teacher"),
+        ),
+        _section(
+            "Wins",
+            _figure(_plot_wins(selections, order), "Share of prompts won, per metric"),
+        ),
+        _section(
+            "Do the metrics agree?",
+            _agreement_table(agreement)
+            + _figure(_plot_agreement(agreement), "Share of prompts where two metrics agree"),
+        ),
+        _section("Where local and global disagree most", _disagreements(scores, run["rows"])),
+    ]
+    counts = manifest.get("counts", {})
+    header = (
+        f"<p>Run <code>{_e(manifest.get('run_id', ''))}</code>, student "
+        f"<code>{_e(manifest['student']['identity'])}</code>, finished "
+        f"{_e(manifest.get('finished_at', ''))}. Rows read {counts.get('rows_read', 0)}, "
+        f"scored {counts.get('rows_scored', 0)}, rejected {counts.get('rows_rejected', 0)}; "
+        f"{manifest.get('selection', {}).get('prompts', 0)} prompts.</p>"
+    )
+    return _PAGE.format(body=header + "".join(sections))
+
+
+def metric_agreement(selections: pd.DataFrame) -> pd.DataFrame:
+    """For each pair of metrics, the share of prompts (selected by both) with the same trace."""
+    picked = selections.pivot_table(
+        index="prompt_id", columns="metric", values="trace_id", aggfunc="first"
+    )
+    shares = pd.DataFrame(index=list(METRICS), columns=list(METRICS), dtype=float)
+    for a in METRICS:
+        for b in METRICS:
+            if a in picked and b in picked:
+                both = picked[a].notna() & picked[b].notna()
+                same = picked.loc[both, a] == picked.loc[both, b]
+                shares.loc[a, b] = float(same.mean()) if both.any() else np.nan
+    return shares
+
+
+def disagreeing_traces(scores: pd.DataFrame, count: int) -> pd.DataFrame:
+    """Traces whose lalp and galp disagree most, by the gap between their z-scores."""
+    usable = scores.dropna(subset=["lalp", "galp"])
+    if len(usable) < 2:
+        return usable.assign(gap=0.0).head(count)
+    z = (usable[["lalp", "galp"]] - usable[["lalp", "galp"]].mean()) / usable[["lalp", "galp"]].std(
+        ddof=0
+    ).replace(0, 1)
+    gap = z["lalp"] - z["galp"]
+    return usable.assign(gap=gap).reindex(gap.abs().sort_values(ascending=False).index).head(count)
+
+
+def _teacher_tables(teachers: pd.DataFrame) -> str:
+    parts = []
+    ordered = [*METRICS, *sorted(set(teachers["metric"]) - set(METRICS))]
+    for metric in ordered:
+        part = teachers[teachers["metric"] == metric]
+        rows = "".join(
+            f"<tr><td>{r.rank}</td><td>{_e(r.teacher)}</td><td>{r.mean:.4f}</td>"
+            f"<td>[{r.ci_low:.4f}, {r.ci_high:.4f}]</td><td>{r.count}</td><td>{r.wins}</td></tr>"
+            for r in part.sort_values("rank").itertuples()
+        )
+        parts.append(
+            f"<h3>{_e(metric)}</h3><table><tr><th>rank</th><th>teacher</th><th>mean</th>"
+            f"<th>CI</th><th>traces</th><th>wins</th></tr>{rows}</table>"
+        )
+    return "".join(parts)
+
+
+def _agreement_table(shares: pd.DataFrame) -> str:
+    head = "".join(f"<th>{m}</th>" for m in shares.columns)
+    body = "".join(
+        f"<tr><th>{a}</th>"
+        + "".join(f"<td>{shares.loc[a, b]:.0%}</td>" for b in shares.columns)
+        + "</tr>"
+        for a in shares.index
+    )
+    return f"<table><tr><th></th>{head}</tr>{body}</table>"
+
+
+def _disagreements(scores: pd.DataFrame, rows: pd.DataFrame) -> str:
+    chosen = disagreeing_traces(scores, _DISAGREEMENTS)
+    texts = rows.drop_duplicates("trace_id").set_index("trace_id")
+    parts = [
+        "<p>Least natural steps (lowest local log-prob) are highlighted; hover for values.</p>"
+    ]
+    for trace in chosen.itertuples():
+        messages = json.loads(texts.loc[trace.trace_id, "messages"])
+        response = messages[-1]["content"]
+        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        step_chars = list(texts.loc[trace.trace_id, "step_chars"])
+        parts.append(
+            f"<div class='trace'><p><b>{_e(trace.teacher)}</b> on <code>{_e(trace.prompt_id)}"
+            f"</code>: lalp {trace.lalp:.3f}, galp {trace.galp:.3f} (z-gap {trace.gap:+.2f})</p>"
+            f"<p class='prompt'>{_e(prompt)}</p>"
+            f"<pre>{_highlight(response, step_chars, list(trace.step_logprobs))}</pre></div>"
+        )
+    return "".join(parts)
+
+
+def _highlight(response: str, step_chars: list[int], step_logprobs: list[float | None]) -> str:
+    scored = [(lp, i) for i, lp in enumerate(step_logprobs) if lp is not None and np.isfinite(lp)]
+    worst = {i for _, i in sorted(scored)[:_HIGHLIGHTED_STEPS]}
+    out, start = [], 0
+    for i, length in enumerate(step_chars):
+        text = _e(response[start : start + length])
+        start += length
+        lp = step_logprobs[i] if i < len(step_logprobs) else None
+        title = f"step {i + 1}: " + ("no tokens" if lp is None else f"log-prob {lp:.3f}")
+        tag = "mark" if i in worst else "span"
+        out.append(f"<{tag} title='{title}'>{text}</{tag}>")
+    return "".join(out) + _e(response[start:])
+
+
+def _plot_teachers(teachers: pd.DataFrame, order: list[str]):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 0.5 * len(order) + 1.6))
+    for ax, metric in zip(axes, METRICS):
+        part = teachers[teachers["metric"] == metric].set_index("teacher").reindex(order)
+        y = np.arange(len(order))
+        err = np.vstack([part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]])
+        ax.errorbar(part["mean"], y, xerr=np.nan_to_num(err), fmt="o", capsize=4)
+        ax.set_yticks(y, order)
+        ax.invert_yaxis()
+        ax.set_title(f"{metric} ({'lower' if metric == 'rsr' else 'higher'} is better)")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_distributions(scores: pd.DataFrame, order: list[str]):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 0.5 * len(order) + 1.6))
+    for ax, metric in zip(axes, METRICS):
+        data = [scores.loc[scores["teacher"] == t, metric].dropna().to_numpy() for t in order]
+        ax.boxplot(data, vert=False, tick_labels=order)
+        ax.invert_yaxis()
+        ax.set_title(metric)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_wins(selections: pd.DataFrame, order: list[str]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(METRICS)
+    x = np.arange(len(order))
+    for k, metric in enumerate(METRICS):
+        part = selections[selections["metric"] == metric]
+        share = part["teacher"].value_counts().reindex(order, fill_value=0) / max(len(part), 1)
+        ax.bar(x + (k - 1) * width, share.to_numpy(), width, label=metric)
+    ax.set_xticks(x, order, rotation=20, ha="right")
+    ax.set_ylabel("share of prompts won")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _plot_agreement(shares: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.8, 3.2))
+    image = ax.imshow(shares.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(shares.columns)), shares.columns)
+    ax.set_yticks(range(len(shares.index)), shares.index)
+    for i in range(len(shares.index)):
+        for j in range(len(shares.columns)):
+            ax.text(j, i, f"{shares.iloc[i, j]:.0%}", ha="center", va="center", color="w")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def _figure(fig, caption: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (
+        f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{data}'>"
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{_e(title)}</h2>{body}</section>"
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>ln-ray report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+td:nth-child(2) {{ text-align: left; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
+pre {{ white-space: pre-wrap; background: #f7f7f7; padding: 0.8em; }}
+mark {{ background: #ffb3a7; }}
+.trace {{ border-top: 1px solid #ddd; margin-top: 1em; }} .prompt {{ color: #555; }}
+</style></head>
+<body><h1>ln-ray report</h1>
+{body}
+</body></html>
+"""

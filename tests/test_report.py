@@ -1,0 +1,92 @@
+"""``ln-ray report`` on a demo run, rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ln_ray.config import load_config
+from ln_ray.pipeline.job import run_score
+from ln_ray.report import disagreeing_traces, load_run, metric_agreement, write_report
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_cluster, tiny_student_dir, tmp_path_factory):
+    """The embedded demo sample, scored by the tiny student."""
+    out = str(tmp_path_factory.mktemp("demo") / "out")
+    run_score(
+        load_config(
+            "default",
+            [
+                f"output.path={out}",
+                f"student.model={tiny_student_dir}",
+                "selection.bootstrap_samples=100",
+            ],
+        )
+    )
+    return out
+
+
+def test_report_content(demo_run):
+    run = load_run(demo_run)
+    agreement = metric_agreement(run["selections"])
+    for metric in ("lalp", "galp", "rsr"):
+        assert agreement.loc[metric, metric] == 1.0
+    lalp_galp = run["selections"].pivot(index="prompt_id", columns="metric", values="trace_id")
+    assert agreement.loc["lalp", "galp"] == pytest.approx(
+        (lalp_galp["lalp"] == lalp_galp["galp"]).mean()
+    )
+    worst = disagreeing_traces(run["scores"], 5)
+    assert len(worst) == 5 and worst["gap"].abs().is_monotonic_decreasing
+
+
+def _chromium():
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromium-driver are missing: `make test` installs them")
+        pytest.skip("chromium and chromium-driver are not installed (`make test` installs them)")
+    return binary, driver
+
+
+def test_report_renders_in_headless_chromium(demo_run, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _chromium()
+    page = write_report(demo_run)
+    assert page.endswith("report.html") and Path(page).stat().st_size > 10_000
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--window-size=1280,2400"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(Path(page).as_uri())
+        assert driver.execute_script("return document.readyState") == "complete"
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])"
+        )
+        assert len(images) == 4
+        assert all(complete and width > 0 for complete, width, _ in images), images
+        text = driver.find_element("tag name", "body").text
+        for heading in ("Teachers", "Score distributions", "Wins", "Do the metrics agree?",
+                        "Where local and global disagree most"):  # fmt: skip
+            assert heading in text
+        assert "teacher-scrambled" in text
+        assert len(driver.find_elements("tag name", "mark")) >= 5  # least natural steps
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        driver.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        driver.quit()

@@ -111,7 +111,7 @@ class ComputeConfig:
     prepare_cpus: float = 0.5
     batch_traces: int = 16
     token_budget: int = 4096
-    head_chunk: int = 1024
+    head_chunk: int = 0
     torch_threads: int = 0
 
 
@@ -188,7 +188,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.compute.prepare_cpus > 0, "compute.prepare_cpus must be > 0")
     need(cfg.compute.batch_traces >= 1, "compute.batch_traces must be >= 1")
     need(cfg.compute.token_budget >= 16, "compute.token_budget must be >= 16")
-    need(cfg.compute.head_chunk >= 1, "compute.head_chunk must be >= 1")
+    need(cfg.compute.head_chunk >= 0, "compute.head_chunk must be >= 0 (0: by device)")
     need(cfg.compute.torch_threads >= 0, "compute.torch_threads must be >= 0 (0: automatic)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

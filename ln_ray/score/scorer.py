@@ -22,6 +22,7 @@ so the scored rows are ``P-1 .. P+g-2``. A window starting at response token ``c
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from ln_ray.score.attention import (
     install_segment_attention,
     packed_positions,
 )
+from ln_ray.score.chunking import chunk_mlps
 from ln_ray.score.logprobs import TokenHead
 from ln_ray.score.metrics import trace_metrics
 from ln_ray.score.packing import pack_by_budget
@@ -65,8 +67,8 @@ class TraceScores:
 
 
 @dataclass
-class _Sequence:
-    """A sequence to run and which of its predictions to keep."""
+class ScoredSequence:
+    """A sequence to run through the model and which of its predictions to keep."""
 
     trace: int
     tokens: np.ndarray
@@ -76,6 +78,26 @@ class _Sequence:
     targets: np.ndarray
     target_offset: int  # response index of the first scored token
     is_global: bool
+
+
+@dataclass
+class ScoringPlan:
+    """What one ``score`` call runs: the global pass, then the local windows.
+
+    Attributes:
+        n_global: Per trace, how many leading response tokens the global pass scores.
+        reused: Per trace, how many leading response tokens take their local log-prob from the
+            global pass (their windows are prefixes of the global sequence).
+        global_sequences: One per trace, ``prefix + r_1..r_g``.
+        window_sequences: Every other window, without the prefix (it attends to the recorded one).
+        model_tokens: Per trace, the tokens it runs through the model: prefix once, every window.
+    """
+
+    n_global: list[int]
+    reused: list[int]
+    global_sequences: list[ScoredSequence]
+    window_sequences: list[ScoredSequence]
+    model_tokens: list[int]
 
 
 class StudentScorer:
@@ -88,8 +110,10 @@ class StudentScorer:
         rank_clip: ``r_max`` for RSR and avg_rank.
         max_tokens: Cap on the global sequence (prefix + response); longer traces are truncated
             there for the global metrics and flagged, their local scores still cover every step.
-        token_budget: Tokens per packed forward pass.
-        head_chunk: Rows per output-projection chunk.
+        token_budget: Tokens per packed forward pass; a longer global sequence runs alone, its
+            MLPs a budget of tokens at a time.
+        head_chunk: Rows per output-projection chunk; 0 picks by device (128 rows keep a CPU's
+            logits in cache, 2048 fill a GPU).
     """
 
     def __init__(
@@ -101,9 +125,10 @@ class StudentScorer:
         rank_clip: int = 100,
         max_tokens: int = 32768,
         token_budget: int = 4096,
-        head_chunk: int = 1024,
+        head_chunk: int = 0,
     ) -> None:
         install_segment_attention(model)
+        chunk_mlps(model, token_budget)
         self.model = model
         self.body = model.base_model
         self.head = TokenHead(model)
@@ -113,8 +138,9 @@ class StudentScorer:
         self.rank_clip = rank_clip
         self.max_tokens = max_tokens
         self.token_budget = token_budget
-        self.head_chunk = head_chunk
+        self.head_chunk = head_chunk or (128 if self.device.type == "cpu" else 2048)
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
+        self.seconds = {"global": 0.0, "local": 0.0}  # time spent in each pass so far
 
     @torch.inference_mode()
     def score(self, traces: Sequence[TokenizedTrace]) -> list[TraceScores]:
@@ -126,33 +152,24 @@ class StudentScorer:
         Returns:
             One TraceScores per trace.
         """
-        n_global = [self._global_tokens(t) for t in traces]
-        plans = [
-            plan_windows(t.step_bounds, self.window, self.window_fraction, g)
-            for t, g in zip(traces, n_global)
-        ]
-        global_lp = [np.full(g, np.nan, dtype=np.float32) for g in n_global]
-        global_rank = [np.zeros(g, dtype=np.int64) for g in n_global]
+        plan = self.plan(traces)
+        global_lp = [np.full(g, np.nan, dtype=np.float32) for g in plan.n_global]
+        global_rank = [np.zeros(g, dtype=np.int64) for g in plan.n_global]
         local_lp = [np.full(t.n_response, np.nan, dtype=np.float32) for t in traces]
 
         store = PrefixStore()
-        globals_ = [
-            self._global_sequence(i, t, g, needs_prefix=bool(plans[i][1]))
-            for i, (t, g) in enumerate(zip(traces, n_global))
-        ]
-        for seq, lp, rank in self._run(globals_, traces, store):
+        started = time.perf_counter()
+        for seq, lp, rank in self._run(plan.global_sequences, traces, store):
             global_lp[seq.trace][:] = lp
             global_rank[seq.trace][:] = rank
-        windows = [
-            self._window_sequence(i, traces[i], span)
-            for i, (_, spans) in enumerate(plans)
-            for span in spans
-        ]
-        for i, (reused, _) in enumerate(plans):
+        for i, reused in enumerate(plan.reused):
             local_lp[i][:reused] = global_lp[i][:reused]
-        for seq, lp, _ in self._run(windows, traces, store):
+        between = time.perf_counter()
+        for seq, lp, _ in self._run(plan.window_sequences, traces, store):
             local_lp[seq.trace][seq.target_offset : seq.target_offset + len(lp)] = lp
         store.clear()
+        self.seconds["global"] += between - started
+        self.seconds["local"] += time.perf_counter() - between
 
         results = []
         for i, trace in enumerate(traces):
@@ -165,8 +182,8 @@ class StudentScorer:
                 TraceScores(
                     n_tokens=trace.n_response,
                     n_steps=trace.n_steps,
-                    truncated=n_global[i] < trace.n_response,
-                    model_tokens=len(globals_[i].tokens) + sum(s.length for s in plans[i][1]),
+                    truncated=plan.n_global[i] < trace.n_response,
+                    model_tokens=plan.model_tokens[i],
                     global_logprobs=global_lp[i],
                     global_ranks=global_rank[i],
                     local_logprobs=local_lp[i],
@@ -175,15 +192,41 @@ class StudentScorer:
             )
         return results
 
+    def plan(self, traces: Sequence[TokenizedTrace]) -> ScoringPlan:
+        """The sequences ``score(traces)`` runs, without running them."""
+        n_global = [self._global_tokens(t) for t in traces]
+        windows = [
+            plan_windows(t.step_bounds, self.window, self.window_fraction, g)
+            for t, g in zip(traces, n_global)
+        ]
+        globals_ = [
+            self._global_sequence(i, t, g, needs_prefix=bool(windows[i][1]))
+            for i, (t, g) in enumerate(zip(traces, n_global))
+        ]
+        return ScoringPlan(
+            n_global=n_global,
+            reused=[reused for reused, _ in windows],
+            global_sequences=globals_,
+            window_sequences=[
+                self._window_sequence(i, traces[i], span)
+                for i, (_, spans) in enumerate(windows)
+                for span in spans
+            ],
+            model_tokens=[
+                len(seq.tokens) + sum(span.length for span in spans)
+                for seq, (_, spans) in zip(globals_, windows)
+            ],
+        )
+
     def _global_tokens(self, trace: TokenizedTrace) -> int:
         # The prefix always runs whole (windows need its keys/values); responses are capped.
         return max(0, min(trace.n_response, self.max_tokens - trace.prefix_len))
 
     def _global_sequence(
         self, index: int, trace: TokenizedTrace, n_global: int, needs_prefix: bool
-    ) -> _Sequence:
+    ) -> ScoredSequence:
         p = trace.prefix_len
-        return _Sequence(
+        return ScoredSequence(
             trace=index,
             tokens=trace.input_ids[: p + n_global],
             uses_prefix=False,
@@ -194,9 +237,9 @@ class StudentScorer:
             is_global=True,
         )
 
-    def _window_sequence(self, index: int, trace: TokenizedTrace, span) -> _Sequence:
+    def _window_sequence(self, index: int, trace: TokenizedTrace, span) -> ScoredSequence:
         p = trace.prefix_len
-        return _Sequence(
+        return ScoredSequence(
             trace=index,
             tokens=trace.input_ids[p + span.context_start : p + span.stop],
             uses_prefix=True,
@@ -208,14 +251,14 @@ class StudentScorer:
         )
 
     def _run(
-        self, sequences: list[_Sequence], traces: Sequence[TokenizedTrace], store: PrefixStore
+        self, sequences: list[ScoredSequence], traces: Sequence[TokenizedTrace], store: PrefixStore
     ):
         """Forward packed rows of ``sequences``; yield ``(sequence, logprobs, ranks)`` for each."""
         prefix_lens = [t.prefix_len for t in traces]
         for row in pack_by_budget([len(s.tokens) for s in sequences], self.token_budget):
             yield from self._score_row([sequences[i] for i in row], prefix_lens, store)
 
-    def _score_row(self, batch: list[_Sequence], prefix_lens: list[int], store: PrefixStore):
+    def _score_row(self, batch: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore):
         """One packed row; on out-of-memory, split it in halves and try again."""
         try:
             return self._forward_row(batch, prefix_lens, store)
@@ -233,7 +276,7 @@ class StudentScorer:
             batch[half:], prefix_lens, store
         )
 
-    def _forward_row(self, batch: list[_Sequence], prefix_lens: list[int], store: PrefixStore):
+    def _forward_row(self, batch: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore):
         segments, start = [], 0
         for seq in batch:
             segments.append(

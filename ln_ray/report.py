@@ -215,7 +215,7 @@ def _plot_distributions(scores: pd.DataFrame, order: list[str]):
     fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 0.5 * len(order) + 1.6))
     for ax, metric in zip(axes, METRICS):
         data = [scores.loc[scores["teacher"] == t, metric].dropna().to_numpy() for t in order]
-        ax.boxplot(data, vert=False, tick_labels=order)
+        ax.boxplot(data, orientation="horizontal", tick_labels=order)
         ax.invert_yaxis()
         ax.set_title(metric)
         ax.grid(axis="x", alpha=0.3)

@@ -21,6 +21,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 INPUT_FORMATS = ("auto", "parquet", "jsonl")
 METRICS = ("lalp", "galp", "rsr")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SHUFFLES = ("sort", "hash")
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,7 @@ class ComputeConfig:
     token_budget: int = 4096
     head_chunk: int = 0
     torch_threads: int = 0
+    shuffle: str = "sort"
 
 
 @dataclass
@@ -190,6 +192,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.compute.token_budget >= 16, "compute.token_budget must be >= 16")
     need(cfg.compute.head_chunk >= 0, "compute.head_chunk must be >= 0 (0: by device)")
     need(cfg.compute.torch_threads >= 0, "compute.torch_threads must be >= 0 (0: automatic)")
+    need(cfg.compute.shuffle in SHUFFLES, f"compute.shuffle must be one of {SHUFFLES}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import ln_ray
-from ln_ray.config import LnRayConfig, to_dict
+from ln_ray.config import ComputeConfig, LnRayConfig, to_dict
 from ln_ray.io import cache, storage
 from ln_ray.io.shards import TraceShardDatasource, count_source_rows
 from ln_ray.pipeline import outputs
@@ -39,17 +39,26 @@ class JobError(RuntimeError):
     """The run cannot start or finish; the message says why."""
 
 
-def connect_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets), else start local Ray."""
+def connect_ray(compute: ComputeConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets), else start local Ray;
+    then set this driver's Ray Data options (its tasks inherit them)."""
     import ray
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    # The reduce stage's groupbys move small tables; a sort shuffle runs them as plain tasks,
+    # where the hash shuffle first starts aggregator actors (seconds each on a small cluster).
+    DataContext.get_current().shuffle_strategy = (
+        ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        if compute.shuffle == "sort"
+        else ShuffleStrategy.SHUFFLE_V2
+    )
 
 
 def run_score(cfg: LnRayConfig) -> dict[str, Any]:
@@ -77,7 +86,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         outputs.check_writable(paths)
     except (storage.InputError, StudentError, outputs.OutputError) as exc:
         raise JobError(str(exc)) from None
-    connect_ray()
+    connect_ray(cfg.compute)
     cache_url = paths.cache(cache.cache_key(identity, cfg.scoring))
     cached = cache.cached_trace_ids(cache_url)
     log.info(
@@ -164,7 +173,7 @@ def run_select(cfg: LnRayConfig) -> dict[str, Any]:
     Returns:
         The updated manifest.
     """
-    connect_ray()
+    connect_ray(cfg.compute)
     paths = RunPaths.create(cfg.output.path)
     manifest_url = storage.full_url(paths.fs, paths.final(MANIFEST))
     if not paths.fs.exists(paths.final(MANIFEST)):

@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install browser demo test lint format report clean
+.PHONY: install browser demo test bench lint format report clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ report: install
 
 test: lint browser
 	$(BIN)/pytest
+
+# Figures side by side (ratios from one run) into bench/results.json; about 25 minutes on 2 CPUs.
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

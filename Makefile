@@ -50,7 +50,7 @@ report: install
 test: lint browser
 	$(BIN)/pytest
 
-# Figures side by side (ratios from one run) into bench/results.json; about 25 minutes on 2 CPUs.
+# Figures side by side (ratios from one run) into bench/results.json; about 30 minutes on 2 CPUs.
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -113,7 +113,7 @@ def sized_trace(rows: list[dict[str, Any]], tokenizer: Any, n_tokens: int) -> To
     )
 
 
-def _generated_rows(n_prompts: int = 12, target_chars: int = 12_000) -> list[dict[str, Any]]:
+def _generated_rows(n_prompts: int = 12, target_chars: int = 7_000) -> list[dict[str, Any]]:
     """Long traces made of the demo sample's sentences, shuffled per (prompt, teacher)."""
     demo = [json.loads(line) for line in DEMO_TRACES.read_text().splitlines() if line.strip()]
     sentences = [s for row in demo for s in segment_steps(row["response"])]

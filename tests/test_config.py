@@ -41,6 +41,8 @@ def test_unknown_key_is_named():
         ("segment.mode=words", "segment.mode must be one of"),
         ("input.format=csv", "input.format must be one of"),
         ("compute.actors=0", "compute.actors must be >= 1"),
+        ("compute.shuffle=random", "compute.shuffle must be one of"),
+        ("compute.head_chunk=-1", "compute.head_chunk must be >= 0"),
     ],
 )
 def test_bad_values_fail_before_any_work(override, message):

@@ -98,7 +98,8 @@ def dense_forward(
     for seq in plan.global_sequences:
         ids = torch.from_numpy(seq.tokens)[None].to(model.device)
         hidden = body(input_ids=ids, use_cache=False)
-        _project(head, hidden.last_hidden_state[0, -len(seq.targets) :], head_chunk)
+        scored_from = len(seq.tokens) - len(seq.targets)
+        _project(head, hidden.last_hidden_state[0, scored_from:], head_chunk)
         tokens += len(seq.tokens)
     windows = plan.window_sequences
     if windows:

@@ -63,13 +63,13 @@ def pick_corpus(
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
-    picked, traces, teachers = [], [], set()
+    picked, traces, teachers, taken = [], [], set(), set()
     for second_pass in (False, True):
         for index in order:
             row = rows[index]
             if len(picked) == n_traces:
                 break
-            if (not second_pass and row["teacher"] in teachers) or row in picked:
+            if (not second_pass and row["teacher"] in teachers) or index in taken:
                 continue
             # About four characters a token: skip rows that cannot fit before tokenizing them.
             if not min_tokens * 2 <= len(row["response"]) <= max_tokens * 6:
@@ -77,6 +77,7 @@ def pick_corpus(
             prepared = prepare_row(row, tokenizer)
             if min_tokens <= prepared.tokens.n_response <= max_tokens:
                 picked.append(row)
+                taken.add(index)
                 traces.append(prepared.tokens)
                 teachers.add(row["teacher"])
     if len(picked) < n_traces:
@@ -110,6 +111,17 @@ def sized_trace(rows: list[dict[str, Any]], tokenizer: Any, n_tokens: int) -> To
         input_ids=full.input_ids[: full.prefix_len + n_tokens],
         prefix_len=full.prefix_len,
         step_bounds=bounds[: last + 1],
+    )
+
+
+def first_steps(trace: TokenizedTrace, n_steps: int) -> TokenizedTrace:
+    """The trace cut after its first ``n_steps`` steps (a small call for warming up)."""
+    n_steps = min(n_steps, trace.n_steps)
+    stop = int(trace.step_bounds[n_steps])
+    return TokenizedTrace(
+        input_ids=trace.input_ids[: trace.prefix_len + stop],
+        prefix_len=trace.prefix_len,
+        step_bounds=trace.step_bounds[: n_steps + 1],
     )
 
 

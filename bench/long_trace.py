@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from bench.corpus import load_rows, sized_trace
+from bench.corpus import first_steps, load_rows, sized_trace
 from ln_ray.config import StudentConfig
-from ln_ray.prepare.render import TokenizedTrace
 from ln_ray.score.scorer import StudentScorer
 from ln_ray.score.student import load_student
 
@@ -52,17 +51,7 @@ def main() -> None:
     )
     model_gb = sum(p.numel() * p.element_size() for p in student.model.parameters()) / 1e9
     # A first small call pages the weights in (they load memory-mapped) and warms the allocator.
-    steps = min(8, trace.n_steps)
-    head = int(trace.step_bounds[steps])
-    scorer.score(
-        [
-            TokenizedTrace(
-                trace.input_ids[: trace.prefix_len + head],
-                trace.prefix_len,
-                trace.step_bounds[: steps + 1],
-            )
-        ]
-    )
+    scorer.score([first_steps(trace, 8)])
     scorer.seconds = {"global": 0.0, "local": 0.0}
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the current set
     cuda = student.device.type == "cuda"

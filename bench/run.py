@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bench.baselines import NaiveScorer, dense_forward
-from bench.corpus import REPO, Corpus, load_rows, pick_corpus
+from bench.corpus import REPO, Corpus, first_steps, load_rows, pick_corpus
 from ln_ray.config import StudentConfig, load_config
 from ln_ray.score.scorer import StudentScorer
 from ln_ray.score.student import load_student
@@ -201,18 +201,12 @@ def _sync(device: torch.device) -> None:
 
 def _warm_up(corpus: Corpus, scorer, naive, model, args) -> None:
     """One small call of each, so one-time costs (allocators, kernels) fall outside the timings."""
-    from ln_ray.prepare.render import TokenizedTrace
-
-    trace = corpus.traces[0]
-    cut = int(trace.step_bounds[min(6, trace.n_steps)])
-    small = TokenizedTrace(
-        trace.input_ids[: trace.prefix_len + cut],
-        trace.prefix_len,
-        trace.step_bounds[: min(6, trace.n_steps) + 1],
-    )
+    small = first_steps(corpus.traces[0], 6)
     scorer.score([small])
     naive.score(small)
-    dense_forward(model, scorer.plan([small]), token_budget=args.token_budget, head_chunk=1024)
+    dense_forward(
+        model, scorer.plan([small]), token_budget=args.token_budget, head_chunk=scorer.head_chunk
+    )
     scorer.seconds = {"global": 0.0, "local": 0.0}
 
 

@@ -90,6 +90,13 @@ def test_teacher_stats_mean_ci_and_dataset_rsr():
         seed=0,
     )
     pd.testing.assert_frame_equal(stats.reset_index()[again.columns], again)
+    shuffled = teacher_stats(
+        _teacher("a", [-2.0, -3.0, -1.0, -2.0], rank=[8, 6, 2, 4], surprisal=[4, 2, 1, 1]),
+        samples=2000,
+        confidence=0.9,
+        seed=0,
+    )
+    pd.testing.assert_frame_equal(stats.reset_index()[shuffled.columns], shuffled)
 
 
 def test_rank_teachers_orders_by_direction_and_counts_wins():

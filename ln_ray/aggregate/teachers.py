@@ -22,7 +22,8 @@ def teacher_stats(
 
     The bootstrap resamples traces with replacement (``samples`` times) and takes the percentile
     interval; the same resamples serve every metric. The generator is seeded from ``seed`` and the
-    teacher's name, so results do not depend on how teachers are spread over workers.
+    teacher's name, and rows are put in a canonical order first, so results depend neither on how
+    teachers are spread over workers nor on the order their rows arrive in.
 
     Args:
         group: All scored traces of one teacher.
@@ -36,6 +37,10 @@ def teacher_stats(
     """
     teacher = str(group["teacher"].iloc[0])
     rng = np.random.default_rng([seed, _stable_hash(teacher)])
+    # The resamples index rows: put them in an order that does not depend on the shuffle.
+    group = group.sort_values(
+        [*HIGHER_IS_BETTER, "avg_rank", "avg_surprisal"], kind="stable", ignore_index=True
+    )
     statistics = {
         metric: _finite(group, [metric], lambda v: v[0].mean(axis=-1))
         for metric in HIGHER_IS_BETTER

@@ -69,13 +69,14 @@ PREPARED_SCHEMA = pa.schema(
 # identity and the scoring settings, so a re-run or a refresh scores only what is new.
 CACHE_SCHEMA = pa.schema([("trace_id", pa.string()), *_SCORES, ("model_tokens", pa.int64())])
 
-# What the scoring stage hands on for every input row (the scores live in the cache).
+# A row's own columns, without scores: what the join with the score cache completes.
 ROW_META_SCHEMA = pa.schema(
     [*_PROVENANCE, *_TRACE, ("dup_key", pa.string()), ("reject_reason", pa.string())]
 )
 
-# Every input row with its scores, scored or rejected: the run's working table, split into
-# scores/ and rejects/, and the source of the curated set.
+# Every input row with its scores, scored or rejected: what the scoring stage hands on (scores
+# null for a trace found in the cache), the run's working table, split into scores/ and rejects/,
+# and the source of the curated set.
 SCORED_ROWS_SCHEMA = pa.schema(
     [*ROW_META_SCHEMA, *[f for f in CACHE_SCHEMA if f.name != "trace_id"]]
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -197,3 +198,49 @@ def test_job_reads_and_writes_s3(ray_cluster, s3_server, tiny_student_dir):
     }
     text = json.dumps(manifest)
     assert "testing-secret-key" not in text and "testing-key-id" not in text
+
+
+def test_row_counts_per_file_and_reason(ray_cluster):
+    import ray
+
+    from ln_ray.pipeline.job import JobError, _count_rows
+    from ln_ray.schema import SCORED_ROWS_SCHEMA
+
+    def row(source, number, trace=None, n_tokens=None, reason=None):
+        return {
+            "source_file": source,
+            "row_number": number,
+            "trace_id": trace,
+            "reject_reason": reason,
+            "n_tokens": n_tokens,
+            "model_tokens": None if n_tokens is None else 5 * n_tokens,
+        }
+
+    old, new = "a" * 32, "b" * 32
+    rows = [
+        row("f1", 1, old, 10),
+        row("f1", 2, new, 20),
+        row("f1", 3, reason="invalid JSON: line 3"),
+        row("f2", 1, reason="duplicate of f1 row 1"),
+        row("f2", None, reason="cannot read Parquet shard: bad footer"),
+    ]
+    table = pa.Table.from_pylist(rows, schema=SCORED_ROWS_SCHEMA)
+    in_cache = np.asarray([old], dtype="S32")  # as cache.cached_trace_ids returns it
+    # two blocks, so the per-block sums are added up
+    dataset = ray.data.from_arrow([table.slice(0, 2), table.slice(2)])
+    per_file, reasons = _count_rows(dataset, in_cache)
+    assert per_file["f1"] == {
+        "rows_scored": 2,
+        "rows_rejected": 1,
+        "shard_errors": 0,
+        "tokens_scored": 30,
+        "model_tokens": 150,
+        "tokens_scored_now": 20,
+        "model_tokens_now": 100,
+    }
+    assert per_file["f2"]["rows_rejected"] == 2 and per_file["f2"]["shard_errors"] == 1
+    assert reasons == {"cannot read Parquet shard": 1, "duplicate": 1, "invalid JSON": 1}
+
+    unscored = pa.Table.from_pylist([row("f1", 4, new)], schema=SCORED_ROWS_SCHEMA)
+    with pytest.raises(JobError, match="1 accepted rows have no scores"):
+        _count_rows(ray.data.from_arrow(unscored), in_cache)

@@ -242,13 +242,19 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path)
     out = str(tmp_path / "out")
     first = run_score(config(folder, out, tiny_student_dir))
     assert first["counts"]["traces_scored_now"] == 12
+    day_one = read_output(out, "scores").set_index("trace_id").sort_index()
 
     write_jsonl(folder / "day-2.jsonl", rows[12:])
     second = run_score(config(folder, out, tiny_student_dir))
     assert second["counts"]["traces_scored_now"] == len(rows) - 12
     assert second["counts"]["rows_scored"] == len(rows)
+    scored_now = second["stages"]["read_prepare_score"]["tokens_scored_now"]
+    assert 0 < scored_now < second["counts"]["tokens_scored"]
     scores = read_output(out, "scores")
     assert len(scores) == len(rows)
+    # day-1 rows took their scores from the cache (joined), day-2 rows from this run's scoring
+    again = scores.set_index("trace_id").loc[day_one.index]
+    pd.testing.assert_frame_equal(again[day_one.columns], day_one)
     selections = read_output(out, "selections")
     assert set(selections["prompt_id"]) == {row["prompt_id"] for row in rows}
     teachers = read_output(out, "teachers")

@@ -14,7 +14,7 @@ from ln_ray.config import ColumnsConfig, ComputeConfig, ScoringConfig, SegmentCo
 from ln_ray.io import cache
 from ln_ray.io.shards import _blocks, iter_jsonl, iter_parquet
 from ln_ray.pipeline.stages import ScoreStage, prepare_batch
-from ln_ray.schema import CACHE_SCHEMA, PREPARED_SCHEMA, RAW_SCHEMA, ROW_META_SCHEMA
+from ln_ray.schema import CACHE_SCHEMA, PREPARED_SCHEMA, RAW_SCHEMA, SCORED_ROWS_SCHEMA
 
 GOOD = {
     "prompt_id": 1,
@@ -89,7 +89,7 @@ def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_pat
     cache_dir = str(tmp_path / "cache")
     stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(token_budget=64), cache_dir)
     out = stage(prepared)
-    assert out.schema == ROW_META_SCHEMA
+    assert out.schema == SCORED_ROWS_SCHEMA
     assert out["reject_reason"].to_pylist() == reasons
     assert [r["row_number"] for r in out.to_pylist()] == [1, 2, 3]
     files = cache.cache_files(cache_dir)
@@ -99,12 +99,21 @@ def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_pat
     row = stored.to_pylist()[0]
     assert row["trace_id"] == prepared["trace_id"][0].as_py()
     assert row["lalp"] < 0 and row["n_steps"] == 2 and row["model_tokens"] > 0
+    # the new scores also leave with their row; rejected rows have none
+    handed_on = out.to_pylist()
+    assert {k: handed_on[0][k] for k in row if k != "trace_id"} == {
+        k: v for k, v in row.items() if k != "trace_id"
+    }
+    assert handed_on[1]["lalp"] is None and handed_on[2]["n_tokens"] is None
 
-    # a trace already in the cache is not scored again
+    # a trace already in the cache is not scored again: it leaves without scores, to be joined
     cached = cache.cached_trace_ids(cache_dir)
     again = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(), cache_dir, cached)
-    again(prepared)
+    second = again(prepared)
     assert len(cache.cache_files(cache_dir)) == 1
+    assert second.schema == SCORED_ROWS_SCHEMA
+    assert second["n_tokens"].null_count == 3
+    assert second["trace_id"].to_pylist() == out["trace_id"].to_pylist()
 
 
 def test_cache_membership():

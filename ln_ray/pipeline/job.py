@@ -27,12 +27,20 @@ from ln_ray.pipeline import outputs
 from ln_ray.pipeline.outputs import MANIFEST, REDUCE_OUTPUTS, ROWS_DIR, SCORE_OUTPUTS, RunPaths
 from ln_ray.pipeline.reduce import cast_to, reduce_partitions, reduce_scores
 from ln_ray.pipeline.stages import ScoreStage, prepare_batch
-from ln_ray.schema import CACHE_SCHEMA, REJECTS_SCHEMA, SCORED_ROWS_SCHEMA, SCORES_SCHEMA
+from ln_ray.schema import (
+    CACHE_SCHEMA,
+    REJECTS_SCHEMA,
+    ROW_META_SCHEMA,
+    SCORED_ROWS_SCHEMA,
+    SCORES_SCHEMA,
+)
 
 log = logging.getLogger(__name__)
 
 _COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 _PER_FILE = (*_COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
+_COUNTERS = (*_PER_FILE, "unscored")  # per block, by (file, reject reason kind)
+_SCORED_DIR = "_scored"  # the scoring stage's output, before the cache join and duplicate marks
 
 
 class JobError(RuntimeError):
@@ -108,10 +116,9 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         log.info(
             "scored %d new traces in %.1fs; assembling outputs", scored_now, scored_at - started
         )
-        duplicates = _assemble_rows(paths, cache_url)
-        per_file = _per_file_counts(paths, cached)
+        rows, duplicates = _assemble_rows(paths, cache_url, cached)
+        per_file, reasons = _count_rows(rows, cached)
         inputs = _check_inputs(files, urls, per_file, ray.get(expected_rows))
-        reasons = _reject_reasons(paths)
         assembled_at = time.time()
         log.info("selecting per prompt and ranking teachers")
         selection = reduce_scores(paths.fs, paths.staging, paths.staging, cfg.selection)
@@ -242,33 +249,33 @@ def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str, cached
             num_cpus=compute.cpus_per_actor,
             num_gpus=compute.gpus_per_actor,
         )
-        .write_parquet(paths.staged("_meta"), filesystem=paths.arrow_fs)
+        .write_parquet(paths.staged(_SCORED_DIR), filesystem=paths.arrow_fs)
     )
 
 
-def _assemble_rows(paths: RunPaths, cache_url: str) -> int:
-    """Join rows with their cached scores, mark duplicates, write _rows/, scores/, rejects/.
+def _assemble_rows(paths: RunPaths, cache_url: str, cached) -> tuple[Any, int]:
+    """Complete rows with the scores of traces found in the cache, mark duplicates, write _rows/,
+    scores/ and rejects/.
+
+    Rows scored by this run already carry their scores; only rows whose trace was in the cache
+    when the run started are joined with it, so a run over new traces joins nothing.
 
     Returns:
-        The number of duplicate rows rejected.
+        The finished rows (materialized) and the number of duplicate rows rejected.
     """
     import ray
 
     partitions = reduce_partitions()
-    meta = ray.data.read_parquet(paths.staged("_meta"), filesystem=paths.arrow_fs)
-    duplicates = _find_duplicates(meta, partitions)
-    cache_fs, _ = storage.filesystem(cache_url)
-    scores = ray.data.read_parquet(
-        cache.cache_files(cache_url),
-        filesystem=storage.arrow_filesystem(cache_fs),
-        schema=CACHE_SCHEMA,
+    staged = ray.data.read_parquet(
+        paths.staged(_SCORED_DIR), filesystem=paths.arrow_fs, schema=SCORED_ROWS_SCHEMA
     )
-    if scores.count() > len(cache.cached_trace_ids(cache_url)):
-        # A retried batch or a duplicate row stored a trace twice (with equal values): keep one.
-        scores = scores.groupby("trace_id", num_partitions=partitions).map_groups(
-            lambda group: group.slice(0, 1), batch_format="pyarrow"
-        )
-    rows = meta.join(scores, "left_outer", num_partitions=partitions, on=("trace_id",))
+    duplicates = _find_duplicates(staged, partitions)
+    rows = staged
+    if len(cached):
+        hits = staged.map_batches(_from_cache, batch_format="pyarrow")
+        rows = staged.map_batches(
+            lambda t: t.filter(pc.invert(_is_cache_hit(t))), batch_format="pyarrow"
+        ).union(_join_cache(hits, cache_url, partitions))
     rows = rows.map_batches(
         _finish_rows, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow"
     ).materialize()
@@ -281,11 +288,39 @@ def _assemble_rows(paths: RunPaths, cache_url: str) -> int:
     )
     for name, schema in (("scores", SCORES_SCHEMA), ("rejects", REJECTS_SCHEMA)):
         outputs.ensure_table(paths.fs, paths.staged(name), schema)
-    paths.fs.rm(paths.staged("_meta"), recursive=True)
-    return len(duplicates)
+    paths.fs.rm(paths.staged(_SCORED_DIR), recursive=True)
+    return rows, len(duplicates)
 
 
-def _find_duplicates(meta, partitions: int) -> dict[tuple[str, int], str]:
+def _is_cache_hit(table: pa.Table) -> pa.Array:
+    """Accepted rows that came through scoring without scores: their trace was in the cache."""
+    return pc.and_(pc.is_null(table["reject_reason"]), pc.is_null(table["n_tokens"]))
+
+
+def _from_cache(table: pa.Table) -> pa.Table:
+    return table.filter(_is_cache_hit(table)).select(ROW_META_SCHEMA.names)
+
+
+def _join_cache(rows, cache_url: str, partitions: int):
+    """Rows (``ROW_META_SCHEMA``) with their scores from the cache, in ``SCORED_ROWS_SCHEMA``."""
+    import ray
+
+    cache_fs, _ = storage.filesystem(cache_url)
+    scores = ray.data.read_parquet(
+        cache.cache_files(cache_url),
+        filesystem=storage.arrow_filesystem(cache_fs),
+        schema=CACHE_SCHEMA,
+    )
+    if scores.count() > len(cache.cached_trace_ids(cache_url)):
+        # A retried batch or a duplicate row stored a trace twice (with equal values): keep one.
+        scores = scores.groupby("trace_id", num_partitions=partitions).map_groups(
+            lambda group: group.slice(0, 1), batch_format="pyarrow"
+        )
+    joined = rows.join(scores, "left_outer", num_partitions=partitions, on=("trace_id",))
+    return joined.map_batches(cast_to(SCORED_ROWS_SCHEMA), batch_format="pyarrow")
+
+
+def _find_duplicates(rows, partitions: int) -> dict[tuple[str, int], str]:
     """Rows repeating an earlier (prompt_id, teacher, response): the reason, by (file, row)."""
 
     def later_copies(group: pa.Table) -> pa.Table:
@@ -298,7 +333,7 @@ def _find_duplicates(meta, partitions: int) -> dict[tuple[str, int], str]:
         )
 
     copies = (
-        meta.select_columns(["dup_key", "source_file", "row_number"])
+        rows.select_columns(["dup_key", "source_file", "row_number"])
         .map_batches(lambda t: t.filter(pc.is_valid(t["dup_key"])), batch_format="pyarrow")
         .groupby("dup_key", num_partitions=partitions)
         .map_groups(later_copies, batch_format="pyarrow")
@@ -328,18 +363,26 @@ def _rejects_part(table: pa.Table) -> pa.Table:
     return rejected.select(columns).rename_columns(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
 
 
-def _per_file_counts(paths: RunPaths, cached) -> dict[str, dict[str, int]]:
-    import ray
+def _count_rows(rows, cached) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Per input file, the manifest's row and token counters; over all files, how many rows were
+    rejected for each kind of reason (details stay in rejects/).
 
-    def flags(table: pa.Table) -> pa.Table:
+    One pass over the finished rows: each block sums its own counters by (file, reason kind),
+    the driver adds the blocks' sums.
+
+    Raises:
+        JobError: An accepted row has no scores (its trace is neither scored nor in the cache).
+    """
+
+    def partial_sums(table: pa.Table) -> pa.Table:
         rejected = pc.is_valid(table["reject_reason"])
-        ids = table["trace_id"].to_pylist()
-        new = pc.and_(
-            pa.array(~cache.contains(cached, [i or "" for i in ids])), pc.invert(rejected)
-        )
-        return pa.table(
+        ids = pc.fill_null(table["trace_id"], "").to_pylist()
+        new = pc.and_(pa.array(~cache.contains(cached, ids)), pc.invert(rejected))
+        reasons = table["reject_reason"].to_pylist()
+        counters = pa.table(
             {
                 "source_file": table["source_file"],
+                "kind": pa.array([_reason_kind(r) for r in reasons], pa.string()),
                 "rows_scored": pc.cast(pc.invert(rejected), pa.int64()),
                 "rows_rejected": pc.cast(rejected, pa.int64()),
                 "shard_errors": pc.cast(pc.is_null(table["row_number"]), pa.int64()),
@@ -347,48 +390,32 @@ def _per_file_counts(paths: RunPaths, cached) -> dict[str, dict[str, int]]:
                 "model_tokens": pc.if_else(rejected, 0, pc.fill_null(table["model_tokens"], 0)),
                 "tokens_scored_now": pc.if_else(new, pc.fill_null(table["n_tokens"], 0), 0),
                 "model_tokens_now": pc.if_else(new, pc.fill_null(table["model_tokens"], 0), 0),
+                "unscored": pc.cast(_is_cache_hit(table), pa.int64()),
             }
         )
+        summed = counters.group_by(["source_file", "kind"], use_threads=False).aggregate(
+            [(name, "sum") for name in _COUNTERS]
+        )
+        return summed.rename_columns([n.removesuffix("_sum") for n in summed.column_names])
 
-    columns = [
-        "rows_scored",
-        "rows_rejected",
-        "shard_errors",
-        "tokens_scored",
-        "model_tokens",
-        "tokens_scored_now",
-        "model_tokens_now",
-    ]
-    summed = (
-        ray.data.read_parquet(paths.staged(ROWS_DIR), filesystem=paths.arrow_fs)
-        .map_batches(flags, batch_format="pyarrow")
-        .groupby("source_file", num_partitions=reduce_partitions())
-        .sum(columns)
-        .take_all()
+    sums = pd.DataFrame(rows.map_batches(partial_sums, batch_format="pyarrow").take_all())
+    if sums.empty:
+        return {}, {}
+    unscored = int(sums["unscored"].sum())
+    if unscored:
+        raise JobError(f"{unscored} accepted rows have no scores (not scored, not in the cache)")
+    per_file = sums.groupby("source_file")[list(_PER_FILE)].sum()
+    kinds = sums.dropna(subset=["kind"]).groupby("kind")["rows_rejected"].sum()
+    return (
+        {name: {c: int(v) for c, v in counts.items()} for name, counts in per_file.iterrows()},
+        {kind: int(n) for kind, n in sorted(kinds.items())},
     )
-    return {
-        record["source_file"]: {column: int(record[f"sum({column})"]) for column in columns}
-        for record in summed
-    }
 
 
-def _reject_reasons(paths: RunPaths) -> dict[str, int]:
-    """How many rows were rejected for each kind of reason (details stay in rejects/)."""
-    import ray
-
-    def kinds(table: pa.Table) -> pa.Table:
-        reasons = table["reason"].to_pylist()
-        kind = ["duplicate" if r.startswith("duplicate of") else r.split(":")[0] for r in reasons]
-        return pa.table({"kind": pa.array(kind, pa.string())})
-
-    counted = (
-        ray.data.read_parquet(paths.staged("rejects"), filesystem=paths.arrow_fs)
-        .map_batches(kinds, batch_format="pyarrow")
-        .groupby("kind", num_partitions=reduce_partitions())
-        .count()
-        .take_all()
-    )
-    return {row["kind"]: int(row["count()"]) for row in sorted(counted, key=lambda r: r["kind"])}
+def _reason_kind(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return "duplicate" if reason.startswith("duplicate of") else reason.split(":")[0]
 
 
 def _check_inputs(files, urls, per_file, expected: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 ``prepare_batch`` runs as a CPU task: validate, segment, render, tokenize. ``ScoreStage`` runs in
 an actor pool: built once per actor (loads the student), then ``__call__(batch) -> batch``, writing
-new scores to the score cache. Both can be unit-tested on a table without a cluster. Rejected rows
-pass through both stages with their reason, so nothing is dropped on the way to ``rejects/``.
+new scores to the score cache and handing them on with the rows. Both can be unit-tested on a
+table without a cluster. Rejected rows pass through both stages with their reason, so nothing is
+dropped on the way to ``rejects/``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ln_ray.schema import (
     PREPARED_SCHEMA,
     RAW_SCHEMA,
     ROW_META_SCHEMA,
+    SCORED_ROWS_SCHEMA,
     require_columns,
 )
 
@@ -109,9 +111,9 @@ def prepare_batch(
 class ScoreStage:
     """Actor-side scoring: one student per actor, ``__call__`` scores a batch of prepared rows.
 
-    Each batch's new scores go to the score cache at once (so an interrupted run loses nothing);
-    rows whose trace is already cached are not scored again. The stage returns every row's
-    metadata; scores are joined back from the cache afterwards.
+    Each batch's new scores go to the score cache at once (so an interrupted run loses nothing)
+    and out with their rows; rows whose trace is already cached are not scored again and leave
+    with null scores, which the job joins back from the cache afterwards.
 
     Args:
         student: The student to load.
@@ -157,7 +159,12 @@ class ScoreStage:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Score the batch's new traces into the cache; hand on every row's metadata."""
+        """Score the batch's new traces into the cache; hand on every row, new scores included.
+
+        Returns:
+            Rows in ``SCORED_ROWS_SCHEMA``, one per input row, in order; the score columns are
+            null for rejected rows and for rows whose trace was already in the cache.
+        """
         require_columns(batch.column_names, PREPARED_SCHEMA.names, "score")
         rows = batch.to_pylist()
         candidates = [r for r in rows if r["reject_reason"] is None]
@@ -166,14 +173,21 @@ class ScoreStage:
         for row, done in zip(candidates, known):
             if not done:
                 todo.setdefault(row["trace_id"], row)  # a duplicate row is scored once
-        if todo:
-            self._score_into_cache(list(todo.values()))
+        scored = self._score_into_cache(list(todo.values())) if todo else {}
+        empty: dict[str, Any] = {}
         return pa.Table.from_pylist(
-            [{name: row.get(name) for name in ROW_META_SCHEMA.names} for row in rows],
-            schema=ROW_META_SCHEMA,
+            [
+                {
+                    **{name: row.get(name) for name in ROW_META_SCHEMA.names},
+                    **scored.get(row.get("trace_id"), empty),
+                }
+                for row in rows
+            ],
+            schema=SCORED_ROWS_SCHEMA,
         )
 
-    def _score_into_cache(self, rows: list[dict[str, Any]]) -> None:
+    def _score_into_cache(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Score rows, write their cache part; the cache records by trace_id."""
         traces = [
             TokenizedTrace(
                 input_ids=np.asarray(row["input_ids"], dtype=np.int64),
@@ -196,6 +210,7 @@ class ScoreStage:
                 }
             )
         cache.write_part(self.cache_url, pa.Table.from_pylist(records, schema=CACHE_SCHEMA))
+        return {record.pop("trace_id"): record for record in records}
 
 
 def duplicate_key(row: TraceRow) -> str:

@@ -107,8 +107,7 @@ def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_pat
     assert handed_on[1]["lalp"] is None and handed_on[2]["n_tokens"] is None
 
     # a trace already in the cache is not scored again: it leaves without scores, to be joined
-    cached = cache.cached_trace_ids(cache_dir)
-    again = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(), cache_dir, cached)
+    again = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(), cache_dir)
     second = again(prepared)
     assert len(cache.cache_files(cache_dir)) == 1
     assert second.schema == SCORED_ROWS_SCHEMA

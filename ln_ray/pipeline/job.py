@@ -110,13 +110,13 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     counter = ray.remote(num_cpus=0.1)(count_source_rows)
     expected_rows = [counter.remote(urls[path], fmt) for path, fmt in files]
     try:
-        _score_rows(cfg, files, urls, in_fs, paths, cache_url, cached)
+        _score_rows(cfg, files, urls, in_fs, paths, cache_url)
         scored_at = time.time()
         scored_now = len(cache.cached_trace_ids(cache_url)) - len(cached)
         log.info(
             "scored %d new traces in %.1fs; assembling outputs", scored_now, scored_at - started
         )
-        rows, duplicates = _assemble_rows(paths, cache_url, cached)
+        rows, duplicates = _assemble_rows(paths, cache_url)
         per_file, reasons = _count_rows(rows, cached)
         inputs = _check_inputs(files, urls, per_file, ray.get(expected_rows))
         assembled_at = time.time()
@@ -209,7 +209,7 @@ def read_teacher_table(output_path: str) -> pd.DataFrame:
     return table.to_pandas()
 
 
-def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str, cached) -> None:
+def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str) -> None:
     """Stream shards through preparation and the scoring actors; stage every row's metadata."""
     import ray
 
@@ -241,7 +241,6 @@ def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str, cached
                 "scoring": cfg.scoring,
                 "compute": compute,
                 "cache_url": cache_url,
-                "cached": cached,
             },
             batch_format="pyarrow",
             batch_size=compute.batch_traces,
@@ -253,12 +252,12 @@ def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str, cached
     )
 
 
-def _assemble_rows(paths: RunPaths, cache_url: str, cached) -> tuple[Any, int]:
+def _assemble_rows(paths: RunPaths, cache_url: str) -> tuple[Any, int]:
     """Complete rows with the scores of traces found in the cache, mark duplicates, write _rows/,
     scores/ and rejects/.
 
-    Rows scored by this run already carry their scores; only rows whose trace was in the cache
-    when the run started are joined with it, so a run over new traces joins nothing.
+    Rows scored by this run already carry their scores; only rows whose trace a scoring actor
+    found in the cache are joined with it, so a run over new traces joins nothing.
 
     Returns:
         The finished rows (materialized) and the number of duplicate rows rejected.
@@ -268,11 +267,11 @@ def _assemble_rows(paths: RunPaths, cache_url: str, cached) -> tuple[Any, int]:
     partitions = reduce_partitions()
     staged = ray.data.read_parquet(
         paths.staged(_SCORED_DIR), filesystem=paths.arrow_fs, schema=SCORED_ROWS_SCHEMA
-    )
+    ).materialize()
     duplicates = _find_duplicates(staged, partitions)
     rows = staged
-    if len(cached):
-        hits = staged.map_batches(_from_cache, batch_format="pyarrow")
+    hits = staged.map_batches(_from_cache, batch_format="pyarrow").materialize()
+    if hits.count():
         rows = staged.map_batches(
             lambda t: t.filter(pc.invert(_is_cache_hit(t))), batch_format="pyarrow"
         ).union(_join_cache(hits, cache_url, partitions))

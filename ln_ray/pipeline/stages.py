@@ -119,8 +119,9 @@ class ScoreStage:
         student: The student to load.
         scoring: What to compute.
         compute: Batch sizes, token budget, threads and whether a GPU is used.
-        cache_url: The score cache folder for this student and scoring settings.
-        cached: Sorted trace_ids already in the cache when the run started.
+        cache_url: The score cache folder for this student and scoring settings; the traces
+            in it when the actor starts are not scored again (an actor restarted mid-run also
+            skips what the run has scored so far).
     """
 
     def __init__(
@@ -129,7 +130,6 @@ class ScoreStage:
         scoring: ScoringConfig,
         compute: ComputeConfig,
         cache_url: str,
-        cached: np.ndarray | None = None,
     ) -> None:
         import torch
 
@@ -150,7 +150,7 @@ class ScoreStage:
             head_chunk=compute.head_chunk,
         )
         self.cache_url = cache_url
-        self.cached = cached if cached is not None else np.array([], dtype="S32")
+        self.cached = cache.cached_trace_ids(cache_url)
         log.info(
             "scoring actor ready: %s on %s (%d threads)",
             self.student.identity,

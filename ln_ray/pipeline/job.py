@@ -210,7 +210,8 @@ def read_teacher_table(output_path: str) -> pd.DataFrame:
 
 
 def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str) -> None:
-    """Stream shards through preparation and the scoring actors; stage every row's metadata."""
+    """Stream shards through preparation and the scoring actors; stage every row, with the
+    scores of the traces scored now."""
     import ray
 
     datasource = TraceShardDatasource(
@@ -267,10 +268,14 @@ def _assemble_rows(paths: RunPaths, cache_url: str) -> tuple[Any, int]:
     partitions = reduce_partitions()
     staged = ray.data.read_parquet(
         paths.staged(_SCORED_DIR), filesystem=paths.arrow_fs, schema=SCORED_ROWS_SCHEMA
-    ).materialize()
+    )  # read again by each use below, the columns it needs only (rows carry every step's score)
     duplicates = _find_duplicates(staged, partitions)
     rows = staged
-    hits = staged.map_batches(_from_cache, batch_format="pyarrow").materialize()
+    hits = (
+        staged.select_columns([*ROW_META_SCHEMA.names, "n_tokens"])
+        .map_batches(_from_cache, batch_format="pyarrow")
+        .materialize()
+    )
     if hits.count():
         rows = staged.map_batches(
             lambda t: t.filter(pc.invert(_is_cache_hit(t))), batch_format="pyarrow"

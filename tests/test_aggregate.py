@@ -71,31 +71,25 @@ def _teacher(name, lalp, rank=None, surprisal=None):
 
 
 def test_teacher_stats_mean_ci_and_dataset_rsr():
-    stats = teacher_stats(
-        _teacher("a", [-1.0, -2.0, -3.0, -2.0], rank=[2, 4, 6, 8], surprisal=[1, 1, 2, 4]),
-        samples=2000,
-        confidence=0.9,
-        seed=0,
-    ).set_index("metric")
+    def stats_of(lalp, rank, surprisal):
+        return teacher_stats(
+            _teacher("a", lalp, rank=rank, surprisal=surprisal),
+            samples=2000,
+            confidence=0.9,
+            seed=0,
+        )
+
+    stats = stats_of([-1.0, -2.0, -3.0, -2.0], [2, 4, 6, 8], [1, 1, 2, 4]).set_index("metric")
     assert stats.loc["lalp", "mean"] == pytest.approx(-2.0)
     assert stats.loc["lalp", "ci_low"] <= -2.0 <= stats.loc["lalp", "ci_high"]
     assert stats.loc["lalp", "ci_low"] >= -3.0 and stats.loc["lalp", "ci_high"] <= -1.0
     assert stats.loc["rsr_dataset", "mean"] == pytest.approx(20 / 8)
     assert stats.loc["rsr", "mean"] == pytest.approx(np.mean([2, 4, 3, 2]))
     assert (stats["count"] == 4).all()
-    again = teacher_stats(
-        _teacher("a", [-1.0, -2.0, -3.0, -2.0], rank=[2, 4, 6, 8], surprisal=[1, 1, 2, 4]),
-        samples=2000,
-        confidence=0.9,
-        seed=0,
-    )
+    again = stats_of([-1.0, -2.0, -3.0, -2.0], [2, 4, 6, 8], [1, 1, 2, 4])
     pd.testing.assert_frame_equal(stats.reset_index()[again.columns], again)
-    shuffled = teacher_stats(
-        _teacher("a", [-2.0, -3.0, -1.0, -2.0], rank=[8, 6, 2, 4], surprisal=[4, 2, 1, 1]),
-        samples=2000,
-        confidence=0.9,
-        seed=0,
-    )
+    # the same rows in another order give the same intervals
+    shuffled = stats_of([-2.0, -3.0, -1.0, -2.0], [8, 6, 2, 4], [4, 2, 1, 1])
     pd.testing.assert_frame_equal(stats.reset_index()[shuffled.columns], shuffled)
 
 

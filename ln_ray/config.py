@@ -88,7 +88,7 @@ class ScoringConfig:
     window: int = 4
     window_fraction: float | None = None
     rank_clip: int = 100
-    max_tokens: int = 32768
+    max_tokens: int | None = None  # None: the student's declared context
     max_response_chars: int = 400_000
 
 
@@ -180,7 +180,8 @@ def validate_config(cfg: LnRayConfig) -> None:
     frac = cfg.scoring.window_fraction
     need(frac is None or 0.0 < frac <= 1.0, "scoring.window_fraction must be in (0, 1] or null")
     need(cfg.scoring.rank_clip >= 1, "scoring.rank_clip must be >= 1")
-    need(cfg.scoring.max_tokens >= 1, "scoring.max_tokens must be >= 1")
+    cap = cfg.scoring.max_tokens
+    need(cap is None or cap >= 1, "scoring.max_tokens must be >= 1 or null")
     need(cfg.scoring.max_response_chars >= 1, "scoring.max_response_chars must be >= 1")
     need(cfg.selection.bootstrap_samples >= 0, "selection.bootstrap_samples must be >= 0")
     need(0.0 < cfg.selection.confidence < 1.0, "selection.confidence must be in (0, 1)")

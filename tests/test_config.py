@@ -27,6 +27,11 @@ def test_dotlist_overrides():
     assert cfg.input.columns.prompt == "question"
 
 
+def test_global_cap_defaults_to_the_students_context():
+    assert load_config("default").scoring.max_tokens is None
+    assert load_config("default", ["scoring.max_tokens=2048"]).scoring.max_tokens == 2048
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match="scoring.windw"):
         load_config("default", ["scoring.windw=3"])
@@ -43,6 +48,7 @@ def test_unknown_key_is_named():
         ("compute.actors=0", "compute.actors must be >= 1"),
         ("compute.shuffle=random", "compute.shuffle must be one of"),
         ("compute.head_chunk=-1", "compute.head_chunk must be >= 0"),
+        ("scoring.max_tokens=0", "scoring.max_tokens must be >= 1 or null"),
     ],
 )
 def test_bad_values_fail_before_any_work(override, message):

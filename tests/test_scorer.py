@@ -112,6 +112,21 @@ def test_truncated_trace_still_scores_every_step_locally(tiny_tokenizer, tiny_pa
     assert np.isfinite(result.local_logprobs).all()
 
 
+def test_global_sequence_stops_at_the_students_declared_context(tiny_tokenizer, tiny_pair, caplog):
+    model = copy.deepcopy(tiny_pair[0])
+    trace = make_traces(tiny_tokenizer, count=1, seed=7)[0]
+    model.config.max_position_embeddings = trace.prefix_len + 5
+    capped = StudentScorer(model, window=2, token_budget=64).score([trace])[0]
+    assert capped.truncated
+    assert len(capped.global_logprobs) == 5
+    assert np.isfinite(capped.local_logprobs).all()
+
+    # An explicit cap past the context is the user's call: honoured, with a warning.
+    explicit = StudentScorer(model, window=2, max_tokens=10**6, token_budget=64)
+    assert "beyond the student's declared context" in caplog.text
+    assert not explicit.score([trace])[0].truncated
+
+
 def test_model_tokens_count_prefix_once_per_trace(tiny_tokenizer, tiny_pair):
     model, _ = tiny_pair
     traces = make_traces(tiny_tokenizer, count=3, seed=11)

@@ -3,9 +3,9 @@
 One call runs two phases over packed rows (see ``attention.py`` for the packing):
 
 1. global: one sequence per trace, ``prefix + r_1..r_g`` (``g`` response tokens, capped by
-   ``max_tokens``); yields the global log-prob and rank of every scored response token, the
-   local log-probs of the first ``k + 1`` steps (their windows are prefixes of this sequence), and
-   records the chat prefix's keys/values for phase 2;
+   ``max_tokens``, by default the student's declared context); yields the global log-prob and
+   rank of every scored response token, the local log-probs of the first ``k + 1`` steps (their
+   windows are prefixes of this sequence), and records the chat prefix's keys/values for phase 2;
 2. local: the remaining windows (``windows.py``), each attending to its trace's recorded prefix.
 
 Hidden state row ``t`` predicts token ``t + 1``. For a sequence ``x_0..x_{L-1}`` with prefix length
@@ -44,6 +44,8 @@ from ln_ray.score.packing import pack_by_budget
 from ln_ray.score.windows import plan_windows
 
 log = logging.getLogger(__name__)
+
+UNDECLARED_CONTEXT_CAP = 32768  # the global cap for a student whose config declares no context
 
 
 @dataclass
@@ -110,6 +112,8 @@ class StudentScorer:
         rank_clip: ``r_max`` for RSR and avg_rank.
         max_tokens: Cap on the global sequence (prefix + response); longer traces are truncated
             there for the global metrics and flagged, their local scores still cover every step.
+            None takes the student's declared context (``declared_context``): past it, a
+            student's log-probs are extrapolation, not a judgement of the text.
         token_budget: Tokens per packed forward pass; a longer global sequence runs alone, its
             MLPs a budget of tokens at a time.
         head_chunk: Rows per output-projection chunk; 0 picks by device (128 rows keep a CPU's
@@ -123,7 +127,7 @@ class StudentScorer:
         window: int = 4,
         window_fraction: float | None = None,
         rank_clip: int = 100,
-        max_tokens: int = 32768,
+        max_tokens: int | None = None,
         token_budget: int = 4096,
         head_chunk: int = 0,
     ) -> None:
@@ -136,7 +140,7 @@ class StudentScorer:
         self.window = window
         self.window_fraction = window_fraction
         self.rank_clip = rank_clip
-        self.max_tokens = max_tokens
+        self.max_tokens = _global_cap(model, max_tokens)
         self.token_budget = token_budget
         self.head_chunk = head_chunk or (128 if self.device.type == "cpu" else 2048)
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
@@ -318,6 +322,30 @@ class StudentScorer:
             )
             offset += n
         return out
+
+
+def declared_context(model: torch.nn.Module) -> int | None:
+    """The longest sequence the student's config declares it was built for, if any."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _global_cap(model: torch.nn.Module, max_tokens: int | None) -> int:
+    context = declared_context(model)
+    if max_tokens is None:
+        return context or UNDECLARED_CONTEXT_CAP
+    if context is not None and max_tokens > context:
+        log.warning(
+            "max_tokens %d is beyond the student's declared context of %d tokens: global "
+            "log-probs past it are extrapolation",
+            max_tokens,
+            context,
+        )
+    return max_tokens
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

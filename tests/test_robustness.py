@@ -54,11 +54,17 @@ def scores_by_trace(output: str) -> pd.DataFrame:
 
 def assert_same_scores(a: str, b: str, atol: float = 1e-5) -> None:
     left, right = scores_by_trace(a), scores_by_trace(b)
-    assert left.index.equals(right.index)
+    assert left.index.equals(right.index), (
+        f"{len(left)} rows vs {len(right)}; traces only in the first: "
+        f"{sorted(set(left.index) - set(right.index))}, only in the second: "
+        f"{sorted(set(right.index) - set(left.index))}"
+    )
     for column in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
-        assert (left[column] - right[column]).abs().max() <= atol, column
-    for x, y in zip(left["step_logprobs"], right["step_logprobs"], strict=True):
-        assert max(abs(p - q) for p, q in zip(x, y, strict=True)) <= atol
+        diff = (left[column] - right[column]).abs()
+        assert diff.max() <= atol, f"{column} differs by {diff.max():.3g} on {diff.idxmax()}"
+    for trace_id, x, y in zip(left.index, left["step_logprobs"], right["step_logprobs"]):
+        worst = max(abs(p - q) for p, q in zip(x, y, strict=True))
+        assert worst <= atol, f"step log-probs of {trace_id} differ by {worst:.3g}"
     pd.testing.assert_frame_equal(
         read_output(a, "selections").sort_values(["prompt_id", "metric"]).reset_index(drop=True),
         read_output(b, "selections").sort_values(["prompt_id", "metric"]).reset_index(drop=True),
@@ -185,21 +191,32 @@ def test_killed_scoring_actor_is_restarted(
     out = str(tmp_path / "out")
     cfg = config(corpus[0], out, tiny_student_dir, "compute.batch_traces=1")
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(manifest=run_score(cfg)))
+
+    def score() -> None:
+        try:
+            result["manifest"] = run_score(cfg)
+        except Exception as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    earlier = set(_scoring_actor_pids())  # actors of earlier runs that may still be exiting
+    worker = threading.Thread(target=score)
     worker.start()
     cache_dir = Path(out) / "_cache"
     killed_with = None
     deadline = time.time() + 300
     while worker.is_alive() and killed_with is None and time.time() < deadline:
         done = list(cache_dir.rglob("part-*.parquet")) if cache_dir.exists() else []
-        pids = _scoring_actor_pids()
+        pids = [pid for pid in _scoring_actor_pids() if pid not in earlier]
         if done and pids:
             os.kill(pids[0], signal.SIGKILL)
             killed_with = len(done)
         time.sleep(0.02)
     worker.join(timeout=600)
-    assert killed_with is not None and killed_with < len(corpus[1]), "killed too late"
-    assert result["manifest"]["counts"]["rows_scored"] == len(corpus[1])
+    assert killed_with is not None and killed_with < len(corpus[1]), (
+        f"not killed mid-run (cache parts at the kill: {killed_with})"
+    )
+    assert "manifest" in result, f"the run failed: {result.get('error')!r}"
+    assert result["manifest"]["counts"]["rows_scored"] == len(corpus[1]), result["manifest"]
     assert_same_scores(out, reference_run)
 
 

@@ -112,11 +112,12 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     try:
         _score_rows(cfg, files, urls, in_fs, paths, cache_url)
         scored_at = time.time()
-        scored_now = len(cache.cached_trace_ids(cache_url)) - len(cached)
+        in_cache = len(cache.cached_trace_ids(cache_url))
+        scored_now = in_cache - len(cached)
         log.info(
             "scored %d new traces in %.1fs; assembling outputs", scored_now, scored_at - started
         )
-        rows, duplicates = _assemble_rows(paths, cache_url)
+        rows, duplicates = _assemble_rows(paths, cache_url, in_cache)
         per_file, reasons = _count_rows(rows, cached)
         inputs = _check_inputs(files, urls, per_file, ray.get(expected_rows))
         assembled_at = time.time()
@@ -253,12 +254,13 @@ def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str) -> Non
     )
 
 
-def _assemble_rows(paths: RunPaths, cache_url: str) -> tuple[Any, int]:
+def _assemble_rows(paths: RunPaths, cache_url: str, in_cache: int) -> tuple[Any, int]:
     """Complete rows with the scores of traces found in the cache, mark duplicates, write _rows/,
     scores/ and rejects/.
 
     Rows scored by this run already carry their scores; only rows whose trace a scoring actor
-    found in the cache are joined with it, so a run over new traces joins nothing.
+    found in the cache are joined with it, so a run over new traces joins nothing. ``in_cache``
+    is the number of distinct traces in the cache now.
 
     Returns:
         The finished rows (materialized) and the number of duplicate rows rejected.
@@ -279,7 +281,7 @@ def _assemble_rows(paths: RunPaths, cache_url: str) -> tuple[Any, int]:
     if hits.count():
         rows = staged.map_batches(
             lambda t: t.filter(pc.invert(_is_cache_hit(t))), batch_format="pyarrow"
-        ).union(_join_cache(hits, cache_url, partitions))
+        ).union(_join_cache(hits, cache_url, in_cache, partitions))
     rows = rows.map_batches(
         _finish_rows, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow"
     ).materialize()
@@ -305,7 +307,7 @@ def _from_cache(table: pa.Table) -> pa.Table:
     return table.filter(_is_cache_hit(table)).select(ROW_META_SCHEMA.names)
 
 
-def _join_cache(rows, cache_url: str, partitions: int):
+def _join_cache(rows, cache_url: str, in_cache: int, partitions: int):
     """Rows (``ROW_META_SCHEMA``) with their scores from the cache, in ``SCORED_ROWS_SCHEMA``."""
     import ray
 
@@ -315,7 +317,7 @@ def _join_cache(rows, cache_url: str, partitions: int):
         filesystem=storage.arrow_filesystem(cache_fs),
         schema=CACHE_SCHEMA,
     )
-    if scores.count() > len(cache.cached_trace_ids(cache_url)):
+    if scores.count() > in_cache:
         # A retried batch or a duplicate row stored a trace twice (with equal values): keep one.
         scores = scores.groupby("trace_id", num_partitions=partitions).map_groups(
             lambda group: group.slice(0, 1), batch_format="pyarrow"

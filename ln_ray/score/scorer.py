@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ln_ray.prepare.render import TokenizedTrace
+from ln_ray.score.allocator import keep_freed_memory
 from ln_ray.score.attention import (
     PackedLayout,
     PrefixStore,
@@ -118,6 +119,9 @@ class StudentScorer:
             MLPs a budget of tokens at a time.
         head_chunk: Rows per output-projection chunk; 0 picks by device (128 rows keep a CPU's
             logits in cache, 2048 fill a GPU).
+
+    On a CPU, creating a scorer also fixes glibc's allocator thresholds for the process
+    (``allocator.keep_freed_memory``), so each layer reuses the memory the last one freed.
     """
 
     def __init__(
@@ -137,6 +141,8 @@ class StudentScorer:
         self.body = model.base_model
         self.head = TokenHead(model)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.window = window
         self.window_fraction = window_fraction
         self.rank_clip = rank_clip

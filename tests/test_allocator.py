@@ -1,24 +1,29 @@
-"""The allocator setting keeps a layer's freed working memory for the next layer."""
+"""The allocator settings: a layer's freed working memory is reused, except inside long rows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import subprocess
 import sys
 
 import pytest
+from test_scorer import make_traces
 
+from ln_ray.score import scorer as scorer_module
 from ln_ray.score.allocator import keep_freed_memory
+from ln_ray.score.scorer import StudentScorer
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # Rounds of what a decoder layer does: three 20 MB blocks allocated, written, freed. Prints the
-# page faults of the last rounds, after a first round has sized the heap.
+# page faults of five rounds, after two rounds have sized the heap.
 LAYERS = """
-import ctypes, json, resource, sys
-from ln_ray.score.allocator import keep_freed_memory
-if sys.argv[1] == "kept":
+import contextlib, ctypes, json, resource, sys
+from ln_ray.score.allocator import keep_freed_memory, map_large_blocks
+mode = sys.argv[1]
+if mode != "default":
     assert keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -31,13 +36,18 @@ def layer():
         libc.memset(block, 1, size)
     for block in blocks:
         libc.free(block)
-for _ in range(2):
-    layer()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    layer()
+if mode == "after_long_row":
+    with map_large_blocks():
+        layer()
+with map_large_blocks() if mode == "long_row" else contextlib.nullcontext():
+    for _ in range(2):
+        layer()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        layer()
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
 """
+PAGES = 5 * 3 * (20 << 20) // 4096  # what the five rounds touch
 
 
 def _faults(mode: str) -> int:
@@ -50,11 +60,18 @@ def _faults(mode: str) -> int:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
 def test_freed_layer_memory_is_reused_without_page_faults():
-    pages = 5 * 3 * (20 << 20) // 4096  # what the five rounds touch
     default, kept = _faults("default"), _faults("kept")
     # glibc's default trims the heap once 40 MB are free at its top: every round faults afresh.
-    assert default > pages // 2, default
-    assert kept < pages // 50, (kept, default)
+    assert default > PAGES // 2, default
+    assert kept < PAGES // 50, (kept, default)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+def test_a_long_row_maps_its_blocks_and_returns_them_after():
+    # Inside: every block is its own mapping, faulted in afresh and unmapped when freed.
+    assert _faults("long_row") > PAGES // 2
+    # After: the heap reuses freed blocks again.
+    assert _faults("after_long_row") < PAGES // 50
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
@@ -66,3 +83,26 @@ def test_the_users_own_glibc_settings_take_precedence(monkeypatch):
 def test_other_c_libraries_are_left_alone(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
     assert keep_freed_memory() is False
+
+
+def test_the_scorer_maps_blocks_only_for_rows_over_the_budget(
+    tiny_tokenizer, tiny_pair, monkeypatch
+):
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=6, seed=3)
+    budget = 40
+    scorer = StudentScorer(model, window=2, token_budget=budget)
+    rows = []
+
+    @contextlib.contextmanager
+    def recording(active):
+        rows.append(active)
+        yield
+
+    monkeypatch.setattr(scorer_module, "map_large_blocks", recording)
+    scorer.score(traces)
+    plan = scorer.plan(traces)
+    sequences = plan.global_sequences + plan.window_sequences
+    long_ones = sum(len(seq.tokens) > budget for seq in sequences)
+    assert 0 < long_ones < len(rows)  # a long sequence runs alone, flagged; packed rows are not
+    assert sum(rows) == long_ones

@@ -8,11 +8,18 @@ thresholds move with the allocation history by default, so how much a run pays f
 from run to run (docs/BENCHMARKS.md has the measurements). Fixed thresholds (32 MB for mmap,
 128 MB kept at the heap's top) make each layer reuse the memory the last one freed.
 
-The setting is per process and only changes how freed memory is reused, never what is computed.
+That reuse suits rows of at most ``token_budget`` tokens, whose blocks have the same few sizes row
+after row. A longer row (one long global sequence) allocates blocks that grow with its length, and
+keeping those in the heap fragments it: a 32K-token trace then held over 1 GB more. Such rows run
+under ``map_large_blocks``, where every block of 1 MB or more is mapped on its own and unmapped
+when freed, as glibc's default does for large blocks.
+
+The settings are per process and only change how freed memory is reused, never what is computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -24,7 +31,10 @@ M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # blocks up to this size come from the heap, so freed ones are reused
 TRIM_THRESHOLD = 128 << 20  # free memory kept at the heap's top before it goes back to the kernel
+LONG_ROW_MMAP_THRESHOLD = 1 << 20  # within map_large_blocks
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+_kept: dict[str, int] = {}  # the mmap threshold keep_freed_memory set, once it has
 
 
 def keep_freed_memory(
@@ -48,9 +58,33 @@ def keep_freed_memory(
     if any(name in os.environ for name in USER_SETTINGS):
         log.debug("allocator thresholds left to the environment's glibc settings")
         return False
-    libc = ctypes.CDLL("libc.so.6")
+    libc = _libc()
     done = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
     done = libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1 and done
     if not done:
         log.warning("glibc refused the allocator thresholds; scoring may page-fault more")
-    return done
+        return False
+    _kept["mmap_threshold"] = mmap_threshold
+    return True
+
+
+@contextlib.contextmanager
+def map_large_blocks(active: bool = True):
+    """Within the block, blocks of 1 MB or more are mapped and unmapped on their own.
+
+    Does nothing unless ``active`` and ``keep_freed_memory`` set the thresholds.
+    """
+    kept = _kept.get("mmap_threshold")
+    if not active or kept is None:
+        yield
+        return
+    libc = _libc()
+    libc.mallopt(M_MMAP_THRESHOLD, LONG_ROW_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, kept)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ln_ray.prepare.render import TokenizedTrace
-from ln_ray.score.allocator import keep_freed_memory
+from ln_ray.score.allocator import keep_freed_memory, map_large_blocks
 from ln_ray.score.attention import (
     PackedLayout,
     PrefixStore,
@@ -295,12 +295,13 @@ class StudentScorer:
             start += len(seq.tokens)
         ids = torch.from_numpy(np.concatenate([s.tokens for s in batch])).to(self.device)
         positions = packed_positions(segments, prefix_lens).to(self.device)
-        hidden = self.body(
-            input_ids=ids[None],
-            position_ids=positions[None],
-            use_cache=False,
-            ln_layout=PackedLayout(segments, store),
-        ).last_hidden_state[0]
+        with map_large_blocks(start > self.token_budget):  # a long sequence alone: see allocator
+            hidden = self.body(
+                input_ids=ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                ln_layout=PackedLayout(segments, store),
+            ).last_hidden_state[0]
         rows = []
         for seq, seg in zip(batch, segments):
             if seq.records_prefix:

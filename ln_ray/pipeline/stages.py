@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,7 @@ class ScoreStage:
         compute: ComputeConfig,
         cache_url: str,
     ) -> None:
+        started = time.perf_counter()
         import torch
 
         from ln_ray.score.scorer import StudentScorer
@@ -152,7 +154,8 @@ class ScoreStage:
         self.cache_url = cache_url
         self.cached = cache.cached_trace_ids(cache_url)
         log.info(
-            "scoring actor ready: %s on %s (%d threads)",
+            "scoring actor ready in %.1fs: %s on %s (%d threads)",
+            time.perf_counter() - started,
             self.student.identity,
             device,
             torch.get_num_threads(),
@@ -196,8 +199,17 @@ class ScoreStage:
             )
             for row in rows
         ]
+        started, tokens = time.perf_counter(), self.scorer.model_tokens
+        results = self.scorer.score(traces)
+        seconds = time.perf_counter() - started
+        log.info(
+            "scored %d traces in %.1fs (%.0f model tokens/s)",
+            len(traces),
+            seconds,
+            (self.scorer.model_tokens - tokens) / max(seconds, 1e-9),
+        )
         records = []
-        for row, result in zip(rows, self.scorer.score(traces)):
+        for row, result in zip(rows, results):
             records.append(
                 {
                     "trace_id": row["trace_id"],

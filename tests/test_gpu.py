@@ -1,4 +1,5 @@
-"""The scorer on CUDA: fp32 matches the CPU reference; bf16 weights keep fp32 log-probs.
+"""The scorer on CUDA: fp32 matches the CPU reference; bf16 weights keep fp32 log-probs; bf16 rows
+run as one FlashAttention varlen call and score like per-sequence attention.
 
 Skipped without a CUDA device (CI has none); run them on a GPU machine with ``pytest -m gpu``.
 """
@@ -13,6 +14,7 @@ import torch
 from reference import reference_scores
 from test_scorer import make_traces
 
+from ln_ray.score import attention
 from ln_ray.score.scorer import StudentScorer
 
 pytestmark = [
@@ -42,3 +44,31 @@ def test_bf16_weights_score_in_fp32(tiny_tokenizer, tiny_pair):
         assert fast.local_logprobs.dtype == np.float32
         assert np.isfinite(fast.local_logprobs).all()
         assert np.corrcoef(fast.local_logprobs, ref["local_logprobs"])[0, 1] > 0.99
+
+
+def test_bf16_rows_run_as_one_varlen_call_like_per_sequence_attention(
+    tiny_tokenizer, tiny_pair, monkeypatch
+):
+    if attention._torch_varlen() is None:
+        pytest.skip("this torch has no FlashAttention varlen kernel with windows and GQA")
+    model, _ = tiny_pair
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    traces = make_traces(tiny_tokenizer, count=6, seed=23)
+    chosen = []
+    real = attention.varlen_kernel
+
+    def recording(query):
+        kernel = real(query)
+        chosen.append(kernel is not None)
+        return kernel
+
+    monkeypatch.setattr(attention, "varlen_kernel", recording)
+    varlen = StudentScorer(model, window=2, token_budget=64).score(traces)
+    assert chosen and all(chosen)
+    monkeypatch.setattr(attention, "varlen_kernel", lambda query: None)
+    per_sequence = StudentScorer(model, window=2, token_budget=64).score(traces)
+    for field in ("local_logprobs", "global_logprobs"):
+        got = np.concatenate([getattr(r, field) for r in varlen])
+        want = np.concatenate([getattr(r, field) for r in per_sequence])
+        assert np.abs(got - want).mean() < 0.02  # two bf16 kernels: rounding, not a mask error
+        assert np.corrcoef(got, want)[0, 1] > 0.999

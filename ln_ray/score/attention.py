@@ -13,10 +13,19 @@ mask over one long sequence would NOT be equal, since deeper layers would see fu
 
 The function plugs into transformers' ``AttentionInterface`` so the model's own layers (projections,
 RoPE, norms, MLPs) run unchanged; only the attention kernel call is replaced.
+
+Two kernels run it. On a GPU in fp16/bf16, where torch has FlashAttention's varlen kernel
+(``torch.nn.attention.varlen``), the whole row is one call: each segment's keys are gathered as
+``prefix + own tokens`` and the kernel's causal mask, aligned to the bottom right when a segment has
+more keys than queries, is exactly the mask above. Elsewhere (CPU, fp32) each segment is one SDPA
+call; batching them into one padded call was slower on a CPU.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -65,12 +74,99 @@ class PrefixStore:
         self.hidden.clear()
 
 
+@dataclass(frozen=True)
+class VarlenIndex:
+    """Where each segment's queries and keys lie when a packed row runs as one varlen call.
+
+    Keys are gathered from ``cat(prefix bank, row keys)``: the bank holds the prefixes of
+    ``traces`` end to end, then come the row's own keys.
+
+    Attributes:
+        traces: Traces whose prefixes the row's segments attend to, in bank order.
+        gather: ``[total keys]`` index of each segment's keys (its prefix, then its own tokens).
+        cu_q: ``[segments + 1]`` int32 offsets of each segment's queries.
+        cu_k: ``[segments + 1]`` int32 offsets of each segment's keys.
+        max_q: Longest segment, in queries.
+        max_k: Longest segment, in keys.
+    """
+
+    traces: list[int]
+    gather: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def varlen_index(
+    segments: list[Segment], prefix_lens: dict[int, int], device: torch.device
+) -> VarlenIndex:
+    """The varlen layout of a row whose segments tile it from offset 0, in order.
+
+    Args:
+        segments: The row's segments.
+        prefix_lens: Recorded prefix length of every trace a segment attends to.
+        device: Where the index tensors go.
+    """
+    traces = sorted({seg.trace for seg in segments if seg.uses_prefix})
+    bank_start, bank_size = {}, 0
+    for trace in traces:
+        bank_start[trace] = bank_size
+        bank_size += prefix_lens[trace]
+    parts, cu_q, cu_k = [], [0], [0]
+    for seg in segments:
+        assert seg.start == cu_q[-1], "segments must tile the row in order"
+        keys = seg.length
+        if seg.uses_prefix:
+            first = bank_start[seg.trace]
+            parts.append(torch.arange(first, first + prefix_lens[seg.trace]))
+            keys += prefix_lens[seg.trace]
+        parts.append(torch.arange(seg.start, seg.stop) + bank_size)
+        cu_q.append(seg.stop)
+        cu_k.append(cu_k[-1] + keys)
+    return VarlenIndex(
+        traces=traces,
+        gather=torch.cat(parts).to(device),
+        cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+        cu_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+        max_q=max(seg.length for seg in segments),
+        max_k=max(b - a for a, b in zip(cu_k, cu_k[1:])),
+    )
+
+
 @dataclass
 class PackedLayout:
     """What the attention function needs to know about a packed row (passed as a forward kwarg)."""
 
     segments: list[Segment]
     store: PrefixStore
+    varlen: VarlenIndex | None = None  # built by the row's first layer, when the kernel is varlen
+
+
+def varlen_kernel(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """torch's FlashAttention varlen kernel, where it can run this query; else None."""
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    head_dim = query.shape[-1]
+    if head_dim % 8 or head_dim > 256 or not _flash_capable(query.device.index or 0):
+        return None
+    return _torch_varlen()
+
+
+@functools.cache
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # Ampere or newer
+
+
+@functools.cache
+def _torch_varlen() -> Callable[..., torch.Tensor] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    # Older torch releases had a different signature (``is_causal``, no GQA): not used.
+    parameters = inspect.signature(varlen_attn).parameters
+    return varlen_attn if {"window_size", "enable_gqa"} <= parameters.keys() else None
 
 
 def segment_attention(
@@ -102,16 +198,23 @@ def segment_attention(
         )
         return out.transpose(1, 2).contiguous(), None
     layer = module.layer_idx
+    store = ln_layout.store
+    for seg in ln_layout.segments:
+        if seg.records_prefix:
+            n = seg.records_prefix
+            k = key[:, :, seg.start : seg.start + n]
+            v = value[:, :, seg.start : seg.start + n]
+            store.kv[(seg.trace, layer)] = (k.clone(), v.clone())
+    kernel = varlen_kernel(query)
+    if kernel is not None:
+        return _varlen_row(kernel, query, key, value, ln_layout, layer, scaling), None
     out = torch.empty_like(query)
     for seg in ln_layout.segments:
         q = query[:, :, seg.start : seg.stop]
         k = key[:, :, seg.start : seg.stop]
         v = value[:, :, seg.start : seg.stop]
-        if seg.records_prefix:
-            n = seg.records_prefix
-            ln_layout.store.kv[(seg.trace, layer)] = (k[:, :, :n].clone(), v[:, :, :n].clone())
         if seg.uses_prefix:
-            prefix_k, prefix_v = ln_layout.store.kv[(seg.trace, layer)]
+            prefix_k, prefix_v = store.kv[(seg.trace, layer)]
             k = torch.cat([prefix_k, k], dim=2)
             v = torch.cat([prefix_v, v], dim=2)
             # Lower-right aligned causal mask: query i sees the whole prefix and own tokens <= i.
@@ -127,6 +230,46 @@ def segment_attention(
             )
         out[:, :, seg.start : seg.stop] = o
     return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_row(
+    kernel: Callable[..., torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: PackedLayout,
+    layer: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """The whole row in one varlen call; returns ``[1, n, heads, d]``."""
+    store = layout.store
+    if layout.varlen is None:
+        prefix_lens = {
+            seg.trace: store.kv[(seg.trace, layer)][0].shape[2]
+            for seg in layout.segments
+            if seg.uses_prefix
+        }
+        layout.varlen = varlen_index(layout.segments, prefix_lens, query.device)
+    index = layout.varlen
+
+    def gathered(row: torch.Tensor, part: int) -> torch.Tensor:
+        # [1, kv_heads, n, d] tensors -> [keys, kv_heads, d], each segment's prefix then itself.
+        bank = [store.kv[(trace, layer)][part][0].transpose(0, 1) for trace in index.traces]
+        return torch.cat([*bank, row[0].transpose(0, 1)]).index_select(0, index.gather)
+
+    out = kernel(
+        query[0].transpose(0, 1).contiguous(),
+        gathered(key, 0),
+        gathered(value, 1),
+        index.cu_q,
+        index.cu_k,
+        index.max_q,
+        index.max_k,
+        scale=scaling,
+        window_size=(-1, 0),  # causal, aligned to the bottom right: the prefix stays visible
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out[None]
 
 
 def install_segment_attention(model: torch.nn.Module) -> None:

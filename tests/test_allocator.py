@@ -12,10 +12,10 @@ import pytest
 from test_scorer import make_traces
 
 from ln_ray.score import scorer as scorer_module
-from ln_ray.score.allocator import keep_freed_memory
+from ln_ray.score.allocator import keep_freed_memory, on_glibc
 from ln_ray.score.scorer import StudentScorer
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = on_glibc()
 
 # Rounds of what a decoder layer does: three 20 MB blocks allocated, written, freed. Prints the
 # page faults of five rounds, after two rounds have sized the heap.

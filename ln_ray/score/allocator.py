@@ -53,7 +53,7 @@ def keep_freed_memory(
     Returns:
         Whether the thresholds were set.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return False
     if any(name in os.environ for name in USER_SETTINGS):
         log.debug("allocator thresholds left to the environment's glibc settings")
@@ -84,6 +84,11 @@ def map_large_blocks(active: bool = True):
         yield
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, kept)
+
+
+def on_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, whose allocator these settings are for."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def _libc() -> ctypes.CDLL:

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ln_ray.config import load_config
+from ln_ray.config import ComputeConfig, load_config
 from ln_ray.io import storage
-from ln_ray.pipeline.job import read_teacher_table, run_score, run_select
+from ln_ray.pipeline.job import connect_ray, read_teacher_table, run_score, run_select
 
 pytestmark = pytest.mark.slow
 
@@ -177,6 +177,21 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     scores_after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
     assert scores_before == scores_after
     assert not read_teacher_table(out).empty
+
+
+def test_connect_ray_reads_parquet_with_v1_unless_told(ray_cluster, monkeypatch):
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    monkeypatch.setattr(context, "shuffle_strategy", context.shuffle_strategy)
+    monkeypatch.setattr(context, "use_datasource_v2", True)
+    monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+    connect_ray(ComputeConfig())
+    assert context.use_datasource_v2 is False
+    context.use_datasource_v2 = True
+    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")  # an explicit choice stands
+    connect_ray(ComputeConfig())
+    assert context.use_datasource_v2 is True
 
 
 def test_job_reads_and_writes_s3(ray_cluster, s3_server, tiny_student_dir):

@@ -1,5 +1,6 @@
 """The scorer on CUDA: fp32 matches the CPU reference; bf16 weights keep fp32 log-probs; bf16 rows
-run as one FlashAttention varlen call and score like per-sequence attention.
+run as one FlashAttention varlen call and score like per-sequence attention; the host does not
+wait for the GPU between rows.
 
 Skipped without a CUDA device (CI has none); run them on a GPU machine with ``pytest -m gpu``.
 """
@@ -7,6 +8,7 @@ Skipped without a CUDA device (CI has none); run them on a GPU machine with ``py
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +17,9 @@ from reference import reference_scores
 from test_scorer import make_traces
 
 from ln_ray.score import attention
+from ln_ray.score.packing import pack_by_budget
 from ln_ray.score.scorer import StudentScorer
+from ln_ray.score.transfer import to_device
 
 pytestmark = [
     pytest.mark.gpu,
@@ -72,3 +76,31 @@ def test_bf16_rows_run_as_one_varlen_call_like_per_sequence_attention(
         want = np.concatenate([getattr(r, field) for r in per_sequence])
         assert np.abs(got - want).mean() < 0.02  # two bf16 kernels: rounding, not a mask error
         assert np.corrcoef(got, want)[0, 1] > 0.999
+
+
+def test_to_device_copies_through_pinned_memory():
+    data = np.arange(10, dtype=np.int64)
+    tensor = to_device(data, torch.device("cuda"))
+    assert tensor.device.type == "cuda"
+    torch.testing.assert_close(tensor.cpu(), torch.from_numpy(data))
+
+
+def test_a_pass_waits_for_the_gpu_once(tiny_tokenizer, tiny_pair):
+    """No row makes the host wait: results come back once per pass (log-probs, then ranks)."""
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=6, seed=24)
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    scorer = StudentScorer(model, window=2, token_budget=64)
+    windows = scorer.plan(traces).window_sequences
+    rows = pack_by_budget([len(s.tokens) for s in windows], 64)
+    assert len(rows) > 3  # more rows than allowed waits: a wait per row would show
+    scorer.score(traces)  # first calls set things up
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scorer.score(traces)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(waits) <= 3, [str(w.message) for w in waits]

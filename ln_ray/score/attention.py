@@ -28,8 +28,11 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ln_ray.score.transfer import to_device
 
 ATTENTION_NAME = "ln_ray_segments"
 
@@ -126,9 +129,9 @@ def varlen_index(
         cu_k.append(cu_k[-1] + keys)
     return VarlenIndex(
         traces=traces,
-        gather=torch.cat(parts).to(device),
-        cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
-        cu_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+        gather=to_device(torch.cat(parts), device),
+        cu_q=to_device(np.asarray(cu_q, dtype=np.int32), device),
+        cu_k=to_device(np.asarray(cu_k, dtype=np.int32), device),
         max_q=max(seg.length for seg in segments),
         max_k=max(b - a for a, b in zip(cu_k, cu_k[1:])),
     )

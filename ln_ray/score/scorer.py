@@ -42,6 +42,7 @@ from ln_ray.score.chunking import chunk_mlps
 from ln_ray.score.logprobs import TokenHead
 from ln_ray.score.metrics import trace_metrics
 from ln_ray.score.packing import pack_by_budget
+from ln_ray.score.transfer import to_device
 from ln_ray.score.windows import plan_windows
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,15 @@ class ScoredSequence:
     targets: np.ndarray
     target_offset: int  # response index of the first scored token
     is_global: bool
+
+
+@dataclass
+class RowScores:
+    """A packed row's results, still on the device: its sequences' scored tokens, in order."""
+
+    sequences: list[ScoredSequence]
+    logprobs: torch.Tensor
+    ranks: torch.Tensor | None
 
 
 @dataclass
@@ -263,15 +273,38 @@ class StudentScorer:
     def _run(
         self, sequences: list[ScoredSequence], traces: Sequence[TokenizedTrace], store: PrefixStore
     ):
-        """Forward packed rows of ``sequences``; yield ``(sequence, logprobs, ranks)`` for each."""
-        prefix_lens = [t.prefix_len for t in traces]
-        for row in pack_by_budget([len(s.tokens) for s in sequences], self.token_budget):
-            yield from self._score_row([sequences[i] for i in row], prefix_lens, store)
+        """Forward packed rows of ``sequences``; yield ``(sequence, logprobs, ranks)`` for each.
 
-    def _score_row(self, batch: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore):
+        Every row is queued before any result comes back to the host: on a GPU the host builds
+        the next row while the device computes the last, and waits once, for the whole pass.
+        """
+        prefix_lens = [t.prefix_len for t in traces]
+        rows: list[RowScores] = []
+        for row in pack_by_budget([len(s.tokens) for s in sequences], self.token_budget):
+            rows += self._score_row([sequences[i] for i in row], prefix_lens, store)
+        if not rows:
+            return
+        logprobs = torch.cat([row.logprobs for row in rows]).cpu().numpy()
+        ranks = None
+        if rows[0].ranks is not None:
+            ranks = torch.cat([row.ranks for row in rows]).cpu().numpy()  # type: ignore[misc]
+        offset = 0
+        for row in rows:
+            for seq in row.sequences:
+                n = len(seq.targets)
+                yield (
+                    seq,
+                    logprobs[offset : offset + n],
+                    None if ranks is None else ranks[offset : offset + n],
+                )
+                offset += n
+
+    def _score_row(
+        self, batch: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore
+    ) -> list[RowScores]:
         """One packed row; on out-of-memory, split it in halves and try again."""
         try:
-            return self._forward_row(batch, prefix_lens, store)
+            return [self._forward_row(batch, prefix_lens, store)]
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if len(batch) == 1 or not _is_out_of_memory(exc):
                 raise
@@ -286,15 +319,18 @@ class StudentScorer:
             batch[half:], prefix_lens, store
         )
 
-    def _forward_row(self, batch: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore):
+    def _forward_row(
+        self, batch: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore
+    ) -> RowScores:
         segments, start = [], 0
         for seq in batch:
             segments.append(
                 Segment(seq.trace, start, len(seq.tokens), seq.uses_prefix, seq.records_prefix)
             )
             start += len(seq.tokens)
-        ids = torch.from_numpy(np.concatenate([s.tokens for s in batch])).to(self.device)
-        positions = packed_positions(segments, prefix_lens).to(self.device)
+        ids = to_device(np.concatenate([s.tokens for s in batch]), self.device)
+        positions = to_device(packed_positions(segments, prefix_lens), self.device)
+        targets = to_device(np.concatenate([s.targets for s in batch]), self.device)
         with map_large_blocks(start > self.token_budget):  # a long sequence alone: see allocator
             hidden = self.body(
                 input_ids=ids[None],
@@ -305,7 +341,8 @@ class StudentScorer:
         rows = []
         for seq, seg in zip(batch, segments):
             if seq.records_prefix:
-                store.hidden[seq.trace] = hidden[seg.start + seq.records_prefix - 1][None]
+                # A copy: a view would keep the whole row's hidden states alive.
+                store.hidden[seq.trace] = hidden[seg.start + seq.records_prefix - 1][None].clone()
             n = len(seq.targets)
             if seq.first_row >= 0:
                 first = seg.start + seq.first_row
@@ -314,21 +351,11 @@ class StudentScorer:
                 rows.append(
                     torch.cat([store.hidden[seq.trace], hidden[seg.start : seg.start + n - 1]])
                 )
-        targets = torch.from_numpy(np.concatenate([s.targets for s in batch])).to(self.device)
         lp, rank = self.head.score(
             torch.cat(rows), targets, with_rank=batch[0].is_global, chunk=self.head_chunk
         )
         self.model_tokens += start
-        lp = lp.cpu().numpy()
-        rank = rank.cpu().numpy() if rank is not None else None
-        out, offset = [], 0
-        for seq in batch:
-            n = len(seq.targets)
-            out.append(
-                (seq, lp[offset : offset + n], None if rank is None else rank[offset : offset + n])
-            )
-            offset += n
-        return out
+        return RowScores(batch, lp, rank)
 
 
 def declared_context(model: torch.nn.Module) -> int | None:

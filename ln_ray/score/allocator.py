@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -91,5 +92,6 @@ def on_glibc() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL("libc.so.6")

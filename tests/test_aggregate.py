@@ -9,7 +9,13 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from ln_ray.aggregate.curate import curate_batch, curated_schema, extra_schema, extra_types
+from ln_ray.aggregate.curate import (
+    curate_batch,
+    curated_schema,
+    extra_schema,
+    extra_types,
+    keep_selected,
+)
 from ln_ray.aggregate.select import select_prompt
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 
@@ -114,6 +120,18 @@ def test_rank_teachers_orders_by_direction_and_counts_wins():
     assert table.loc[("rsr_dataset", "b"), "wins"] == 1
 
 
+def test_keep_selected_drops_rejected_copies_of_a_selected_trace():
+    rows = pa.table(
+        {
+            "trace_id": ["t1", "t2", "t1", None],
+            "row_number": [1, 2, 3, 4],
+            "reject_reason": [None, None, "duplicate of a.jsonl row 1", "empty response"],
+        }
+    )
+    kept = keep_selected(rows, frozenset({"t1"}))
+    assert kept["row_number"].to_pylist() == [1]
+
+
 def test_curate_restores_messages_and_typed_extra_columns():
     rows = pa.table(
         {
@@ -140,3 +158,23 @@ def test_curate_restores_messages_and_typed_extra_columns():
     assert out[0]["source"] == "x" and out[1]["source"] is None
     assert out[1]["n"] == 2.5 and schema.field("n").type == pa.float64()
     assert out[0]["tags"] == '["k"]'  # non-scalar extras travel as JSON text
+
+
+def test_curate_keeps_input_columns_named_like_its_own():
+    extra = {"trace_id": "mine-17", "input_trace_id": "x", "lalp": "note", "source": "gsm8k"}
+    rows = pa.table(
+        {
+            "prompt_id": ["p1"],
+            "teacher": ["a"],
+            "trace_id": ["t1"],
+            "correct": [None],
+            "lalp": [-1.0],
+            "messages": [json.dumps([{"role": "user", "content": "Q"}])],
+            "extra": [json.dumps(extra)],
+        }
+    )
+    pairs = [(r["column"], r["kind"]) for r in extra_types(rows).to_pylist()]
+    (out,) = curate_batch(rows, schema=curated_schema(extra_schema(pairs))).to_pylist()
+    assert (out["trace_id"], out["lalp"]) == ("t1", -1.0)
+    assert out["input_trace_id"] == "mine-17" and out["input_input_trace_id"] == "x"
+    assert out["input_lalp"] == "note" and out["source"] == "gsm8k"

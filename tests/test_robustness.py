@@ -153,6 +153,10 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     assert reasons["cannot read Parquet shard"] == 1 and sum(reasons.values()) == 11
     assert manifest["stages"]["assemble"]["duplicates"] == 1
     assert manifest["stages"]["read_prepare_score"]["shard_errors"] == 1
+    # t1, t5 and t6 tie and t1 wins by name; line 9 repeats line 1 and shares its trace_id,
+    # yet the curated set holds one row for the prompt.
+    curated = read_output(out, "curated")
+    assert list(zip(curated["prompt_id"], curated["teacher"])) == [("q1", "t1")]
 
 
 def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp_path):

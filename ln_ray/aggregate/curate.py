@@ -2,7 +2,8 @@
 
 Input columns other than the canonical ones travel through the job as JSON (``extra``). Here they
 become real columns again, with one type per column across every output file: the types seen in
-all selected rows are collected first (``extra_types``) and unified (``extra_schema``).
+all selected rows are collected first (``extra_types``) and unified (``extra_schema``). An input
+column named like one of the curated set's own columns comes back with an ``input_`` prefix.
 """
 
 from __future__ import annotations
@@ -28,17 +29,34 @@ _SCALARS = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.stri
 
 
 def keep_selected(table: pa.Table, selected: frozenset[str]) -> pa.Table:
-    """Rows whose trace_id was selected."""
+    """Accepted rows whose trace_id was selected.
+
+    A rejected duplicate carries the trace_id of the row it repeats, so the id alone would let
+    both copies into the curated set.
+    """
     mask = pc.is_in(table["trace_id"], value_set=pa.array(sorted(selected), pa.string()))
-    return table.filter(pc.fill_null(mask, False))
+    return table.filter(pc.and_(pc.fill_null(mask, False), pc.is_null(table["reject_reason"])))
+
+
+def curated_column(key: str) -> str:
+    """An extra input column's name in the curated set.
+
+    Its own name, unless that is one of the curated set's own columns, possibly behind ``input_``
+    prefixes: those gain one more (``trace_id`` -> ``input_trace_id``, ``input_trace_id`` ->
+    ``input_input_trace_id``), so no two input columns share a name and none is dropped.
+    """
+    core = key
+    while core.startswith("input_"):
+        core = core[len("input_") :]
+    return f"input_{key}" if core in CURATED_BASE.names else key
 
 
 def extra_types(table: pa.Table) -> pa.Table:
-    """Distinct (column, Python type name) pairs among the rows' extra columns."""
+    """Distinct (curated column, Python type name) pairs among the rows' extra columns."""
     seen = set()
     for text in table["extra"].to_pylist():
         for key, value in (json.loads(text) if text else {}).items():
-            seen.add((key, type(value).__name__))
+            seen.add((curated_column(key), type(value).__name__))
     keys, kinds = zip(*sorted(seen)) if seen else ((), ())
     return pa.table({"column": pa.array(keys, pa.string()), "kind": pa.array(kinds, pa.string())})
 
@@ -71,7 +89,10 @@ def curate_batch(table: pa.Table, *, schema: pa.Schema) -> pa.Table:
     for row in table.select([*CURATED_BASE.names, "extra"]).to_pylist():
         for name in CURATED_BASE.names:
             out[name].append(json.loads(row[name]) if name == "messages" else row[name])
-        values = json.loads(row["extra"]) if row["extra"] else {}
+        values = {
+            curated_column(key): value
+            for key, value in (json.loads(row["extra"]) if row["extra"] else {}).items()
+        }
         for field in extras:
             value = values.get(field.name)
             if pa.types.is_string(field.type) and value is not None and not isinstance(value, str):

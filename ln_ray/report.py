@@ -64,14 +64,27 @@ def render_report(run: dict[str, Any]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    manifest, scores, selections, teachers = (
-        run["manifest"], run["scores"], run["selections"], run["teachers"]
-    )  # fmt: skip
+    manifest, scores, teachers = run["manifest"], run["scores"], run["teachers"]
     order = teachers[teachers["metric"] == "lalp"].sort_values("rank")[
         "teacher"
     ].tolist() or sorted(scores["teacher"].unique())
+    nothing = "<p>No trace was scored in this run: <code>rejects/</code> says why.</p>"
+    sections = _sections(run, order) if len(scores) else [_section("Teachers", nothing)]
+    counts = manifest.get("counts", {})
+    header = (
+        f"<p>Run <code>{_e(manifest.get('run_id', ''))}</code>, student "
+        f"<code>{_e(manifest['student']['identity'])}</code>, finished "
+        f"{_e(manifest.get('finished_at', ''))}. Rows read {counts.get('rows_read', 0)}, "
+        f"scored {counts.get('rows_scored', 0)}, rejected {counts.get('rows_rejected', 0)}; "
+        f"{manifest.get('selection', {}).get('prompts', 0)} prompts.</p>"
+    )
+    return _PAGE.format(body=header + "".join(sections))
+
+
+def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
+    scores, selections, teachers = run["scores"], run["selections"], run["teachers"]
     agreement = metric_agreement(selections)
-    sections = [
+    return [
         _section(
             "Teachers",
             _teacher_tables(teachers)
@@ -92,15 +105,6 @@ def render_report(run: dict[str, Any]) -> str:
         ),
         _section("Where local and global disagree most", _disagreements(scores, run["rows"])),
     ]
-    counts = manifest.get("counts", {})
-    header = (
-        f"<p>Run <code>{_e(manifest.get('run_id', ''))}</code>, student "
-        f"<code>{_e(manifest['student']['identity'])}</code>, finished "
-        f"{_e(manifest.get('finished_at', ''))}. Rows read {counts.get('rows_read', 0)}, "
-        f"scored {counts.get('rows_scored', 0)}, rejected {counts.get('rows_rejected', 0)}; "
-        f"{manifest.get('selection', {}).get('prompts', 0)} prompts.</p>"
-    )
-    return _PAGE.format(body=header + "".join(sections))
 
 
 def metric_agreement(selections: pd.DataFrame) -> pd.DataFrame:

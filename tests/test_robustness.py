@@ -159,6 +159,28 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     assert list(zip(curated["prompt_id"], curated["teacher"])) == [("q1", "t1")]
 
 
+def test_a_run_whose_every_row_is_rejected_still_publishes(ray_cluster, tiny_student_dir, tmp_path):
+    from ln_ray.pipeline.job import read_teacher_table
+    from ln_ray.pipeline.summary import format_summary
+    from ln_ray.report import write_report
+
+    bad = {"prompt_id": "q1", "prompt": "What is 2+2?", "teacher": "t1", "response": ""}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = [json.dumps(bad), json.dumps({**bad, "teacher": "t2"}), "{broken"]
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    manifest = run_score(config(folder, out, tiny_student_dir))
+    assert manifest["counts"]["rows_read"] == 3 == manifest["counts"]["rows_rejected"]
+    assert manifest["selection"]["prompts"] == 0
+    assert len(read_output(out, "rejects")) == 3
+    for name in ("scores", "selections", "teachers", "curated"):
+        assert read_output(out, name).empty
+    assert "rows read 3: scored 0, rejected 3" in format_summary(manifest, read_teacher_table(out))
+    page = Path(write_report(out).removeprefix("file://")).read_text()
+    assert "No trace was scored" in page
+
+
 def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")

@@ -48,6 +48,20 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
         storage.join(source, "scores"), filesystem=arrow_fs, schema=SCORES_SCHEMA
     ).materialize()
     filter_correct = selection.require_correct and count_valid(scores, "correct") > 0
+    summary = {
+        "require_correct": selection.require_correct,
+        "filtered_on_correct": filter_correct,
+        "bootstrap_samples": selection.bootstrap_samples,
+        "confidence": selection.confidence,
+    }
+    if scores.count() == 0:  # every row was rejected: the outputs exist, empty
+        for name, schema in (
+            ("selections", SELECTIONS_SCHEMA),
+            ("teachers", TEACHERS_SCHEMA),
+            ("curated", curated_schema(extra_schema([]))),
+        ):
+            ensure_table(fs, storage.join(target, name), schema)
+        return {**summary, "prompts": 0, "prompts_selected": 0, "reduce_s": _since(started)}
     partitions = reduce_partitions()
     selections = (
         scores.select_columns(
@@ -104,14 +118,15 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
     ).write_parquet(storage.join(target, "curated"), filesystem=arrow_fs)
     ensure_table(fs, storage.join(target, "curated"), schema)
     return {
-        "require_correct": selection.require_correct,
-        "filtered_on_correct": filter_correct,
+        **summary,
         "prompts": len(scores.unique("prompt_id")),
         "prompts_selected": len(picked),
-        "bootstrap_samples": selection.bootstrap_samples,
-        "confidence": selection.confidence,
-        "reduce_s": round(time.time() - started, 3),
+        "reduce_s": _since(started),
     }
+
+
+def _since(started: float) -> float:
+    return round(time.time() - started, 3)
 
 
 def count_valid(ds: Any, column: str) -> int:

@@ -60,32 +60,28 @@ def _score(cfg: LnRayConfig) -> int:
 
 
 def _select(output_path: str, overrides: list[str]) -> int:
-    from ln_ray.io import storage
-    from ln_ray.pipeline.job import JobError, read_teacher_table, run_select
-    from ln_ray.pipeline.outputs import MANIFEST
+    from ln_ray.pipeline.job import read_teacher_table, run_select
     from ln_ray.pipeline.summary import format_summary
 
-    try:
-        previous = storage.read_json(storage.join(output_path, MANIFEST))["config"]
-    except FileNotFoundError:
-        raise JobError(
-            f"no finished run under {output_path!r} (manifest.json is missing)"
-        ) from None
-    dotlist = [f"{key}={value}" for key, value in _flatten(previous).items()]
-    cfg = load_config(None, [*dotlist, f"output.path={output_path}", *overrides])
+    cfg = finished_run_config(_read_manifest(output_path)["config"], output_path, overrides)
     manifest = run_select(cfg)
     print(format_summary(manifest, read_teacher_table(output_path)))
     return 0
 
 
+def finished_run_config(stored: dict, output_path: str, overrides: list[str]) -> LnRayConfig:
+    """A finished run's config (as its manifest stores it) with ``overrides`` on top.
+
+    Redacted values (URLs whose credentials the manifest masks) fall back to the defaults.
+    """
+    return load_config(None, [f"output.path={output_path}", *overrides], base=_unredacted(stored))
+
+
 def _summary(output_path: str) -> int:
-    from ln_ray.io import storage
     from ln_ray.pipeline.job import read_teacher_table
-    from ln_ray.pipeline.outputs import MANIFEST
     from ln_ray.pipeline.summary import format_summary
 
-    manifest = storage.read_json(storage.join(output_path, MANIFEST))
-    print(format_summary(manifest, read_teacher_table(output_path)))
+    print(format_summary(_read_manifest(output_path), read_teacher_table(output_path)))
     return 0
 
 
@@ -100,15 +96,27 @@ def _report(output_path: str) -> int:
     return 0
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
+def _read_manifest(output_path: str) -> dict:
+    from ln_ray.io import storage
+    from ln_ray.pipeline.job import JobError
+    from ln_ray.pipeline.outputs import MANIFEST
+
+    try:
+        return storage.read_json(storage.join(output_path, MANIFEST))
+    except FileNotFoundError:
+        raise JobError(
+            f"no finished run under {output_path!r} (manifest.json is missing)"
+        ) from None
+
+
+def _unredacted(tree: dict) -> dict:
+    kept: dict = {}
     for key, value in tree.items():
-        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        elif value is not None and "***@" not in str(value):
-            flat[name] = value
-    return flat
+            kept[key] = _unredacted(value)
+        elif not (isinstance(value, str) and "***@" in value):
+            kept[key] = value
+    return kept
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -131,7 +132,9 @@ class LnRayConfig:
 
 
 def load_config(
-    config_name: str | None = "default", overrides: list[str] | None = None
+    config_name: str | None = "default",
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> LnRayConfig:
     """Build a validated config from ``conf/<name>.yaml`` (or a YAML path) and dotlist overrides.
 
@@ -139,6 +142,8 @@ def load_config(
         config_name: A name in ``conf/`` (without ``.yaml``), a path to a YAML file, or None for the
             built-in defaults.
         overrides: ``key=value`` strings, e.g. ``["scoring.window=2", "input.path=s3://b/x"]``.
+        base: A nested dict of config values (a finished run's, from its manifest), applied after
+            the YAML file and before the overrides. Its values are taken as they are, not parsed.
 
     Returns:
         The typed config object.
@@ -151,11 +156,15 @@ def load_config(
         layers: list[Any] = [schema]
         if config_name is not None:
             layers.append(OmegaConf.load(_config_path(config_name)))
+        if base is not None:
+            layers.append(OmegaConf.create(base))
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
         raise ConfigError(_explain(exc)) from None
+    except yaml.YAMLError as exc:  # an override's value is parsed as YAML
+        raise ConfigError(f"bad override value: {str(exc).splitlines()[0]}") from None
     cfg: LnRayConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate_config(cfg)
     return cfg
@@ -185,6 +194,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.scoring.max_response_chars >= 1, "scoring.max_response_chars must be >= 1")
     need(cfg.selection.bootstrap_samples >= 0, "selection.bootstrap_samples must be >= 0")
     need(0.0 < cfg.selection.confidence < 1.0, "selection.confidence must be in (0, 1)")
+    need(cfg.selection.seed >= 0, "selection.seed must be >= 0")
     need(cfg.compute.actors >= 1, "compute.actors must be >= 1")
     need(cfg.compute.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")
     need(cfg.compute.cpus_per_actor > 0, "compute.cpus_per_actor must be > 0")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from ln_ray.config import CONF_DIR, ConfigError, load_config
+from ln_ray.cli import finished_run_config, main
+from ln_ray.config import CONF_DIR, ConfigError, InputConfig, load_config, to_dict
+from ln_ray.pipeline.outputs import redacted
 
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -49,6 +53,8 @@ def test_unknown_key_is_named():
         ("compute.shuffle=random", "compute.shuffle must be one of"),
         ("compute.head_chunk=-1", "compute.head_chunk must be >= 0"),
         ("scoring.max_tokens=0", "scoring.max_tokens must be >= 1 or null"),
+        ("selection.seed=-1", "selection.seed must be >= 0"),
+        ("scoring.window=[1", "bad override value"),
     ],
 )
 def test_bad_values_fail_before_any_work(override, message):
@@ -59,3 +65,27 @@ def test_bad_values_fail_before_any_work(override, message):
 def test_unknown_config_name():
     with pytest.raises(ConfigError, match="no config named 'nope'"):
         load_config("nope")
+
+
+def test_a_finished_runs_config_comes_back_as_stored(tmp_path):
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] | trim }}\n{% endfor %}"
+    cfg = load_config(
+        "default",
+        ["input.path=s3://KEY:SECRET@bucket/in/", "scoring.window=2"],
+    )
+    cfg.student.chat_template = template
+    cfg.input.columns.teacher = "yes"
+    cfg.input.columns.prompt = "# q"
+    stored = json.loads(json.dumps(redacted(to_dict(cfg))))  # as the manifest holds it
+    again = finished_run_config(stored, str(tmp_path), ["selection.require_correct=false"])
+    assert again.student.chat_template == template
+    assert (again.input.columns.teacher, again.input.columns.prompt) == ("yes", "# q")
+    assert again.scoring.window == 2 and again.selection.require_correct is False
+    assert again.output.path == str(tmp_path)
+    assert again.input.path == InputConfig().path  # the redacted URL is not brought back
+
+
+def test_commands_on_a_folder_without_a_run_say_so(tmp_path, capsys):
+    for command in ("summary", "select"):
+        assert main([command, str(tmp_path / "nothing")]) == 2
+        assert "manifest.json is missing" in capsys.readouterr().err

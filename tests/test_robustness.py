@@ -181,6 +181,21 @@ def test_a_run_whose_every_row_is_rejected_still_publishes(ray_cluster, tiny_stu
     assert "No trace was scored" in page
 
 
+def test_a_run_where_no_trace_is_eligible_still_publishes(ray_cluster, tiny_student_dir, tmp_path):
+    row = {"prompt_id": "q1", "prompt": "What is 2+2?", "teacher": "t1",
+           "response": "First, add two and two. So the answer is 4.", "correct": False}  # fmt: skip
+    write_jsonl(tmp_path / "in" / "a.jsonl", [row, {**row, "teacher": "t2"}])
+    out = str(tmp_path / "out")
+    manifest = run_score(config(tmp_path / "in", out, tiny_student_dir))
+    assert manifest["counts"]["rows_scored"] == 2
+    assert manifest["selection"]["filtered_on_correct"] is True
+    assert manifest["selection"]["prompts"] == 1 and manifest["selection"]["prompts_selected"] == 0
+    assert read_output(out, "selections").empty and read_output(out, "curated").empty
+    teachers = read_output(out, "teachers")
+    assert sorted(set(teachers["teacher"])) == ["t1", "t2"]
+    assert (teachers["count"] == 1).all() and (teachers["wins"] == 0).all()
+
+
 def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -26,6 +27,9 @@ from ln_ray.config import SelectionConfig
 from ln_ray.io import storage
 from ln_ray.pipeline.outputs import ROWS_DIR, ensure_table
 from ln_ray.schema import SCORED_ROWS_SCHEMA, SCORES_SCHEMA, SELECTIONS_SCHEMA, TEACHERS_SCHEMA
+
+_CHOSEN = ["metric", "teacher", "trace_id"]  # what wins and the curated set need of selections
+_STATS = [name for name in TEACHERS_SCHEMA.names if name not in ("wins", "rank")]
 
 
 def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig) -> dict[str, Any]:
@@ -76,7 +80,8 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
     )
     selections.write_parquet(storage.join(target, "selections"), filesystem=arrow_fs)
     ensure_table(fs, storage.join(target, "selections"), SELECTIONS_SCHEMA)
-    chosen = selections.select_columns(["metric", "teacher", "trace_id"]).to_pandas()
+    # No rows when no prompt has an eligible candidate (e.g. none is marked correct).
+    chosen = _to_pandas(selections.select_columns(_CHOSEN), _CHOSEN)
     stats = (
         scores.select_columns(["teacher", "lalp", "galp", "rsr", "avg_rank", "avg_surprisal"])
         .groupby("teacher", num_partitions=partitions)
@@ -89,9 +94,8 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
             },
             batch_format="pandas",
         )
-        .to_pandas()
     )
-    table = rank_teachers(stats, count_wins(chosen))
+    table = rank_teachers(_to_pandas(stats, _STATS), count_wins(chosen))
     fs.makedirs(storage.join(target, "teachers"), exist_ok=True)
     pq.write_table(
         pa.Table.from_pandas(table, schema=TEACHERS_SCHEMA, preserve_index=False),
@@ -123,6 +127,13 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
         "prompts_selected": len(picked),
         "reduce_s": _since(started),
     }
+
+
+def _to_pandas(ds: Any, columns: list[str]) -> pd.DataFrame:
+    """A dataset as a DataFrame, with ``columns`` also when it has no rows (Ray Data then returns
+    a frame without any)."""
+    frame = ds.to_pandas()
+    return frame if len(frame.columns) else pd.DataFrame(columns=columns)
 
 
 def _since(started: float) -> float:

@@ -176,7 +176,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         },
         "versions": _versions(),
     }
-    outputs.publish(paths, (*SCORE_OUTPUTS, *REDUCE_OUTPUTS), manifest)
+    _publish(paths, (*SCORE_OUTPUTS, *REDUCE_OUTPUTS), manifest)
     log.info("published run %s to %s", paths.run_id, cfg.output.path)
     return manifest
 
@@ -201,7 +201,7 @@ def run_select(cfg: LnRayConfig) -> dict[str, Any]:
     manifest["selection"] = {k: v for k, v in selection.items() if k != "reduce_s"}
     manifest["config"]["selection"] = to_dict(cfg)["selection"]
     manifest["timings"]["reduce_s"] = selection["reduce_s"]
-    outputs.publish(paths, REDUCE_OUTPUTS, manifest)
+    _publish(paths, REDUCE_OUTPUTS, manifest)
     return manifest
 
 
@@ -214,6 +214,18 @@ def read_teacher_table(output_path: str) -> pd.DataFrame:
         raise JobError(f"no finished run under {output_path!r} (manifest.json is missing)")
     table = pq.read_table(storage.join(root, "teachers"), filesystem=storage.arrow_filesystem(fs))
     return table.to_pandas()
+
+
+def _publish(paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any]) -> None:
+    """Publish the staged outputs; when that fails, remove the staging area and say why."""
+    try:
+        outputs.publish(paths, names, manifest)
+    except outputs.OutputError as exc:
+        outputs.discard(paths)
+        raise JobError(str(exc)) from None
+    except BaseException:
+        outputs.discard(paths)
+        raise
 
 
 def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str) -> None:

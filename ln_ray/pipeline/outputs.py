@@ -4,12 +4,18 @@ A run writes every output into ``<output.path>/_runs/<run_id>/``. Only when all 
 does it publish: ``manifest.json`` is removed first, each output folder replaces the old one, and
 the new ``manifest.json`` is written last. Readers treat a folder without ``manifest.json`` as
 incomplete (the ``_SUCCESS`` convention); a run killed at any point leaves the previous results, or
-no manifest, never a mix presented as finished. One run at a time may write to an output path.
+no manifest, never a mix presented as finished. Runs that overlap on one output path (a scheduled
+refresh, ``ln-ray select``) each stage apart and remove only their own staging area; the last to
+publish wins. Staging areas that killed runs left behind are removed once nothing under them has
+changed for ``STALE_RUN_S``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import posixpath
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +28,7 @@ CACHE_DIR = "_cache"
 MANIFEST = "manifest.json"
 SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR)
 REDUCE_OUTPUTS = ("selections", "teachers", "curated")
+STALE_RUN_S = 24 * 3600  # an active run writes its staging area far more often than this
 
 
 class OutputError(RuntimeError):
@@ -72,18 +79,27 @@ def check_writable(paths: RunPaths) -> None:
 
 
 def publish(paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any]) -> None:
-    """Move the staged outputs into place, then write the manifest last."""
+    """Move the staged outputs into place, then write the manifest last.
+
+    Raises:
+        OutputError: A staged output is missing (another process removed this run's staging
+            area); the published results are left as they were.
+    """
+    paths.fs.invalidate_cache()
+    missing = [name for name in names if not paths.fs.exists(paths.staged(name))]
+    if missing:
+        raise OutputError(
+            f"run {paths.run_id}: staged outputs {missing} are missing from {paths.staging}"
+        )
     manifest_path = paths.final(MANIFEST)
     if paths.fs.exists(manifest_path):
         paths.fs.rm(manifest_path)
-    paths.fs.invalidate_cache()
     for name in names:
         _remove(paths.fs, paths.final(name))
-        if paths.fs.exists(paths.staged(name)):
-            _move_folder(paths.fs, paths.staged(name), paths.final(name))
+        _move_folder(paths.fs, paths.staged(name), paths.final(name))
     storage.write_json(storage.full_url(paths.fs, manifest_path), manifest)
-    # Also clears staging areas that killed runs left behind (one run per output path at a time).
-    _remove(paths.fs, storage.join(paths.root, RUNS_DIR))
+    discard(paths)
+    _remove_stale_runs(paths)
 
 
 def ensure_table(fs: Any, folder: str, schema: Any) -> None:
@@ -104,8 +120,9 @@ def ensure_table(fs: Any, folder: str, schema: Any) -> None:
 
 
 def discard(paths: RunPaths) -> None:
-    """Remove a failed run's staging area."""
+    """Remove this run's staging area (and ``_runs/`` when no other run is staging there)."""
     _remove(paths.fs, paths.staging)
+    _remove_if_empty(paths.fs, storage.join(paths.root, RUNS_DIR))
 
 
 def redacted(config: dict[str, Any]) -> dict[str, Any]:
@@ -134,3 +151,38 @@ def _move_folder(fs: Any, source: str, target: str) -> None:
 def _remove(fs: Any, path: str) -> None:
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def _remove_if_empty(fs: Any, folder: str) -> None:
+    # Object stores have no empty folders to remove; a local one may gain a run meanwhile.
+    if storage.protocol(fs) == "file" and fs.exists(folder) and not fs.ls(folder):
+        with contextlib.suppress(OSError):
+            fs.rmdir(folder)
+
+
+def _remove_stale_runs(paths: RunPaths) -> None:
+    """Remove other runs' staging areas where nothing has changed for ``STALE_RUN_S``."""
+    runs = storage.join(paths.root, RUNS_DIR)
+    if not paths.fs.exists(runs):
+        return
+    cutoff = time.time() - STALE_RUN_S
+    for folder in paths.fs.ls(runs, detail=False):
+        if posixpath.basename(folder.rstrip("/")) != paths.run_id and not _changed_since(
+            paths.fs, folder, cutoff
+        ):
+            _remove(paths.fs, folder)
+    _remove_if_empty(paths.fs, runs)
+
+
+def _changed_since(fs: Any, folder: str, cutoff: float) -> bool:
+    """Whether anything under ``folder`` changed after ``cutoff``; True when that is unknown."""
+    known = False
+    for path in [folder, *fs.find(folder, withdirs=True)]:
+        try:
+            changed = fs.modified(path).timestamp()
+        except (OSError, NotImplementedError, KeyError, ValueError):
+            continue
+        if changed > cutoff:
+            return True
+        known = True
+    return not known

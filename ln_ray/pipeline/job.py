@@ -99,7 +99,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         paths = RunPaths.create(cfg.output.path)
         outputs.check_writable(paths)
     except (storage.InputError, StudentError, outputs.OutputError) as exc:
-        raise JobError(str(exc)) from None
+        raise JobError(outputs.redact_url(str(exc))) from None
     connect_ray(cfg.compute)
     cache_url = paths.cache(cache.cache_key(identity, cfg.scoring))
     cached = cache.cached_trace_ids(cache_url)
@@ -111,12 +111,13 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         len(cached),
     )
     in_fs, _ = storage.filesystem(cfg.input.path)
-    urls = {path: storage.full_url(in_fs, path) for path, _ in files}
+    urls = {path: storage.full_url(in_fs, path) for path, _ in files}  # to open files
+    shown = {path: outputs.redact_url(url) for path, url in urls.items()}  # to record or show
     # Rows per file, counted independently of the pipeline (and in parallel with it).
     counter = ray.remote(num_cpus=0.1)(count_source_rows)
     expected_rows = [counter.remote(urls[path], fmt) for path, fmt in files]
     try:
-        _score_rows(cfg, files, urls, in_fs, paths, cache_url)
+        _score_rows(cfg, files, shown, in_fs, paths, cache_url)
         scored_at = time.time()
         in_cache = len(cache.cached_trace_ids(cache_url))
         scored_now = in_cache - len(cached)
@@ -125,7 +126,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         )
         rows, duplicates = _assemble_rows(paths, cache_url, in_cache)
         per_file, reasons = _count_rows(rows, cached)
-        inputs = _check_inputs(files, urls, per_file, ray.get(expected_rows))
+        inputs = _check_inputs(files, shown, per_file, ray.get(expected_rows))
         assembled_at = time.time()
         log.info("selecting per prompt and ranking teachers")
         selection = reduce_scores(paths.fs, paths.staging, paths.staging, cfg.selection)
@@ -141,9 +142,9 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         "run_id": paths.run_id,
         "started_at": _iso(started),
         "finished_at": _iso(time.time()),
-        "config": outputs.redacted(to_dict(cfg)),
+        "config": to_dict(cfg),
         "student": {"model": cfg.student.model, "identity": identity},
-        "score_cache": outputs.redacted({"url": cache_url})["url"],
+        "score_cache": cache_url,
         "inputs": inputs,
         "counts": counts,
         "reject_reasons": reasons,
@@ -176,8 +177,9 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         },
         "versions": _versions(),
     }
+    manifest = outputs.redacted(manifest)  # any URL in it may carry credentials
     _publish(paths, (*SCORE_OUTPUTS, *REDUCE_OUTPUTS), manifest)
-    log.info("published run %s to %s", paths.run_id, cfg.output.path)
+    log.info("published run %s to %s", paths.run_id, outputs.redact_url(cfg.output.path))
     return manifest
 
 
@@ -191,7 +193,10 @@ def run_select(cfg: LnRayConfig) -> dict[str, Any]:
     paths = RunPaths.create(cfg.output.path)
     manifest_url = storage.full_url(paths.fs, paths.final(MANIFEST))
     if not paths.fs.exists(paths.final(MANIFEST)):
-        raise JobError(f"no finished run under {cfg.output.path!r} (manifest.json is missing)")
+        raise JobError(
+            f"no finished run under {outputs.redact_url(cfg.output.path)!r} "
+            "(manifest.json is missing)"
+        )
     manifest = storage.read_json(manifest_url)
     try:
         selection = reduce_scores(paths.fs, paths.root, paths.staging, cfg.selection)
@@ -201,6 +206,7 @@ def run_select(cfg: LnRayConfig) -> dict[str, Any]:
     manifest["selection"] = {k: v for k, v in selection.items() if k != "reduce_s"}
     manifest["config"]["selection"] = to_dict(cfg)["selection"]
     manifest["timings"]["reduce_s"] = selection["reduce_s"]
+    manifest = outputs.redacted(manifest)
     _publish(paths, REDUCE_OUTPUTS, manifest)
     return manifest
 
@@ -211,7 +217,9 @@ def read_teacher_table(output_path: str) -> pd.DataFrame:
 
     fs, root = storage.filesystem(output_path)
     if not fs.exists(storage.join(root, MANIFEST)):
-        raise JobError(f"no finished run under {output_path!r} (manifest.json is missing)")
+        raise JobError(
+            f"no finished run under {outputs.redact_url(output_path)!r} (manifest.json is missing)"
+        )
     table = pq.read_table(storage.join(root, "teachers"), filesystem=storage.arrow_filesystem(fs))
     return table.to_pandas()
 
@@ -222,7 +230,7 @@ def _publish(paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any]) 
         outputs.publish(paths, names, manifest)
     except outputs.OutputError as exc:
         outputs.discard(paths)
-        raise JobError(str(exc)) from None
+        raise JobError(outputs.redact_url(str(exc))) from None
     except BaseException:
         outputs.discard(paths)
         raise
@@ -367,14 +375,19 @@ def _find_duplicates(rows, partitions: int) -> dict[tuple[str, int], str]:
 
 
 def _finish_rows(table: pa.Table, duplicates: dict[tuple[str, int], str]) -> pa.Table:
+    reasons = table["reject_reason"]
     if duplicates:
         keys = zip(table["source_file"].to_pylist(), table["row_number"].to_pylist())
-        reasons = [duplicates.get(key) for key in keys]
-        merged = pc.coalesce(table["reject_reason"], pa.array(reasons, pa.string()))
-        table = table.set_column(
-            table.schema.get_field_index("reject_reason"), "reject_reason", merged
-        )
-    return table.select(SCORED_ROWS_SCHEMA.names).cast(SCORED_ROWS_SCHEMA)
+        marks = [duplicates.get(key) for key in keys]
+        reasons = pc.coalesce(reasons, pa.array(marks, pa.string()))
+    # A shard's read error may quote its URL.
+    reasons = pc.replace_substring_regex(reasons, outputs.USERINFO, outputs.MASKED)
+    index = table.schema.get_field_index("reject_reason")
+    return (
+        table.set_column(index, "reject_reason", reasons)
+        .select(SCORED_ROWS_SCHEMA.names)
+        .cast(SCORED_ROWS_SCHEMA)
+    )
 
 
 def _scores_part(table: pa.Table) -> pa.Table:

@@ -28,6 +28,8 @@ CACHE_DIR = "_cache"
 MANIFEST = "manifest.json"
 SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR)
 REDUCE_OUTPUTS = ("selections", "teachers", "curated")
+# A URL's userinfo (``s3://KEY:SECRET@bucket``); RE2 syntax too, for Arrow's regex kernels.
+USERINFO, MASKED = r"://[^/@\s]+@", "://***@"
 STALE_RUN_S = 24 * 3600  # an active run writes its staging area far more often than this
 
 
@@ -125,17 +127,20 @@ def discard(paths: RunPaths) -> None:
     _remove_if_empty(paths.fs, storage.join(paths.root, RUNS_DIR))
 
 
-def redacted(config: dict[str, Any]) -> dict[str, Any]:
-    """Drop credentials that a URL may carry (``s3://KEY:SECRET@bucket``)."""
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it masked (``s3://***@bucket``)."""
+    return re.sub(USERINFO, MASKED, text)
 
-    def scrub(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, str):
-            return re.sub(r"(?<=://)[^/@\s]+@", "***@", value)
-        return value
 
-    return scrub(config)
+def redacted(config: Any) -> Any:
+    """A copy of ``config`` (nested dicts and lists) with every URL's credentials masked."""
+    if isinstance(config, dict):
+        return {k: redacted(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [redacted(v) for v in config]
+    if isinstance(config, str):
+        return redact_url(config)
+    return config
 
 
 def _move_folder(fs: Any, source: str, target: str) -> None:

@@ -95,7 +95,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     started = time.time()
     try:
         files = storage.list_input_files(cfg.input.path, cfg.input.format)
-        identity = check_student(cfg.student)
+        identity = check_student(cfg.student, want_gpu=cfg.compute.gpus_per_actor > 0)
         paths = RunPaths.create(cfg.output.path)
         outputs.check_writable(paths)
     except (storage.InputError, StudentError, outputs.OutputError) as exc:

@@ -2,7 +2,8 @@
 
 Nothing is downloaded unless ``student.allow_download`` is set. A GGUF file is dequantized once by
 transformers (about 20 s for SmolLM2-135M on 2 CPU cores) and cached as safetensors, keyed by the
-GGUF file's content hash, so later loads take well under a second.
+GGUF file's content hash, so later loads take well under a second. Weight files' content hashes
+(for the student's identity) are cached there too.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def load_student(cfg: StudentConfig, device: torch.device | None = None) -> Stud
     return Student(
         model=model,
         tokenizer=tokenizer,
-        identity=student_identity(source, folder, cfg),
+        identity=student_identity(source, folder, cfg, dtype),
         device=device,
         dtype=dtype,
     )
@@ -154,8 +155,13 @@ def load_tokenizer(cfg: StudentConfig) -> Any:
     return tokenizer
 
 
-def check_student(cfg: StudentConfig) -> str:
+def check_student(cfg: StudentConfig, want_gpu: bool = False) -> str:
     """Fail fast, before any work: the student resolves, its config and tokenizer load locally.
+
+    Args:
+        cfg: The ``student`` config section.
+        want_gpu: Whether the scoring actors get GPUs (``compute.gpus_per_actor > 0``); the
+            identity holds the dtype they resolve there, whether or not this machine has one.
 
     Returns:
         The student's identity string.
@@ -170,7 +176,8 @@ def check_student(cfg: StudentConfig) -> str:
         raise StudentError(f"cannot load student {cfg.model!r}{_hint(cfg)}: {exc}") from None
     tokenizer = load_tokenizer(cfg)
     _check_tokenizer(tokenizer, cfg.model)
-    return student_identity(source, folder, cfg)
+    dtype = pick_dtype(cfg.dtype, torch.device("cuda" if want_gpu else "cpu"))
+    return student_identity(source, folder, cfg, dtype)
 
 
 def _check_tokenizer(tokenizer: Any, name: str) -> None:
@@ -182,8 +189,17 @@ def _check_tokenizer(tokenizer: Any, name: str) -> None:
         )
 
 
-def student_identity(source: StudentSource, folder: str, cfg: StudentConfig) -> str:
-    """A string that changes whenever the scores could: weights, tokenizer, template, dtype."""
+def student_identity(
+    source: StudentSource, folder: str, cfg: StudentConfig, dtype: torch.dtype
+) -> str:
+    """A string that changes whenever the scores could: weights, tokenizer, template, dtype.
+
+    Args:
+        source: The resolved student.
+        folder: Its model directory (or hub id).
+        cfg: The ``student`` config section.
+        dtype: The dtype the model runs in (``pick_dtype``'s, not the configured ``auto``).
+    """
     digest = hashlib.sha256()
     root = Path(folder)
     if root.is_dir():
@@ -195,11 +211,11 @@ def student_identity(source: StudentSource, folder: str, cfg: StudentConfig) -> 
             if item.suffix in (".json", ".jinja", ".txt", ".model"):
                 digest.update(item.read_bytes())
             else:
-                digest.update(str(item.stat().st_size).encode())
+                digest.update(_content_sha256(item, _cache_root(cfg)).encode())
     else:
         digest.update(folder.encode())
     digest.update((cfg.chat_template or "").encode())
-    digest.update(cfg.dtype.encode())
+    digest.update(str(dtype).removeprefix("torch.").encode())
     return f"{source.name}@{digest.hexdigest()[:16]}"
 
 
@@ -223,8 +239,7 @@ def _converted_gguf(source: StudentSource, cfg: StudentConfig) -> str:
     assert source.gguf_file is not None
     gguf_path = Path(source.path) / source.gguf_file
     key = _file_sha256(gguf_path)[:16]
-    root = Path(cfg.cache_dir or os.environ.get("LN_RAY_CACHE") or _default_cache())
-    target = root / "students" / f"{gguf_path.stem}-{key}"
+    target = _cache_root(cfg) / "students" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return str(target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -261,6 +276,40 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _content_sha256(path: Path, cache_root: Path) -> str:
+    """A file's SHA-256, hashed once per version of the file rather than on every start.
+
+    The digest is kept in a small sidecar under ``cache_root``, valid while the file's size,
+    mtime, ctime and inode are unchanged (the signature git's index trusts): weights rewritten or
+    replaced in place change their ctime or inode even when size and mtime stay the same.
+    """
+    info = path.stat()  # before hashing: a file changed meanwhile is hashed again next time
+    signature = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+    resolved = str(path.resolve())
+    name = hashlib.sha256(resolved.encode()).hexdigest()[:32]
+    sidecar = cache_root / "digests" / f"{name}.json"
+    try:
+        saved = json.loads(sidecar.read_text())
+        if saved["path"] == resolved and saved["signature"] == signature:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = _file_sha256(path)
+    try:
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=sidecar.parent)
+        with os.fdopen(handle, "w") as out:
+            json.dump({"path": resolved, "signature": signature, "sha256": digest}, out)
+        os.replace(staging, sidecar)  # atomic: concurrent actors never read half a sidecar
+    except OSError as exc:
+        log.debug("cannot keep the digest of %s: %s", path, exc)
+    return digest
+
+
+def _cache_root(cfg: StudentConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("LN_RAY_CACHE") or _default_cache())
 
 
 def _default_cache() -> str:

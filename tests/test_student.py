@@ -1,0 +1,44 @@
+"""The student's identity, which keys the score cache: it follows the weights and the dtype."""
+
+from __future__ import annotations
+
+from conftest import make_tiny_llama
+
+from ln_ray.config import StudentConfig
+from ln_ray.score import student
+from ln_ray.score.student import check_student, load_student
+
+
+def test_identity_follows_the_weights_retrained_in_place(tiny_tokenizer, tmp_path, monkeypatch):
+    folder = tmp_path / "student"
+    make_tiny_llama(len(tiny_tokenizer), seed=0, attn="sdpa").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    cfg = StudentConfig(model=str(folder), cache_dir=str(tmp_path / "cache"))
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    before = check_student(cfg)
+    assert check_student(cfg) == before and before.startswith(str(folder))
+
+    make_tiny_llama(len(tiny_tokenizer), seed=1, attn="sdpa").save_pretrained(folder)
+    assert weights.stat().st_size == size  # same architecture: only the content differs
+    after = check_student(cfg)
+    assert after != before
+
+    # The weights' digest is kept, not recomputed on every start.
+    def no_hashing(path):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(student, "_file_sha256", no_hashing)
+    assert check_student(cfg) == after
+
+
+def test_identity_holds_the_dtype_the_model_runs_in(tiny_student_dir, tmp_path):
+    def identity(dtype: str, want_gpu: bool = False) -> str:
+        cfg = StudentConfig(model=tiny_student_dir, dtype=dtype, cache_dir=str(tmp_path))
+        return check_student(cfg, want_gpu=want_gpu)
+
+    assert identity("auto") == identity("float32")  # auto is fp32 on CPU
+    assert identity("auto", want_gpu=True) == identity("bfloat16") != identity("float32")
+    # A scoring actor on CPU names the student as the driver does.
+    loaded = load_student(StudentConfig(model=tiny_student_dir, cache_dir=str(tmp_path)))
+    assert loaded.identity == identity("auto")

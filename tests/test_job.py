@@ -172,8 +172,12 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     # re-run only the reduce stage with another selection option: scores are not recomputed
     scores_before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
     cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "selection.require_correct=false")
-    run_select(cfg)
+    selected = run_select(cfg)
     check_outputs(out, rows, filter_correct=False)
+    assert selected == json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert selected["stages"]["reduce"]["seconds"] == selected["timings"]["reduce_s"]
+    assert selected["stages"]["reduce"]["prompts"] == 6
+    assert selected["finished_at"] >= on_disk["finished_at"]
     scores_after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
     assert scores_before == scores_after
     assert not read_teacher_table(out).empty

@@ -206,6 +206,11 @@ def run_select(cfg: LnRayConfig) -> dict[str, Any]:
     manifest["selection"] = {k: v for k, v in selection.items() if k != "reduce_s"}
     manifest["config"]["selection"] = to_dict(cfg)["selection"]
     manifest["timings"]["reduce_s"] = selection["reduce_s"]
+    manifest.setdefault("stages", {})["reduce"] = {
+        "seconds": selection["reduce_s"],
+        "prompts": selection["prompts"],
+    }
+    manifest["finished_at"] = _iso(time.time())
     manifest = outputs.redacted(manifest)
     _publish(paths, REDUCE_OUTPUTS, manifest)
     return manifest

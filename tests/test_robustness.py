@@ -5,6 +5,7 @@ Every test runs the real job on a local Ray cluster with the tiny student.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import signal
@@ -110,8 +111,10 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
         json.dumps({**good, "teacher": "t4", "response": "Padded answer.\n\n"}).encode(),  # 10
         b"[1, 2]",  # 11
         json.dumps({**good, "teacher": "t5"}).encode(),  # 12: fine
+        json.dumps({**good, "teacher": "t7", "response": "A lone \ud800 half."}).encode(),  # 13
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # 14: nests too deeply
     ]
-    (folder / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (folder / "a.jsonl").write_bytes(codecs.BOM_UTF8 + b"\n".join(lines) + b"\n")
     pq.write_table(pa.Table.from_pylist([{**good, "teacher": "t6"}]), folder / "b.parquet")
     (folder / "c.parquet").write_bytes(b"PAR1 definitely not a parquet file PAR1")
     trimming = (
@@ -136,21 +139,23 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     assert a[9].startswith("duplicate of") and a[9].endswith("a.jsonl row 1")
     assert a[10] == "chat template alters the response text"
     assert a[11] == "line is not a JSON object"
-    assert len(a) == 10
+    assert a[13] == "response is not valid Unicode"
+    assert a[14] == "invalid JSON: nested too deeply"
+    assert len(a) == 12
     corrupt = rejects[rejects["source_file"].str.endswith("c.parquet")]
     assert len(corrupt) == 1 and corrupt["reason"].iloc[0].startswith("cannot read Parquet shard")
 
     by_file = {Path(entry["path"]).name: entry for entry in manifest["inputs"]}
-    assert by_file["a.jsonl"]["rows_in_file"] == 12
-    assert by_file["a.jsonl"]["rows_read"] == 12 == 2 + 10
+    assert by_file["a.jsonl"]["rows_in_file"] == 14
+    assert by_file["a.jsonl"]["rows_read"] == 14 == 2 + 12
     assert by_file["b.parquet"]["rows_scored"] == 1
     assert by_file["c.parquet"]["rows_in_file"] is None and "unreadable" in by_file["c.parquet"]
     for entry in manifest["inputs"]:
         assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
-    assert manifest["counts"]["rows_read"] == 14
+    assert manifest["counts"]["rows_read"] == 16
     reasons = manifest["reject_reasons"]
-    assert reasons["duplicate"] == 1 and reasons["invalid JSON"] == 1
-    assert reasons["cannot read Parquet shard"] == 1 and sum(reasons.values()) == 11
+    assert reasons["duplicate"] == 1 and reasons["invalid JSON"] == 2
+    assert reasons["cannot read Parquet shard"] == 1 and sum(reasons.values()) == 13
     assert manifest["stages"]["assemble"]["duplicates"] == 1
     assert manifest["stages"]["read_prepare_score"]["shard_errors"] == 1
     # t1, t5 and t6 tie and t1 wins by name; line 9 repeats line 1 and shares its trace_id,

@@ -70,6 +70,38 @@ def test_parquet_rows_and_a_corrupt_shard():
     assert len(broken) == 1 and broken[0]["read_error"].startswith("cannot read Parquet shard")
 
 
+def test_odd_jsonl_lines_are_rejected_alone():
+    lines = b"\n".join(
+        [
+            b"\xef\xbb\xbf" + json.dumps(GOOD).encode(),  # a byte order mark opens the file
+            json.dumps({**GOOD, "response": "ok \ud800 done."}, ensure_ascii=True).encode(),
+            json.dumps({**GOOD, "note": {"\udc00": 1}}, ensure_ascii=True).encode(),
+            json.dumps({**GOOD, "teacher": "\ud800", "steps": ["\ud800"]}).encode(),
+            b'{"deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b'{"n": ' + b"1" * 5000 + b"}",
+            json.dumps(GOOD).encode(),
+        ]
+    )
+    rows = _raw(lines).to_pylist()  # every row stores in Arrow: the block builds
+    assert [r["row_number"] for r in rows] == list(range(1, 8))
+    assert rows[0]["read_error"] is None and rows[0]["teacher"] == "t"
+    assert rows[1]["read_error"] == "response is not valid Unicode" and rows[1]["response"] is None
+    assert rows[2]["read_error"] == "a column is not valid Unicode" and rows[2]["extra"] is None
+    assert rows[3]["read_error"] == "teacher is not valid Unicode; steps is not valid Unicode"
+    assert rows[4]["read_error"] == "invalid JSON: nested too deeply"
+    assert rows[5]["read_error"].startswith("invalid JSON: Exceeds the limit")
+    assert rows[6]["read_error"] is None
+
+
+def test_a_row_arrow_cannot_store_fails_alone():
+    rows = [{"row_number": n, "read_error": None, "prompt": "Q?"} for n in (1, 2, 3)]
+    rows[1]["prompt"] = "\ud800"  # as if it had slipped past canonical_row
+    table = pa.concat_tables(list(_blocks(iter(rows), "mem://shard.jsonl")))
+    assert table["prompt"].to_pylist() == ["Q?", None, "Q?"]
+    assert table["read_error"][1].as_py().startswith("row cannot be stored: UnicodeEncodeError")
+    assert table["source_file"].to_pylist() == ["mem://shard.jsonl"] * 3
+
+
 def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_path):
     raw = _raw(
         b"\n".join(

@@ -102,6 +102,23 @@ def test_a_row_arrow_cannot_store_fails_alone():
     assert table["source_file"].to_pylist() == ["mem://shard.jsonl"] * 3
 
 
+def test_numeric_prompt_ids_read_the_same_from_jsonl_and_parquet():
+    ids = [1, 1.0, float("nan"), float("inf"), 1.5, True, "q1"]
+    table = _raw(b"\n".join(json.dumps({**GOOD, "prompt_id": i}).encode() for i in ids))
+    rows = table.to_pylist()
+    assert [r["prompt_id"] for r in rows] == ["1", "1", None, None, "1.5", None, "q1"]
+    assert [r["read_error"] for r in rows] == [
+        None, None, None, None, "prompt_id is a number with a fraction",
+        "prompt_id is not a string or number", None,
+    ]  # fmt: skip
+    buffer = io.BytesIO()
+    column = pa.array([1.0, float("nan"), None, 2.5], pa.float64())
+    pq.write_table(pa.table({"prompt_id": column, "prompt": ["Q?"] * 4}), buffer)
+    rows = list(iter_parquet(io.BytesIO(buffer.getvalue()), ColumnsConfig()))
+    assert [r["prompt_id"] for r in rows] == ["1", None, None, "2.5"]
+    assert [r["read_error"] is None for r in rows] == [True, True, True, False]
+
+
 def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_path):
     raw = _raw(
         b"\n".join(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,9 +145,20 @@ def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -
         if row[key] is not None and not isinstance(row[key], str):
             problems.append(f"{key} is not a string")
             row[key] = None
-    if isinstance(row["prompt_id"], int | float) and not isinstance(row["prompt_id"], bool):
-        row["prompt_id"] = str(row["prompt_id"])
-    elif row["prompt_id"] is not None and not isinstance(row["prompt_id"], str):
+    prompt_id = row["prompt_id"]
+    if isinstance(prompt_id, float):
+        # Parquet holds integer ids with gaps as float64 (1.0 is JSONL's 1), and NaN is how
+        # pandas and json.dumps write a missing one.
+        if not math.isfinite(prompt_id):
+            row["prompt_id"] = None
+        elif prompt_id.is_integer():
+            row["prompt_id"] = str(int(prompt_id))
+        else:
+            problems.append("prompt_id is a number with a fraction")
+            row["prompt_id"] = repr(prompt_id)
+    elif isinstance(prompt_id, int) and not isinstance(prompt_id, bool):
+        row["prompt_id"] = str(prompt_id)
+    elif prompt_id is not None and not isinstance(prompt_id, str):
         problems.append("prompt_id is not a string or number")
         row["prompt_id"] = None
     steps = row["steps"]

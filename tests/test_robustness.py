@@ -117,6 +117,7 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     (folder / "a.jsonl").write_bytes(codecs.BOM_UTF8 + b"\n".join(lines) + b"\n")
     pq.write_table(pa.Table.from_pylist([{**good, "teacher": "t6"}]), folder / "b.parquet")
     (folder / "c.parquet").write_bytes(b"PAR1 definitely not a parquet file PAR1")
+    (folder / "notes.csv").write_text("not,input\n")
     trimming = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
         "{% endfor %}"
@@ -149,6 +150,7 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     assert by_file["a.jsonl"]["rows_in_file"] == 14
     assert by_file["a.jsonl"]["rows_read"] == 14 == 2 + 12
     assert by_file["b.parquet"]["rows_scored"] == 1
+    assert manifest["skipped_files"] == [str(folder / "notes.csv")]
     assert by_file["c.parquet"]["rows_in_file"] is None and "unreadable" in by_file["c.parquet"]
     for entry in manifest["inputs"]:
         assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
@@ -189,7 +191,9 @@ def test_a_run_whose_every_row_is_rejected_still_publishes(ray_cluster, tiny_stu
 def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")
+    write_jsonl(tmp_path / "in" / "a.jsonl", make_rows(n_prompts=1))
     cases = [
+        (config(tmp_path / "in", tmp_path / "in" / "out", tiny_student_dir), "inside input.path"),
         (config(tmp_path / "empty", tmp_path / "o1", tiny_student_dir), "no input files"),
         (config(tmp_path / "missing", tmp_path / "o2", tiny_student_dir), "does not exist"),
         (config(corpus[0], tmp_path / "a-file" / "out", tiny_student_dir), "not writable"),
@@ -200,7 +204,7 @@ def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp
         with pytest.raises(JobError, match=message):
             run_score(cfg)
         assert time.time() - started < 30
-    assert not (tmp_path / "o3" / "scores").exists()
+    assert not (tmp_path / "o3" / "scores").exists() and not (tmp_path / "in" / "out").exists()
     with pytest.raises(ConfigError, match="compute.token_budget"):
         config(corpus[0], tmp_path / "o4", tiny_student_dir, "compute.token_budget=1")
 

@@ -119,6 +119,29 @@ def test_numeric_prompt_ids_read_the_same_from_jsonl_and_parquet():
     assert [r["read_error"] is None for r in rows] == [True, True, True, False]
 
 
+def parquet_with_a_corrupt_row_group(rows: list[dict]) -> bytes:
+    """The rows in row groups of three; the second group's response page is garbage."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer, row_group_size=3)
+    data = bytearray(buffer.getvalue())
+    shard = pq.ParquetFile(io.BytesIO(bytes(data)))
+    column = shard.schema_arrow.get_field_index("response")
+    page = shard.metadata.row_group(1).column(column).data_page_offset
+    data[page : page + 6] = b"\xff" * 6
+    return bytes(data)
+
+
+def test_a_corrupt_parquet_row_group_costs_only_its_rows():
+    rows = [{**GOOD, "prompt_id": f"q{i}", "response": f"So the answer is {i}."} for i in range(6)]
+    shard = io.BytesIO(parquet_with_a_corrupt_row_group(rows))
+    rows = list(iter_parquet(shard, ColumnsConfig()))
+    assert [r["row_number"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["prompt_id"] for r in rows[:3]] == ["q0", "q1", "q2"]
+    assert all(r["read_error"] is None for r in rows[:3])
+    lost = "cannot read Parquet row group: group 2 of 2 (rows 4-6)"
+    assert all(r["read_error"].startswith(lost) for r in rows[3:])
+
+
 def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_path):
     raw = _raw(
         b"\n".join(

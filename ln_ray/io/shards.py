@@ -3,7 +3,8 @@
 Every row keeps its source file and 1-based row number (the line number in JSONL), so a row that
 is rejected anywhere later can be found again. A bad line (invalid JSON, not UTF-8, not an object)
 or a value of the wrong type becomes a row with ``read_error`` set, and the rest of the file is
-still read; a shard that cannot be opened at all becomes a single such row.
+still read; so does each row of a Parquet row group that cannot be read. A shard that cannot be
+opened at all becomes a single such row (row number null).
 """
 
 from __future__ import annotations
@@ -92,20 +93,35 @@ def iter_jsonl(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
 
 
 def iter_parquet(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
-    """Canonical rows of a Parquet file; row numbers are 1-based."""
+    """Canonical rows of a Parquet file; row numbers are 1-based.
+
+    Row groups are read one at a time, so a corrupt one costs only its own rows: each of them
+    becomes a row with ``read_error`` and its row number (known from the footer), and every row
+    in the file is still accounted for.
+    """
     try:
         parquet = pq.ParquetFile(f)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         yield _error_row(None, f"cannot read Parquet shard: {exc}")
         return
-    number = 0
-    try:
-        for batch in parquet.iter_batches(batch_size=BLOCK_ROWS):
-            for record in batch.to_pylist():
-                number += 1
-                yield canonical_row(record, columns, number)
-    except Exception as exc:
-        yield _error_row(None, f"cannot read Parquet shard after row {number}: {exc}")
+    groups = parquet.metadata.num_row_groups
+    start = 1
+    for group in range(groups):
+        end = start + parquet.metadata.row_group(group).num_rows
+        number = start
+        try:
+            for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, row_groups=[group]):
+                for record in batch.to_pylist():
+                    yield canonical_row(record, columns, number)
+                    number += 1
+        except Exception as exc:
+            reason = (
+                f"cannot read Parquet row group: group {group + 1} of {groups} "
+                f"(rows {start}-{end - 1}): {' '.join(str(exc).split())}"
+            )
+            for lost in range(number, end):
+                yield _error_row(lost, reason)
+        start = end
 
 
 def count_source_rows(url: str, fmt: str) -> dict[str, Any]:

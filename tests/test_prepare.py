@@ -110,6 +110,7 @@ def test_input_steps_win_over_the_segmenter(tiny_tokenizer):
         ({"steps": ["First, compute", " something else"]}, "bad steps"),
         ({"correct": "yes"}, "correct is not a boolean"),
         ({"messages": "[not json"}, "not valid JSON"),
+        ({"messages": "[" * 100_000 + "]" * 100_000}, "not valid JSON"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "not the assistant"),
     ],
 )

@@ -5,6 +5,7 @@ Every test runs the real job on a local Ray cluster with the tiny student.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_job import make_rows, read_output
+from test_stages import parquet_with_a_corrupt_row_group
 
 from ln_ray.config import ConfigError, load_config
 from ln_ray.io import cache
@@ -110,10 +112,16 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
         json.dumps({**good, "teacher": "t4", "response": "Padded answer.\n\n"}).encode(),  # 10
         b"[1, 2]",  # 11
         json.dumps({**good, "teacher": "t5"}).encode(),  # 12: fine
+        json.dumps({**good, "teacher": "t7", "response": "A lone \ud800 half."}).encode(),  # 13
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # 14: nests too deeply
     ]
-    (folder / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (folder / "a.jsonl").write_bytes(codecs.BOM_UTF8 + b"\n".join(lines) + b"\n")
     pq.write_table(pa.Table.from_pylist([{**good, "teacher": "t6"}]), folder / "b.parquet")
     (folder / "c.parquet").write_bytes(b"PAR1 definitely not a parquet file PAR1")
+    # rows 4-6 sit in a row group that cannot be read; rows 1-3 are scored
+    grouped = [{**good, "prompt_id": f"r{i}", "teacher": "t8"} for i in range(6)]
+    (folder / "d.parquet").write_bytes(parquet_with_a_corrupt_row_group(grouped))
+    (folder / "notes.csv").write_text("not,input\n")
     trimming = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
         "{% endfor %}"
@@ -123,7 +131,8 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     cfg.student.chat_template = trimming
     manifest = run_score(cfg)
     scores = read_output(out, "scores")
-    assert sorted(scores["teacher"]) == ["t1", "t5", "t6"]
+    assert sorted(scores["teacher"]) == ["t1", "t5", "t6", "t8", "t8", "t8"]
+    assert sorted(scores[scores["teacher"] == "t8"]["prompt_id"]) == ["r0", "r1", "r2"]
     rejects = read_output(out, "rejects")
     a = rejects[rejects["source_file"].str.endswith("a.jsonl")].set_index("row_number")["reason"]
     assert a[2].startswith("invalid JSON")
@@ -136,27 +145,38 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     assert a[9].startswith("duplicate of") and a[9].endswith("a.jsonl row 1")
     assert a[10] == "chat template alters the response text"
     assert a[11] == "line is not a JSON object"
-    assert len(a) == 10
+    assert a[13] == "response is not valid Unicode"
+    assert a[14] == "invalid JSON: nested too deeply"
+    assert len(a) == 12
     corrupt = rejects[rejects["source_file"].str.endswith("c.parquet")]
     assert len(corrupt) == 1 and corrupt["reason"].iloc[0].startswith("cannot read Parquet shard")
+    group = rejects[rejects["source_file"].str.endswith("d.parquet")]
+    assert sorted(group["row_number"]) == [4, 5, 6]
+    assert group["reason"].str.startswith("cannot read Parquet row group: group 2 of 2").all()
 
     by_file = {Path(entry["path"]).name: entry for entry in manifest["inputs"]}
-    assert by_file["a.jsonl"]["rows_in_file"] == 12
-    assert by_file["a.jsonl"]["rows_read"] == 12 == 2 + 10
+    assert by_file["a.jsonl"]["rows_in_file"] == 14
+    assert by_file["a.jsonl"]["rows_read"] == 14 == 2 + 12
     assert by_file["b.parquet"]["rows_scored"] == 1
+    d = by_file["d.parquet"]
+    assert (d["rows_in_file"], d["rows_scored"], d["rows_rejected"]) == (6, 3, 3)
+    assert manifest["skipped_files"] == [str(folder / "notes.csv")]
     assert by_file["c.parquet"]["rows_in_file"] is None and "unreadable" in by_file["c.parquet"]
     for entry in manifest["inputs"]:
         assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
-    assert manifest["counts"]["rows_read"] == 14
+    assert manifest["counts"]["rows_read"] == 22
     reasons = manifest["reject_reasons"]
-    assert reasons["duplicate"] == 1 and reasons["invalid JSON"] == 1
-    assert reasons["cannot read Parquet shard"] == 1 and sum(reasons.values()) == 11
+    assert reasons["duplicate"] == 1 and reasons["invalid JSON"] == 2
+    assert reasons["cannot read Parquet shard"] == 1
+    assert reasons["cannot read Parquet row group"] == 3 and sum(reasons.values()) == 16
     assert manifest["stages"]["assemble"]["duplicates"] == 1
     assert manifest["stages"]["read_prepare_score"]["shard_errors"] == 1
     # t1, t5 and t6 tie and t1 wins by name; line 9 repeats line 1 and shares its trace_id,
     # yet the curated set holds one row for the prompt.
-    curated = read_output(out, "curated")
-    assert list(zip(curated["prompt_id"], curated["teacher"])) == [("q1", "t1")]
+    curated = read_output(out, "curated").sort_values("prompt_id")
+    assert list(zip(curated["prompt_id"], curated["teacher"])) == [
+        ("q1", "t1"), ("r0", "t8"), ("r1", "t8"), ("r2", "t8"),
+    ]  # fmt: skip
 
 
 def test_a_run_whose_every_row_is_rejected_still_publishes(ray_cluster, tiny_student_dir, tmp_path):
@@ -199,7 +219,9 @@ def test_a_run_where_no_trace_is_eligible_still_publishes(ray_cluster, tiny_stud
 def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")
+    write_jsonl(tmp_path / "in" / "a.jsonl", make_rows(n_prompts=1))
     cases = [
+        (config(tmp_path / "in", tmp_path / "in" / "out", tiny_student_dir), "inside input.path"),
         (config(tmp_path / "empty", tmp_path / "o1", tiny_student_dir), "no input files"),
         (config(tmp_path / "missing", tmp_path / "o2", tiny_student_dir), "does not exist"),
         (config(corpus[0], tmp_path / "a-file" / "out", tiny_student_dir), "not writable"),
@@ -210,7 +232,7 @@ def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp
         with pytest.raises(JobError, match=message):
             run_score(cfg)
         assert time.time() - started < 30
-    assert not (tmp_path / "o3" / "scores").exists()
+    assert not (tmp_path / "o3" / "scores").exists() and not (tmp_path / "in" / "out").exists()
     with pytest.raises(ConfigError, match="compute.token_budget"):
         config(corpus[0], tmp_path / "o4", tiny_student_dir, "compute.token_budget=1")
 

@@ -70,6 +70,78 @@ def test_parquet_rows_and_a_corrupt_shard():
     assert len(broken) == 1 and broken[0]["read_error"].startswith("cannot read Parquet shard")
 
 
+def test_odd_jsonl_lines_are_rejected_alone():
+    lines = b"\n".join(
+        [
+            b"\xef\xbb\xbf" + json.dumps(GOOD).encode(),  # a byte order mark opens the file
+            json.dumps({**GOOD, "response": "ok \ud800 done."}, ensure_ascii=True).encode(),
+            json.dumps({**GOOD, "note": {"\udc00": 1}}, ensure_ascii=True).encode(),
+            json.dumps({**GOOD, "teacher": "\ud800", "steps": ["\ud800"]}).encode(),
+            b'{"deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b'{"n": ' + b"1" * 5000 + b"}",
+            json.dumps(GOOD).encode(),
+        ]
+    )
+    rows = _raw(lines).to_pylist()  # every row stores in Arrow: the block builds
+    assert [r["row_number"] for r in rows] == list(range(1, 8))
+    assert rows[0]["read_error"] is None and rows[0]["teacher"] == "t"
+    assert rows[1]["read_error"] == "response is not valid Unicode" and rows[1]["response"] is None
+    assert rows[2]["read_error"] == "a column is not valid Unicode" and rows[2]["extra"] is None
+    assert rows[3]["read_error"] == "teacher is not valid Unicode; steps is not valid Unicode"
+    assert rows[4]["read_error"] == "invalid JSON: nested too deeply"
+    assert rows[5]["read_error"].startswith("invalid JSON: Exceeds the limit")
+    assert rows[6]["read_error"] is None
+
+
+def test_a_row_arrow_cannot_store_fails_alone():
+    rows = [{"row_number": n, "read_error": None, "prompt": "Q?"} for n in (1, 2, 3)]
+    rows[1]["prompt"] = "\ud800"  # as if it had slipped past canonical_row
+    table = pa.concat_tables(list(_blocks(iter(rows), "mem://shard.jsonl")))
+    assert table["prompt"].to_pylist() == ["Q?", None, "Q?"]
+    assert table["read_error"][1].as_py().startswith("row cannot be stored: UnicodeEncodeError")
+    assert table["source_file"].to_pylist() == ["mem://shard.jsonl"] * 3
+
+
+def test_numeric_prompt_ids_read_the_same_from_jsonl_and_parquet():
+    ids = [1, 1.0, float("nan"), float("inf"), 1.5, True, "q1"]
+    table = _raw(b"\n".join(json.dumps({**GOOD, "prompt_id": i}).encode() for i in ids))
+    rows = table.to_pylist()
+    assert [r["prompt_id"] for r in rows] == ["1", "1", None, None, "1.5", None, "q1"]
+    assert [r["read_error"] for r in rows] == [
+        None, None, None, None, "prompt_id is a number with a fraction",
+        "prompt_id is not a string or number", None,
+    ]  # fmt: skip
+    buffer = io.BytesIO()
+    column = pa.array([1.0, float("nan"), None, 2.5], pa.float64())
+    pq.write_table(pa.table({"prompt_id": column, "prompt": ["Q?"] * 4}), buffer)
+    rows = list(iter_parquet(io.BytesIO(buffer.getvalue()), ColumnsConfig()))
+    assert [r["prompt_id"] for r in rows] == ["1", None, None, "2.5"]
+    assert [r["read_error"] is None for r in rows] == [True, True, True, False]
+
+
+def parquet_with_a_corrupt_row_group(rows: list[dict]) -> bytes:
+    """The rows in row groups of three; the second group's response page is garbage."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer, row_group_size=3)
+    data = bytearray(buffer.getvalue())
+    shard = pq.ParquetFile(io.BytesIO(bytes(data)))
+    column = shard.schema_arrow.get_field_index("response")
+    page = shard.metadata.row_group(1).column(column).data_page_offset
+    data[page : page + 6] = b"\xff" * 6
+    return bytes(data)
+
+
+def test_a_corrupt_parquet_row_group_costs_only_its_rows():
+    rows = [{**GOOD, "prompt_id": f"q{i}", "response": f"So the answer is {i}."} for i in range(6)]
+    shard = io.BytesIO(parquet_with_a_corrupt_row_group(rows))
+    rows = list(iter_parquet(shard, ColumnsConfig()))
+    assert [r["row_number"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["prompt_id"] for r in rows[:3]] == ["q0", "q1", "q2"]
+    assert all(r["read_error"] is None for r in rows[:3])
+    lost = "cannot read Parquet row group: group 2 of 2 (rows 4-6)"
+    assert all(r["read_error"].startswith(lost) for r in rows[3:])
+
+
 def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_path):
     raw = _raw(
         b"\n".join(

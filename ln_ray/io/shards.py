@@ -3,12 +3,15 @@
 Every row keeps its source file and 1-based row number (the line number in JSONL), so a row that
 is rejected anywhere later can be found again. A bad line (invalid JSON, not UTF-8, not an object)
 or a value of the wrong type becomes a row with ``read_error`` set, and the rest of the file is
-still read; a shard that cannot be opened at all becomes a single such row.
+still read; so does each row of a Parquet row group that cannot be read. A shard that cannot be
+opened at all becomes a single such row (row number null).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,6 +80,12 @@ def iter_jsonl(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             yield _error_row(number, f"invalid JSON: {exc.msg} at column {exc.colno}")
             continue
+        except ValueError as exc:  # e.g. an integer with more digits than Python converts
+            yield _error_row(number, f"invalid JSON: {exc}")
+            continue
+        except RecursionError:
+            yield _error_row(number, "invalid JSON: nested too deeply")
+            continue
         if not isinstance(record, dict):
             yield _error_row(number, "line is not a JSON object")
             continue
@@ -84,20 +93,35 @@ def iter_jsonl(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
 
 
 def iter_parquet(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
-    """Canonical rows of a Parquet file; row numbers are 1-based."""
+    """Canonical rows of a Parquet file; row numbers are 1-based.
+
+    Row groups are read one at a time, so a corrupt one costs only its own rows: each of them
+    becomes a row with ``read_error`` and its row number (known from the footer), and every row
+    in the file is still accounted for.
+    """
     try:
         parquet = pq.ParquetFile(f)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         yield _error_row(None, f"cannot read Parquet shard: {exc}")
         return
-    number = 0
-    try:
-        for batch in parquet.iter_batches(batch_size=BLOCK_ROWS):
-            for record in batch.to_pylist():
-                number += 1
-                yield canonical_row(record, columns, number)
-    except Exception as exc:
-        yield _error_row(None, f"cannot read Parquet shard after row {number}: {exc}")
+    groups = parquet.metadata.num_row_groups
+    start = 1
+    for group in range(groups):
+        end = start + parquet.metadata.row_group(group).num_rows
+        number = start
+        try:
+            for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, row_groups=[group]):
+                for record in batch.to_pylist():
+                    yield canonical_row(record, columns, number)
+                    number += 1
+        except Exception as exc:
+            reason = (
+                f"cannot read Parquet row group: group {group + 1} of {groups} "
+                f"(rows {start}-{end - 1}): {' '.join(str(exc).split())}"
+            )
+            for lost in range(number, end):
+                yield _error_row(lost, reason)
+        start = end
 
 
 def count_source_rows(url: str, fmt: str) -> dict[str, Any]:
@@ -137,9 +161,20 @@ def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -
         if row[key] is not None and not isinstance(row[key], str):
             problems.append(f"{key} is not a string")
             row[key] = None
-    if isinstance(row["prompt_id"], int | float) and not isinstance(row["prompt_id"], bool):
-        row["prompt_id"] = str(row["prompt_id"])
-    elif row["prompt_id"] is not None and not isinstance(row["prompt_id"], str):
+    prompt_id = row["prompt_id"]
+    if isinstance(prompt_id, float):
+        # Parquet holds integer ids with gaps as float64 (1.0 is JSONL's 1), and NaN is how
+        # pandas and json.dumps write a missing one.
+        if not math.isfinite(prompt_id):
+            row["prompt_id"] = None
+        elif prompt_id.is_integer():
+            row["prompt_id"] = str(int(prompt_id))
+        else:
+            problems.append("prompt_id is a number with a fraction")
+            row["prompt_id"] = repr(prompt_id)
+    elif isinstance(prompt_id, int) and not isinstance(prompt_id, bool):
+        row["prompt_id"] = str(prompt_id)
+    elif prompt_id is not None and not isinstance(prompt_id, str):
         problems.append("prompt_id is not a string or number")
         row["prompt_id"] = None
     steps = row["steps"]
@@ -153,9 +188,18 @@ def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -
         row["correct"] = None
     messages = row["messages"]
     if messages is not None and not isinstance(messages, str):
-        row["messages"] = json.dumps(messages, ensure_ascii=False, default=str)
+        row["messages"] = _json_text(messages)
+        if row["messages"] is None:
+            problems.append("messages nests too deeply")
     extra = {k: v for k, v in record.items() if k not in set(names.values())}
-    row["extra"] = json.dumps(extra, ensure_ascii=False, default=str) if extra else None
+    row["extra"] = _json_text(extra) if extra else None
+    if extra and row["extra"] is None:
+        problems.append("a column nests too deeply")
+    for key in ("prompt_id", "prompt", "teacher", "response", "steps", "messages", "extra"):
+        if not _is_utf8(row[key]):
+            # JSON can escape a lone surrogate ("\ud800"), which no UTF-8 text can hold.
+            problems.append(f"{'a column' if key == 'extra' else key} is not valid Unicode")
+            row[key] = None
     if problems:
         row["read_error"] = "; ".join(problems)
     return row
@@ -165,20 +209,67 @@ def _error_row(number: int | None, reason: str) -> dict[str, Any]:
     return {"row_number": number, "read_error": reason}
 
 
+def _json_text(value: Any) -> str | None:
+    """``value`` as JSON text, or None when it nests deeper than the encoder recurses."""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):
+        return None
+
+
+def _is_utf8(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    elif isinstance(value, list | tuple):
+        return all(_is_utf8(item) for item in value)
+    return True
+
+
 def _blocks(rows: Iterator[dict[str, Any]], source: str) -> Iterator[pa.Table]:
     batch: list[dict[str, Any]] = []
     for row in rows:
         row["source_file"] = source
         batch.append(row)
         if len(batch) >= BLOCK_ROWS:
-            yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
+            yield _block(batch)
             batch = []
     if batch:
-        yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
+        yield _block(batch)
+
+
+def _block(rows: list[dict[str, Any]]) -> pa.Table:
+    """An Arrow block of raw rows; a row that Arrow still cannot store becomes that row's error
+    instead of failing its whole shard."""
+    try:
+        return pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+    except Exception:
+        return pa.Table.from_pylist([_storable(row) for row in rows], schema=RAW_SCHEMA)
+
+
+def _storable(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        pa.Table.from_pylist([row], schema=RAW_SCHEMA)
+    except Exception as exc:
+        detail = str(exc).encode("utf-8", "backslashreplace").decode("utf-8")
+        reason = f"row cannot be stored: {type(exc).__name__}: {detail}"
+        return {**_error_row(row["row_number"], reason), "source_file": row["source_file"]}
+    return row
 
 
 def _lines(f: Any) -> Iterator[bytes]:
-    """Split a binary stream into lines (without the newline) without reading it whole."""
+    """Split a binary stream into lines (without the newline) without reading it whole; a UTF-8
+    byte order mark before the first line (as some Windows tools write) is dropped."""
+    lines = _split_lines(f)
+    first = next(lines, None)
+    if first is not None:
+        yield first.removeprefix(codecs.BOM_UTF8)
+        yield from lines
+
+
+def _split_lines(f: Any) -> Iterator[bytes]:
     rest = b""
     while True:
         chunk = f.read(_READ_CHUNK)

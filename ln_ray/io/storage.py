@@ -7,11 +7,16 @@ never from config files. Ray Data gets the same fsspec filesystem wrapped as a p
 from __future__ import annotations
 
 import json
+import logging
+import os
 import posixpath
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import fsspec
 from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = {
     ".parquet": "parquet",
@@ -22,8 +27,24 @@ INPUT_SUFFIXES = {
 }
 
 
+# A URL's userinfo (``s3://KEY:SECRET@bucket``); RE2 syntax too, for Arrow's regex kernels.
+USERINFO, MASKED = r"://[^/@\s]+@", "://***@"
+
+
 class InputError(ValueError):
     """The run's input cannot be used at all (no files, unknown format)."""
+
+
+class InputFiles(NamedTuple):
+    """What an input path expands to: files to read with their format, and files left out."""
+
+    files: list[tuple[str, str]]
+    skipped: list[str]  # files whose suffix names no input format (input.format auto)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it masked (``s3://***@bucket``)."""
+    return re.sub(USERINFO, MASKED, text)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -49,21 +70,25 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(url.rstrip("/"), *parts)
 
 
-def list_input_files(url: str, input_format: str = "auto") -> list[tuple[str, str]]:
+def list_input_files(url: str, input_format: str = "auto") -> InputFiles:
     """Expand a file, folder or glob into ``(path, format)`` pairs, sorted.
+
+    Below a folder or a glob's fixed part, a path with a component starting with ``_`` or ``.``
+    is not input: that is where ln-ray and other tools keep working data (``_cache/``,
+    ``_SUCCESS``, ``.crc``). A file with an unknown suffix is skipped with a warning.
 
     Args:
         url: A file, a folder (searched recursively) or a glob, on any fsspec filesystem.
         input_format: ``auto`` (by file suffix), ``parquet`` or ``jsonl``.
 
     Returns:
-        Paths inside the filesystem (no protocol) with their format.
+        Paths inside the filesystem (no protocol) with their format, and the skipped files.
 
     Raises:
         InputError: When nothing readable matches.
     """
     fs, path = filesystem(url)
-    if any(ch in path for ch in "*?["):
+    if _is_glob(path):
         candidates = sorted(fs.glob(path))
     elif fs.isdir(path):
         candidates = sorted(fs.find(path))
@@ -71,20 +96,50 @@ def list_input_files(url: str, input_format: str = "auto") -> list[tuple[str, st
         candidates = [path]
     else:
         raise InputError(f"input.path {url!r} does not exist")
-    files = []
+    root = _input_root(path)
+    files, skipped = [], []
     for candidate in candidates:
-        name = posixpath.basename(candidate)
-        if name.startswith((".", "_")) or fs.isdir(candidate):
+        if _is_hidden(candidate, root) or fs.isdir(candidate):
             continue
-        fmt = input_format if input_format != "auto" else _format_of(name)
-        if fmt is not None:
+        fmt = input_format if input_format != "auto" else _format_of(candidate)
+        if fmt is None:
+            skipped.append(candidate)
+        else:
             files.append((candidate, fmt))
+    if skipped:
+        log.warning(
+            "skipping %d files under %s with no known suffix (set input.format to read them): %s",
+            len(skipped),
+            redact_url(url),
+            redact_url(", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")),
+        )
     if not files:
         raise InputError(
             f"no input files under {url!r} (looked for {sorted(INPUT_SUFFIXES)}; "
             "set input.format for other names)"
         )
-    return files
+    return InputFiles(files, skipped)
+
+
+def check_output_apart(input_url: str, output_url: str) -> None:
+    """Refuse an output path inside the input folder: a later run would read the outputs back.
+
+    Raises:
+        InputError: When ``output_url`` is the input folder (or a glob's fixed folder) or lies
+            below it, on the same filesystem.
+    """
+    in_fs, in_path = filesystem(input_url)
+    out_fs, out_path = filesystem(output_url)
+    if protocol(in_fs) != protocol(out_fs):
+        return
+    root, inner = _input_root(in_path), out_path.rstrip("/")
+    if protocol(in_fs) == "file":
+        root, inner = os.path.realpath(root), os.path.realpath(inner)
+    if inner == root or inner.startswith(root.rstrip("/") + "/"):
+        raise InputError(
+            f"output.path {output_url!r} is inside input.path {input_url!r}: later runs would "
+            "read the outputs as input; write them elsewhere"
+        )
 
 
 def write_json(url: str, payload: dict[str, Any]) -> None:
@@ -106,6 +161,27 @@ def read_json(url: str) -> dict[str, Any]:
     fs, path = filesystem(url)
     with fs.open(path, "r") as handle:
         return json.load(handle)
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def _input_root(path: str) -> str:
+    """The folder a listing starts from: the path itself, or a glob's fixed leading folders."""
+    if _is_glob(path):
+        path = posixpath.dirname(re.split(r"[*?[]", path, maxsplit=1)[0])
+    return path.rstrip("/") or "/"
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    """Whether a component of ``path`` below ``root`` starts with ``_`` or ``.`` (a file named
+    as the input itself is read whatever its name)."""
+    if path == root:
+        return False
+    prefix = root.rstrip("/") + "/"
+    inside = path[len(prefix) :] if path.startswith(prefix) else posixpath.basename(path)
+    return any(name.startswith((".", "_")) for name in inside.split("/"))
 
 
 def _format_of(name: str) -> str | None:

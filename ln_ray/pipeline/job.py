@@ -94,7 +94,8 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
 
     started = time.time()
     try:
-        files = storage.list_input_files(cfg.input.path, cfg.input.format)
+        files, skipped = storage.list_input_files(cfg.input.path, cfg.input.format)
+        storage.check_output_apart(cfg.input.path, cfg.output.path)
         identity = check_student(cfg.student, want_gpu=cfg.compute.gpus_per_actor > 0)
         paths = RunPaths.create(cfg.output.path)
         outputs.check_writable(paths)
@@ -146,6 +147,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         "student": {"model": cfg.student.model, "identity": identity},
         "score_cache": cache_url,
         "inputs": inputs,
+        "skipped_files": [storage.full_url(in_fs, path) for path in skipped],
         "counts": counts,
         "reject_reasons": reasons,
         "selection": {k: v for k, v in selection.items() if k != "reduce_s"},

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
-import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from ln_ray.io import storage
+from ln_ray.io.storage import MASKED, USERINFO, redact_url  # noqa: F401 (re-exported)
 
 ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected (source of curated/)
 RUNS_DIR = "_runs"
@@ -28,8 +28,6 @@ CACHE_DIR = "_cache"
 MANIFEST = "manifest.json"
 SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR)
 REDUCE_OUTPUTS = ("selections", "teachers", "curated")
-# A URL's userinfo (``s3://KEY:SECRET@bucket``); RE2 syntax too, for Arrow's regex kernels.
-USERINFO, MASKED = r"://[^/@\s]+@", "://***@"
 STALE_RUN_S = 24 * 3600  # an active run writes its staging area far more often than this
 
 
@@ -125,11 +123,6 @@ def discard(paths: RunPaths) -> None:
     """Remove this run's staging area (and ``_runs/`` when no other run is staging there)."""
     _remove(paths.fs, paths.staging)
     _remove_if_empty(paths.fs, storage.join(paths.root, RUNS_DIR))
-
-
-def redact_url(text: str) -> str:
-    """``text`` with the credentials of every URL in it masked (``s3://***@bucket``)."""
-    return re.sub(USERINFO, MASKED, text)
 
 
 def redacted(config: Any) -> Any:

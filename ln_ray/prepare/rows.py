@@ -159,7 +159,7 @@ def _messages(raw: dict[str, Any]) -> list[dict[str, str]]:
     if isinstance(given, str):
         try:
             given = json.loads(given)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise RowRejected("messages is not valid JSON") from None
     if not isinstance(given, list) or not given:
         raise RowRejected("messages is not a non-empty list")

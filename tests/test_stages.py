@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pyarrow.parquet as pq_
+import pytest
+import torch
 
 from ln_ray.config import ColumnsConfig, ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
 from ln_ray.io import cache
@@ -185,6 +187,13 @@ def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_pat
     assert second.schema == SCORED_ROWS_SCHEMA
     assert second["n_tokens"].null_count == 3
     assert second["trace_id"].to_pylist() == out["trace_id"].to_pylist()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_actor_without_a_gpu_refuses_to_score(tiny_student_dir, tmp_path):
+    student = StudentConfig(model=tiny_student_dir)
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        ScoreStage(student, ScoringConfig(), ComputeConfig(gpus_per_actor=1), str(tmp_path))
 
 
 def test_cache_membership():

@@ -139,6 +139,12 @@ class ScoreStage:
         from ln_ray.score.student import load_student, pick_device
 
         device = pick_device(compute.gpus_per_actor > 0)
+        if compute.gpus_per_actor > 0 and device.type != "cuda":
+            # Scoring on the CPU instead would also file fp32 scores under the bf16 cache key.
+            raise RuntimeError(
+                "compute.gpus_per_actor is set but this actor sees no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
         if device.type == "cpu":
             torch.set_num_threads(_cpu_threads(compute))
         self.student = load_student(student, device)

@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+from conftest import make_tiny_causal_lm
 from reference import reference_scores
 
 from ln_ray.prepare.render import tokenize_trace
@@ -71,6 +72,29 @@ def test_tiny_llama_matches_reference(tiny_tokenizer, tiny_pair, window, fractio
             ref_model, trace, window=window, fraction=fraction, max_tokens=max_tokens
         )
         assert_matches_reference(fast, ref)
+
+
+_SLIDING_STUDENTS = {
+    "mistral": {"sliding_window": 8},
+    # Gemma-3: local layers with a window, global layers without one (per layer type).
+    "gemma3_text": {
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_SLIDING_STUDENTS))
+def test_sliding_window_students_match_reference(tiny_tokenizer, model_type):
+    model = make_tiny_causal_lm(model_type, len(tiny_tokenizer), **_SLIDING_STUDENTS[model_type])
+    ref_model = copy.deepcopy(model)
+    traces = make_traces(tiny_tokenizer, count=6, seed=1)
+    # Prefixes, windows and traces all run past the 8-token window.
+    assert min(t.prefix_len for t in traces) > 8
+    assert max(t.n_response for t in traces) > 4 * 8
+    scorer = StudentScorer(model, window=1, token_budget=96)
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        assert_matches_reference(fast, reference_scores(ref_model, trace, window=1))
 
 
 def test_window_covering_all_steps_equals_global(tiny_tokenizer, tiny_pair):

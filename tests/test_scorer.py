@@ -97,6 +97,23 @@ def test_sliding_window_students_match_reference(tiny_tokenizer, model_type):
         assert_matches_reference(fast, reference_scores(ref_model, trace, window=1))
 
 
+_SCALED_HEADS = {
+    "granite": {"logits_scaling": 8.0},  # logits / 8
+    "hyperclovax": {"logits_scaling": 0.25},  # logits * 0.25: the same name, another meaning
+    "cohere": {"logit_scale": 0.5},  # logits * 0.5
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_SCALED_HEADS))
+def test_scaled_output_heads_match_reference(tiny_tokenizer, model_type):
+    model = make_tiny_causal_lm(model_type, len(tiny_tokenizer), **_SCALED_HEADS[model_type])
+    ref_model = copy.deepcopy(model)
+    traces = make_traces(tiny_tokenizer, count=3, seed=4)
+    scorer = StudentScorer(model, window=1, token_budget=96)
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        assert_matches_reference(fast, reference_scores(ref_model, trace, window=1))
+
+
 def test_window_covering_all_steps_equals_global(tiny_tokenizer, tiny_pair):
     model, _ = tiny_pair
     traces = make_traces(tiny_tokenizer, count=4, seed=3)

@@ -12,6 +12,7 @@ from reference import reference_scores
 
 from ln_ray.prepare.render import tokenize_trace
 from ln_ray.score.scorer import StudentScorer
+from ln_ray.score.student import StudentError
 
 _SENTENCES = [
     "First, compute the total cost. ",
@@ -112,6 +113,20 @@ def test_scaled_output_heads_match_reference(tiny_tokenizer, model_type):
     scorer = StudentScorer(model, window=1, token_budget=96)
     for trace, fast in zip(traces, scorer.score(traces), strict=True):
         assert_matches_reference(fast, reference_scores(ref_model, trace, window=1))
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, reason",
+    [
+        ("gemma2", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+    ],
+)
+def test_students_packed_scoring_cannot_reproduce_are_refused(
+    tiny_tokenizer, model_type, overrides, reason
+):
+    model = make_tiny_causal_lm(model_type, len(tiny_tokenizer), **overrides)
+    with pytest.raises(StudentError, match=reason):
+        StudentScorer(model, max_tokens=64)
 
 
 def test_window_covering_all_steps_equals_global(tiny_tokenizer, tiny_pair):

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from ln_ray.score.chunking import chunk_mlps
 from ln_ray.score.logprobs import TokenHead
 from ln_ray.score.metrics import trace_metrics
 from ln_ray.score.packing import pack_by_budget
+from ln_ray.score.student import StudentError
 from ln_ray.score.transfer import to_device
 from ln_ray.score.windows import plan_windows
 
@@ -132,6 +134,10 @@ class StudentScorer:
 
     On a CPU, creating a scorer also fixes glibc's allocator thresholds for the process
     (``allocator.keep_freed_memory``), so each layer reuses the memory the last one freed.
+
+    Raises:
+        StudentError: The student has a feature the packed scorer cannot reproduce exactly
+            (``check_scorable``).
     """
 
     def __init__(
@@ -145,6 +151,8 @@ class StudentScorer:
         token_budget: int = 4096,
         head_chunk: int = 0,
     ) -> None:
+        self.max_tokens = _global_cap(model, max_tokens)
+        check_scorable(model.config, self.max_tokens)
         install_segment_attention(model)
         chunk_mlps(model, token_budget)
         self.model = model
@@ -156,7 +164,6 @@ class StudentScorer:
         self.window = window
         self.window_fraction = window_fraction
         self.rank_clip = rank_clip
-        self.max_tokens = _global_cap(model, max_tokens)
         self.token_budget = token_budget
         self.head_chunk = head_chunk or (128 if self.device.type == "cpu" else 2048)
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
@@ -366,6 +373,25 @@ def declared_context(model: torch.nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_scorable(config: Any, max_tokens: int) -> None:
+    """Refuse a student whose architecture the packed scorer cannot score exactly.
+
+    Args:
+        config: The student's model config.
+        max_tokens: The global cap the scorer uses.
+
+    Raises:
+        StudentError: The student softcaps attention logits (Gemma-2).
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap:
+        raise StudentError(
+            f"the student softcaps attention logits (attn_logit_softcapping={softcap}), "
+            "which ln-ray's packed attention does not reproduce: choose another student"
+        )
 
 
 def _global_cap(model: torch.nn.Module, max_tokens: int | None) -> int:

@@ -115,10 +115,60 @@ def test_scaled_output_heads_match_reference(tiny_tokenizer, model_type):
         assert_matches_reference(fast, reference_scores(ref_model, trace, window=1))
 
 
+# Phi-3's longrope: long factors for any sequence longer than 80 tokens (4096 in Phi-3.5-mini).
+_LONGROPE = {
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * 8,
+        "long_factor": [4.0] * 8,
+        "original_max_position_embeddings": 80,
+    },
+    "original_max_position_embeddings": 80,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def test_longrope_student_needs_max_tokens_within_its_short_context(tiny_tokenizer):
+    model = make_tiny_causal_lm("phi3", len(tiny_tokenizer), **_LONGROPE)
+    # The global cap defaults to the declared context (4096), past the switch to long factors.
+    with pytest.raises(
+        StudentError, match=r"set scoring.max_tokens <= 80 \(the global cap is 4096"
+    ):
+        StudentScorer(model)
+    with pytest.raises(StudentError, match="max_tokens <= 80"):
+        StudentScorer(model, max_tokens=81)
+    assert StudentScorer(model, max_tokens=80).rope_limit == 80
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5])
+def test_capped_longrope_student_matches_reference(tiny_tokenizer, fraction):
+    model = make_tiny_causal_lm("phi3", len(tiny_tokenizer), **_LONGROPE)
+    ref_model = copy.deepcopy(model)
+    traces = make_traces(tiny_tokenizer, count=6, seed=1)
+    scorer = StudentScorer(
+        model, window=1, window_fraction=fraction, max_tokens=80, token_budget=96
+    )
+    # Some windows (prefix included) outgrow 80 tokens: the student reads them with long factors.
+    assert any(
+        not s.uses_prefix and len(s.tokens) > 80 for s in scorer.plan(traces).window_sequences
+    )
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        ref = reference_scores(ref_model, trace, window=1, fraction=fraction, max_tokens=80)
+        assert_matches_reference(fast, ref)
+
+
 @pytest.mark.parametrize(
     "model_type, overrides, reason",
     [
         ("gemma2", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+            "dynamic NTK",
+        ),
     ],
 )
 def test_students_packed_scoring_cannot_reproduce_are_refused(

@@ -66,11 +66,20 @@ def test_template_that_alters_the_response_is_rejected(tiny_tokenizer):
         "{% endfor %}"
     )
     messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Answer.\n\n"}]
-    with pytest.raises(RenderError, match="alters the response"):
+    with pytest.raises(RenderError, match="alters the response") as trimmed:
         tokenize_trace(tokenizer, messages, ["Answer.\n\n"])
+    # The reason says what to do about a trimming template.
+    assert "trims leading and trailing whitespace" in str(trimmed.value)
+    assert "student.chat_template" in str(trimmed.value)
     row = {**ROW, "response": "Answer.\n\n"}
-    with pytest.raises(RowRejected, match="alters the response"):
+    with pytest.raises(RowRejected, match="alters the response text: it trims"):
         prepare_row(row, tokenizer)
+    # A response without surrounding whitespace renders faithfully.
+    prepare_row({**ROW, "response": "Answer."}, tokenizer)
+    # Any other change keeps the plain reason.
+    tokenizer.chat_template = tokenizer.chat_template.replace("| trim", "| upper")
+    with pytest.raises(RowRejected, match="alters the response text$"):
+        prepare_row({**ROW, "response": "Answer."}, tokenizer)
 
 
 def test_given_messages_with_a_system_turn(tiny_tokenizer):

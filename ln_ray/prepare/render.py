@@ -81,6 +81,14 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple
         and text[stop:] == tail
     )
     if not faithful:
+        stripped = response.strip()
+        if start >= 0 and text[:start] + stripped + tail == text:
+            # Llama-3.x templates render ``message['content'] | trim``.
+            raise RenderError(
+                "chat template alters the response text: it trims leading and trailing "
+                "whitespace (strip the responses, or set student.chat_template to a template "
+                "that keeps it)"
+            )
         raise RenderError("chat template alters the response text")
     return text, start, stop
 

@@ -218,6 +218,21 @@ def test_truncated_trace_still_scores_every_step_locally(tiny_tokenizer, tiny_pa
     assert np.isfinite(result.local_logprobs).all()
 
 
+def test_a_prompt_filling_the_global_cap_is_a_reject_reason(tiny_tokenizer, tiny_pair, caplog):
+    model, _ = tiny_pair
+    trace = make_traces(tiny_tokenizer, count=1, seed=7)[0]
+    fits = StudentScorer(model, window=2, max_tokens=trace.prefix_len + 1, token_budget=64)
+    assert fits.reject_reason(trace.prefix_len) is None
+    full = StudentScorer(model, window=2, max_tokens=trace.prefix_len, token_budget=64)
+    reason = full.reject_reason(trace.prefix_len)
+    assert reason == f"prompt longer than scoring.max_tokens ({trace.prefix_len} tokens)"
+    assert full.reject_reason(trace.prefix_len + 100) == reason  # one reason per run
+    # Scored anyway, it has no global metrics, and says so.
+    result = full.score([trace])[0]
+    assert np.isnan(result.galp) and np.isnan(result.rsr)
+    assert "no global scores" in caplog.text
+
+
 def test_global_sequence_stops_at_the_students_declared_context(tiny_tokenizer, tiny_pair, caplog):
     model = copy.deepcopy(tiny_pair[0])
     trace = make_traces(tiny_tokenizer, count=1, seed=7)[0]

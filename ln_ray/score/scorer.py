@@ -169,16 +169,34 @@ class StudentScorer:
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
         self.seconds = {"global": 0.0, "local": 0.0}  # time spent in each pass so far
 
+    def reject_reason(self, prefix_len: int) -> str | None:
+        """Why a trace whose chat prefix has ``prefix_len`` tokens cannot be scored, or None.
+
+        A prompt that fills the global cap leaves no response token to score globally: GALP,
+        RSR and avg_rank would be NaN and the trace would drop out of their selections unseen.
+        Such rows belong in ``rejects/`` with this reason (the same for every row of a run).
+        """
+        if prefix_len >= self.max_tokens:
+            return f"prompt longer than scoring.max_tokens ({self.max_tokens} tokens)"
+        return None
+
     @torch.inference_mode()
     def score(self, traces: Sequence[TokenizedTrace]) -> list[TraceScores]:
         """Score every trace; the result is in input order and independent of batching.
 
         Args:
-            traces: Tokenized traces.
+            traces: Tokenized traces; one whose ``reject_reason`` is set gets NaN global metrics.
 
         Returns:
             One TraceScores per trace.
         """
+        unscorable = sum(self.reject_reason(t.prefix_len) is not None for t in traces)
+        if unscorable:
+            log.warning(
+                "%d traces have a prompt of %d tokens or more: no global scores (reject them)",
+                unscorable,
+                self.max_tokens,
+            )
         plan = self.plan(traces)
         global_lp = [np.full(g, np.nan, dtype=np.float32) for g in plan.n_global]
         global_rank = [np.zeros(g, dtype=np.int64) for g in plan.n_global]

@@ -76,6 +76,38 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, attn: str = "eager"):
     return model
 
 
+def make_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0, **overrides):
+    """A 2-layer random causal LM of any transformers family (fp32, CPU, eager attention).
+
+    Args:
+        model_type: The family's config name (``mistral``, ``gemma3_text``, ``granite``...).
+        vocab_size: Vocabulary size.
+        seed: Weight seed.
+        **overrides: Config settings under test (a sliding window, a logit scale...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        attn_implementation="eager",
+    )
+    config = AutoConfig.for_model(model_type, **{**settings, **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # peaked distributions, as in make_tiny_llama
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    return model
+
+
 @pytest.fixture
 def tiny_pair(tiny_tokenizer):
     """Two copies of one tiny Llama: one for the fast scorer, one for the reference."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_causal_lm
 from test_scorer import make_traces
 
 from ln_ray.score import attention
@@ -18,8 +19,13 @@ from ln_ray.score.scorer import StudentScorer
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
-    """FlashAttention's varlen contract, one sequence at a time."""
-    assert window_size == (-1, 0)
+    """FlashAttention's varlen contract, one sequence at a time.
+
+    ``window_size=(left, 0)``: query ``i`` sees keys ``i + n_k - n_q - left .. i + n_k - n_q``
+    (``left = -1``: no lower bound).
+    """
+    left, right = window_size
+    assert right == 0 and left >= -1
     out = torch.empty_like(q)
     for i in range(len(cu_q) - 1):
         qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)[None]
@@ -29,6 +35,8 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, e
         n_q, n_k = qs.shape[2], ks.shape[2]
         # Query i sees keys up to i + n_k - n_q: causal, aligned to the bottom right.
         mask = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)
+        if left >= 0:
+            mask = mask.triu(n_k - n_q - left)
         o = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=enable_gqa
         )
@@ -75,6 +83,27 @@ def test_one_varlen_call_per_row_gives_the_per_segment_scores(
         np.testing.assert_allclose(b.local_logprobs, a.local_logprobs, atol=1e-5, rtol=0)
         np.testing.assert_allclose(b.global_logprobs, a.global_logprobs, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(b.global_ranks, a.global_ranks)
+
+
+def test_varlen_call_keeps_a_sliding_window(tiny_tokenizer, monkeypatch):
+    model = make_tiny_causal_lm("mistral", len(tiny_tokenizer), sliding_window=8)
+    traces = make_traces(tiny_tokenizer, count=6, seed=11)
+    expected = StudentScorer(model, window=1, token_budget=64).score(traces)
+    windows = []
+
+    def kernel(query):
+        def recording(*args, window_size, **kwargs):
+            windows.append(window_size)
+            return reference_varlen(*args, window_size=window_size, **kwargs)
+
+        return recording
+
+    monkeypatch.setattr(attention, "varlen_kernel", kernel)
+    got = StudentScorer(model, window=1, token_budget=64).score(traces)
+    assert set(windows) == {(7, 0)}  # FlashAttention's left window excludes the query itself
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_allclose(b.local_logprobs, a.local_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(b.global_logprobs, a.global_logprobs, atol=1e-5, rtol=0)
 
 
 def test_varlen_runs_only_where_flash_attention_does():

@@ -1,5 +1,6 @@
 """Packing into token budgets, position ids, and the packed attention against a dense mask."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +41,11 @@ class _Layer(torch.nn.Module):
     layer_idx = 0
 
 
-def _dense_reference(q, k, v, segments, prefixes):
-    """Each segment on its own: [prefix keys + own keys], explicit causal mask, repeated heads."""
+def _dense_reference(q, k, v, segments, prefixes, window=None):
+    """Each segment on its own: [prefix keys + own keys], explicit causal mask, repeated heads.
+
+    With a sliding ``window``, a query at position ``p`` sees key positions ``p - window + 1 .. p``.
+    """
     outs = []
     for seg in segments:
         qs = q[:, :, seg.start : seg.stop]
@@ -50,7 +54,10 @@ def _dense_reference(q, k, v, segments, prefixes):
             pk, pv = prefixes[seg.trace]
             ks, vs = torch.cat([pk, ks], 2), torch.cat([pv, vs], 2)
         n_q, n_k = qs.shape[2], ks.shape[2]
-        allowed = torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
+        position = torch.arange(n_q)[:, None] + (n_k - n_q)
+        allowed = torch.arange(n_k)[None, :] <= position
+        if window is not None:
+            allowed &= torch.arange(n_k)[None, :] > position - window
         rep = q.shape[1] // k.shape[1]
         scores = qs @ ks.repeat_interleave(rep, 1).transpose(-1, -2) / qs.shape[-1] ** 0.5
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -79,6 +86,26 @@ def test_segment_attention_equals_independent_sequences():
     expected = _dense_reference(q, k, v, segments, prefixes)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(store.kv[(0, 0)][0], k[:, :, 0:4])
+
+
+@pytest.mark.parametrize("window", [1, 3, 7, 100])
+def test_segment_attention_keeps_the_sliding_window(window):
+    torch.manual_seed(2)
+    segments = [
+        Segment(0, 0, 9, records_prefix=5),
+        Segment(0, 9, 4, uses_prefix=True),  # sees 5 prefix keys: more than some windows
+        Segment(1, 13, 2),
+    ]
+    q, k, v = torch.randn(1, 4, 15, 8), torch.randn(1, 2, 15, 8), torch.randn(1, 2, 15, 8)
+    layout = PackedLayout(segments, PrefixStore())
+    out, _ = segment_attention(_Layer(), q, k, v, None, ln_layout=layout, sliding_window=window)
+    prefixes = {0: (k[:, :, 0:5], v[:, :, 0:5])}
+    expected = _dense_reference(q, k, v, segments, prefixes, window=window)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # A plain forward (no layout) keeps it too.
+    plain, _ = segment_attention(_Layer(), q, k, v, None, sliding_window=window)
+    whole = _dense_reference(q, k, v, [Segment(0, 0, 15)], {}, window=window)
+    torch.testing.assert_close(plain, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_no_attention_across_segments():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -64,11 +66,20 @@ def test_template_that_alters_the_response_is_rejected(tiny_tokenizer):
         "{% endfor %}"
     )
     messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Answer.\n\n"}]
-    with pytest.raises(RenderError, match="alters the response"):
+    with pytest.raises(RenderError, match="alters the response") as trimmed:
         tokenize_trace(tokenizer, messages, ["Answer.\n\n"])
+    # The reason says what to do about a trimming template.
+    assert "trims leading and trailing whitespace" in str(trimmed.value)
+    assert "student.chat_template" in str(trimmed.value)
     row = {**ROW, "response": "Answer.\n\n"}
-    with pytest.raises(RowRejected, match="alters the response"):
+    with pytest.raises(RowRejected, match="alters the response text: it trims"):
         prepare_row(row, tokenizer)
+    # A response without surrounding whitespace renders faithfully.
+    prepare_row({**ROW, "response": "Answer."}, tokenizer)
+    # Any other change keeps the plain reason.
+    tokenizer.chat_template = tokenizer.chat_template.replace("| trim", "| upper")
+    with pytest.raises(RowRejected, match="alters the response text$"):
+        prepare_row({**ROW, "response": "Answer."}, tokenizer)
 
 
 def test_given_messages_with_a_system_turn(tiny_tokenizer):
@@ -134,3 +145,30 @@ def test_smollm2_chat_template_spans(smollm2):
     assert tokenizer.decode(tokens.input_ids[tokens.prefix_len :]) == RESPONSE
     prefix = tokenizer.decode(tokens.input_ids[: tokens.prefix_len])
     assert prefix.startswith("<|im_start|>system") and prefix.endswith("<|im_start|>assistant\n")
+
+
+def test_a_role_token_that_swallows_leading_whitespace_stays_in_the_prefix(tiny_tokenizer):
+    from tokenizers import AddedToken
+
+    # Phi-3 style: role markers strip the whitespace after them, and the template puts the
+    # response right after "<|assistant|>\n".
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    markers = [
+        AddedToken(f"<|{name}|>", rstrip=True, special=True, normalized=False)
+        for name in ("user", "assistant", "end")
+    ]
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+        "{% endfor %}"
+    )
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    for response in ["The answer is 42.", "\nThe answer is 42.", " \n The answer is 42."]:
+        steps = [response[:-4], response[-4:]]
+        messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": response}]
+        trace = tokenize_trace(tokenizer, messages, steps)
+        assert trace.input_ids[trace.prefix_len - 1] == assistant
+        assert tokenizer.decode(trace.input_ids[trace.prefix_len :]) == "The answer is 42."
+        owners = _owner_steps(tokenizer, trace, messages, steps)
+        assert owners == np.repeat(np.arange(2), np.diff(trace.step_bounds)).tolist()
+        assert trace.step_bounds.tolist() == [0, 3, trace.n_response]

@@ -36,13 +36,25 @@ def test_every_token_scored_exactly_once():
         window = int(rng.integers(0, 5))
         fraction = None if rng.random() < 0.5 else float(rng.uniform(0.05, 1.0))
         covered = int(rng.integers(0, total + 1))
-        reused, spans = plan_windows(bounds, window, fraction, covered)
+        max_length = None if rng.random() < 0.5 else int(rng.integers(-2, total + 2))
+        reused, spans = plan_windows(bounds, window, fraction, covered, max_length)
         seen = np.zeros(total, dtype=int)
         seen[:reused] += 1
         for span in spans:
             assert span.context_start <= span.score_start < span.stop
             seen[span.score_start : span.stop] += 1
         assert (seen == 1).all()
+        if max_length is not None:
+            # A window past max_length is exactly its step's, and nothing past it is reused.
+            starts = context_starts(n, window, fraction)
+            own = bounds[1:] - bounds[starts]
+            step_of = np.searchsorted(bounds, np.arange(total), side="right") - 1
+            assert (own[step_of[:reused]] <= max_length).all()
+            for span in spans:
+                if span.length > max_length:
+                    i = step_of[span.score_start]
+                    assert span.context_start == bounds[starts[i]]
+                    assert (span.score_start, span.stop) == (bounds[i], bounds[i + 1])
 
 
 def test_window_context_matches_definition():
@@ -67,3 +79,21 @@ def test_empty_steps_produce_no_spans(window):
     bounds = np.array([0, 0, 3, 3, 5])
     reused, spans = plan_windows(bounds, window=window, global_tokens=5)
     assert all(span.stop > span.score_start for span in spans)
+
+
+def test_windows_past_max_length_run_alone_as_exactly_their_step():
+    bounds = np.array([0, 3, 5, 9, 10, 14])  # five steps; with k = 2, windows of 3, 5, 9, 7, 9
+    reused, spans = plan_windows(bounds, window=2, global_tokens=14, max_length=6)
+    # Steps 0 and 1 still come from the global pass; step 2 (9 tokens with its context) does
+    # not, and neither merges with nor extends any other window.
+    assert reused == 5
+    assert spans == [
+        WindowSpan(0, 5, 9),
+        WindowSpan(3, 9, 10),  # step 3: a 7-token window
+        WindowSpan(5, 10, 14),
+    ]
+    # Without the limit: the plan of the first test.
+    assert plan_windows(bounds, window=2, global_tokens=14) == (
+        9,
+        [WindowSpan(3, 9, 10), WindowSpan(5, 10, 14)],
+    )

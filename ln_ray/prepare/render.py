@@ -8,6 +8,8 @@ would read it. A token belongs to the response (and to a step) when its last cha
     steps:                                                          |  S_1    |  S_2   |
 
 Tokens after the response (end-of-turn) are dropped: they are never scored and never context.
+A template token the tokenizer adds whole (a role marker) stays in the prefix even when it
+swallows the whitespace that starts the response (``rstrip=True``, as Phi-3's ``<|assistant|>``).
 """
 
 from __future__ import annotations
@@ -79,6 +81,14 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple
         and text[stop:] == tail
     )
     if not faithful:
+        stripped = response.strip()
+        if start >= 0 and text[:start] + stripped + tail == text:
+            # Llama-3.x templates render ``message['content'] | trim``.
+            raise RenderError(
+                "chat template alters the response text: it trims leading and trailing "
+                "whitespace (strip the responses, or set student.chat_template to a template "
+                "that keeps it)"
+            )
         raise RenderError("chat template alters the response text")
     return text, start, stop
 
@@ -105,7 +115,9 @@ def tokenize_trace(
     offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     # A token's last character; tokens with an empty span (some special tokens) own no character.
     last_char = np.where(offsets[:, 1] > offsets[:, 0], offsets[:, 1] - 1, -1)
-    in_response = (last_char >= start) & (last_char < stop)
+    # An added token that starts before the response is the template's, whatever it swallowed.
+    added = np.isin(ids, list(getattr(tokenizer, "added_tokens_decoder", {})))
+    in_response = (last_char >= start) & (last_char < stop) & ~(added & (offsets[:, 0] < start))
     where = np.flatnonzero(in_response)
     if len(where) == 0:
         raise RenderError("response has no tokens of its own")

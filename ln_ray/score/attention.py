@@ -19,6 +19,12 @@ Two kernels run it. On a GPU in fp16/bf16, where torch has FlashAttention's varl
 ``prefix + own tokens`` and the kernel's causal mask, aligned to the bottom right when a segment has
 more keys than queries, is exactly the mask above. Elsewhere (CPU, fp32) each segment is one SDPA
 call; batching them into one padded call was slower on a CPU.
+
+A sliding-window layer (Mistral, Phi-3, Gemma-3's local layers) receives its window ``W``
+from transformers with each call; query position ``q`` then sees key position ``k`` only when
+``q - k < W``, as in transformers' own masks. Within a segment, prefix keys and own keys hold
+positions ``0, 1, ...`` in order, so the band is a band on key columns; windows stay exact because
+a banded causal layer still never looks ahead.
 """
 
 from __future__ import annotations
@@ -181,21 +187,27 @@ def segment_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     ln_layout: PackedLayout | None = None,
+    sliding_window: int | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Attention for a packed row: block-diagonal causal, plus shared prefixes.
 
     Shapes follow transformers' attention interface: query ``[1, heads, n, d]``, key and value
-    ``[1, kv_heads, n, d]``; returns ``[1, n, heads, d]``.
+    ``[1, kv_heads, n, d]``; returns ``[1, n, heads, d]``. ``sliding_window`` is the layer's
+    window (None: full causal attention).
     """
     if ln_layout is None:
-        # A plain forward (no packing): ordinary causal attention over one unpadded sequence.
+        # A plain forward (no packing): causal attention over one unpadded sequence.
+        n = query.shape[2]
+        mask = attention_mask
+        if mask is None:
+            mask = causal_mask(n, n, sliding_window, query.device)
         out = F.scaled_dot_product_attention(
             query,
             key,
             value,
-            attn_mask=attention_mask,
-            is_causal=attention_mask is None,
+            attn_mask=mask,
+            is_causal=mask is None,
             scale=scaling,
             enable_gqa=True,
         )
@@ -210,7 +222,9 @@ def segment_attention(
             store.kv[(seg.trace, layer)] = (k.clone(), v.clone())
     kernel = varlen_kernel(query)
     if kernel is not None:
-        return _varlen_row(kernel, query, key, value, ln_layout, layer, scaling), None
+        return _varlen_row(
+            kernel, query, key, value, ln_layout, layer, scaling, sliding_window
+        ), None
     out = torch.empty_like(query)
     for seg in ln_layout.segments:
         q = query[:, :, seg.start : seg.stop]
@@ -220,19 +234,34 @@ def segment_attention(
             prefix_k, prefix_v = store.kv[(seg.trace, layer)]
             k = torch.cat([prefix_k, k], dim=2)
             v = torch.cat([prefix_v, v], dim=2)
-            # Lower-right aligned causal mask: query i sees the whole prefix and own tokens <= i.
-            mask = torch.ones(seg.length, k.shape[2], dtype=torch.bool, device=q.device).tril(
-                k.shape[2] - seg.length
-            )
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
-            )
-        else:
-            o = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scaling, enable_gqa=True
-            )
+        mask = causal_mask(seg.length, k.shape[2], sliding_window, q.device)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
+        )
         out[:, :, seg.start : seg.stop] = o
     return out.transpose(1, 2).contiguous(), None
+
+
+def causal_mask(
+    n_queries: int, n_keys: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Which keys each query sees, when the queries are the last ``n_queries`` of the keys.
+
+    Query ``i`` sits at position ``p = n_keys - n_queries + i`` and sees key ``j`` when
+    ``j <= p`` and, under a sliding window ``W``, ``p - j < W`` (transformers' rule).
+
+    Returns:
+        A ``[n_queries, n_keys]`` bool mask, or None where plain ``is_causal`` says the same
+        (as many queries as keys, and no key ever falls out of the window).
+    """
+    offset = n_keys - n_queries
+    banded = window is not None and window < n_keys
+    if offset == 0 and not banded:
+        return None
+    mask = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(offset)
+    if banded:
+        mask = mask.triu(offset - window + 1)
+    return mask
 
 
 def _varlen_row(
@@ -243,6 +272,7 @@ def _varlen_row(
     layout: PackedLayout,
     layer: int,
     scaling: float | None,
+    sliding_window: int | None,
 ) -> torch.Tensor:
     """The whole row in one varlen call; returns ``[1, n, heads, d]``."""
     store = layout.store
@@ -269,7 +299,9 @@ def _varlen_row(
         index.max_q,
         index.max_k,
         scale=scaling,
-        window_size=(-1, 0),  # causal, aligned to the bottom right: the prefix stays visible
+        # Causal, aligned to the bottom right (the prefix stays visible); a sliding window W
+        # keeps the W - 1 keys before each query's own, as FlashAttention counts its left window.
+        window_size=(-1, 0) if sliding_window is None else (sliding_window - 1, 0),
         enable_gqa=query.shape[1] != key.shape[1],
     )
     return out[None]

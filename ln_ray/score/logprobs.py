@@ -23,14 +23,23 @@ class TokenHead:
         self.weight = head.weight.detach().float()
         bias = getattr(head, "bias", None)
         self.bias = None if bias is None else bias.detach().float()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.scale = getattr(model.config, "logit_scale", None)
+        config = model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.scale = getattr(config, "logit_scale", None)  # Cohere multiplies by it
+        # Granite (and MiniCPM3, before its bias-free head) divide by ``logits_scaling``;
+        # HyperCLOVAX's field of that name is a multiplier.
+        scaling = getattr(config, "logits_scaling", None)
+        if scaling is not None and getattr(config, "model_type", None) == "hyperclovax":
+            self.scale, scaling = scaling, None
+        self.divisor = scaling
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[rows, vocab]`` for hidden states ``[rows, d]``."""
         logits = torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
         if self.scale is not None:
             logits = logits * self.scale
+        if self.divisor is not None:
+            logits = logits / self.divisor
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

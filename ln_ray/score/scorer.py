@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from ln_ray.score.chunking import chunk_mlps
 from ln_ray.score.logprobs import TokenHead
 from ln_ray.score.metrics import trace_metrics
 from ln_ray.score.packing import pack_by_budget
+from ln_ray.score.student import StudentError
 from ln_ray.score.transfer import to_device
 from ln_ray.score.windows import plan_windows
 
@@ -132,6 +134,10 @@ class StudentScorer:
 
     On a CPU, creating a scorer also fixes glibc's allocator thresholds for the process
     (``allocator.keep_freed_memory``), so each layer reuses the memory the last one freed.
+
+    Raises:
+        StudentError: The student has a feature the packed scorer cannot reproduce exactly
+            (``check_scorable``).
     """
 
     def __init__(
@@ -145,6 +151,8 @@ class StudentScorer:
         token_budget: int = 4096,
         head_chunk: int = 0,
     ) -> None:
+        self.max_tokens = _global_cap(model, max_tokens)
+        self.rope_limit = check_scorable(model.config, self.max_tokens)
         install_segment_attention(model)
         chunk_mlps(model, token_budget)
         self.model = model
@@ -156,22 +164,39 @@ class StudentScorer:
         self.window = window
         self.window_fraction = window_fraction
         self.rank_clip = rank_clip
-        self.max_tokens = _global_cap(model, max_tokens)
         self.token_budget = token_budget
         self.head_chunk = head_chunk or (128 if self.device.type == "cpu" else 2048)
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
         self.seconds = {"global": 0.0, "local": 0.0}  # time spent in each pass so far
+
+    def reject_reason(self, prefix_len: int) -> str | None:
+        """Why a trace whose chat prefix has ``prefix_len`` tokens cannot be scored, or None.
+
+        A prompt that fills the global cap leaves no response token to score globally: GALP,
+        RSR and avg_rank would be NaN and the trace would drop out of their selections unseen.
+        Such rows belong in ``rejects/`` with this reason (the same for every row of a run).
+        """
+        if prefix_len >= self.max_tokens:
+            return f"prompt longer than scoring.max_tokens ({self.max_tokens} tokens)"
+        return None
 
     @torch.inference_mode()
     def score(self, traces: Sequence[TokenizedTrace]) -> list[TraceScores]:
         """Score every trace; the result is in input order and independent of batching.
 
         Args:
-            traces: Tokenized traces.
+            traces: Tokenized traces; one whose ``reject_reason`` is set gets NaN global metrics.
 
         Returns:
             One TraceScores per trace.
         """
+        unscorable = sum(self.reject_reason(t.prefix_len) is not None for t in traces)
+        if unscorable:
+            log.warning(
+                "%d traces have a prompt of %d tokens or more: no global scores (reject them)",
+                unscorable,
+                self.max_tokens,
+            )
         plan = self.plan(traces)
         global_lp = [np.full(g, np.nan, dtype=np.float32) for g in plan.n_global]
         global_rank = [np.zeros(g, dtype=np.int64) for g in plan.n_global]
@@ -216,14 +241,20 @@ class StudentScorer:
         """The sequences ``score(traces)`` runs, without running them."""
         n_global = [self._global_tokens(t) for t in traces]
         windows = [
-            plan_windows(t.step_bounds, self.window, self.window_fraction, g)
+            plan_windows(
+                t.step_bounds,
+                self.window,
+                self.window_fraction,
+                g,
+                None if self.rope_limit is None else self.rope_limit - t.prefix_len,
+            )
             for t, g in zip(traces, n_global)
         ]
         globals_ = [
             self._global_sequence(i, t, g, needs_prefix=bool(windows[i][1]))
             for i, (t, g) in enumerate(zip(traces, n_global))
         ]
-        return ScoringPlan(
+        plan = ScoringPlan(
             n_global=n_global,
             reused=[reused for reused, _ in windows],
             global_sequences=globals_,
@@ -232,11 +263,11 @@ class StudentScorer:
                 for i, (_, spans) in enumerate(windows)
                 for span in spans
             ],
-            model_tokens=[
-                len(seq.tokens) + sum(span.length for span in spans)
-                for seq, (_, spans) in zip(globals_, windows)
-            ],
+            model_tokens=[len(seq.tokens) for seq in globals_],
         )
+        for seq in plan.window_sequences:
+            plan.model_tokens[seq.trace] += len(seq.tokens)
+        return plan
 
     def _global_tokens(self, trace: TokenizedTrace) -> int:
         # The prefix always runs whole (windows need its keys/values); responses are capped.
@@ -259,6 +290,22 @@ class StudentScorer:
 
     def _window_sequence(self, index: int, trace: TokenizedTrace, span) -> ScoredSequence:
         p = trace.prefix_len
+        if self.rope_limit is not None and p + span.length > self.rope_limit:
+            # Past the limit the student's RoPE frequencies depend on the sequence's length, so
+            # this window (a single step's, see ``plan_windows``) cannot reuse a prefix run at
+            # another length: it runs as its own sequence, prefix included, in a row of its own.
+            return ScoredSequence(
+                trace=index,
+                tokens=np.concatenate(
+                    [trace.input_ids[:p], trace.input_ids[p + span.context_start : p + span.stop]]
+                ),
+                uses_prefix=False,
+                records_prefix=0,
+                first_row=p + span.score_start - span.context_start - 1,
+                targets=trace.input_ids[p + span.score_start : p + span.stop],
+                target_offset=span.score_start,
+                is_global=False,
+            )
         return ScoredSequence(
             trace=index,
             tokens=trace.input_ids[p + span.context_start : p + span.stop],
@@ -279,8 +326,13 @@ class StudentScorer:
         the next row while the device computes the last, and waits once, for the whole pass.
         """
         prefix_lens = [t.prefix_len for t in traces]
+        lengths = [len(s.tokens) for s in sequences]
+        if self.rope_limit is not None:
+            # A sequence past the RoPE limit would change its row mates' frequencies: packing
+            # it as longer than the budget gives it a row of its own.
+            lengths = [n if n <= self.rope_limit else self.token_budget + n for n in lengths]
         rows: list[RowScores] = []
-        for row in pack_by_budget([len(s.tokens) for s in sequences], self.token_budget):
+        for row in pack_by_budget(lengths, self.token_budget):
             rows += self._score_row([sequences[i] for i in row], prefix_lens, store)
         if not rows:
             return
@@ -366,6 +418,67 @@ def declared_context(model: torch.nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_scorable(config: Any, max_tokens: int) -> int | None:
+    """Refuse a student whose architecture the packed scorer cannot score exactly.
+
+    Args:
+        config: The student's model config.
+        max_tokens: The global cap the scorer uses.
+
+    Returns:
+        For a longrope student (Phi-3 and later), whose RoPE frequencies switch to long factors
+        once a sequence is longer than ``original_max_position_embeddings``: that length; else
+        None. Longer windows run alone (``plan_windows``), so nothing else sees their factors.
+
+    Raises:
+        StudentError: The student softcaps attention logits (Gemma-2); its RoPE is dynamic NTK
+            (transformers rescales it with a call's length and keeps the new frequencies for
+            later calls, so scores would depend on batch order); or it is longrope with
+            ``max_tokens`` past the switch, where one long global sequence would change the
+            frequencies of every sequence packed with it.
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap:
+        raise StudentError(
+            f"the student softcaps attention logits (attn_logit_softcapping={softcap}), "
+            "which ln-ray's packed attention does not reproduce: choose another student"
+        )
+    limits = []
+    for rope in _rope_settings(config):
+        rope_type = str(rope.get("rope_type", rope.get("type", "default")))
+        if "dynamic" in rope_type:
+            raise StudentError(
+                f"the student's RoPE is dynamic NTK (rope_type={rope_type!r}): transformers "
+                "rescales it with each call's length and keeps the rescaled frequencies for "
+                "later calls, so scores would depend on batch order: use a student config "
+                "without dynamic RoPE scaling"
+            )
+        if rope_type == "longrope":
+            limits.append(
+                rope.get("original_max_position_embeddings")
+                or config.original_max_position_embeddings
+            )
+    limit = min(limits, default=None)
+    if limit is not None and max_tokens > limit:
+        raise StudentError(
+            f"the student's RoPE (longrope) switches to long factors for sequences longer "
+            f"than {limit} tokens, which would make scores depend on batch mates: set "
+            f"scoring.max_tokens <= {limit} (the global cap is {max_tokens})"
+        )
+    return limit
+
+
+def _rope_settings(config: Any) -> list[dict[str, Any]]:
+    """The student's RoPE settings: one dict, or one per layer type (Gemma-3)."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(parameters, dict):
+        return []
+    if "rope_type" in parameters or "type" in parameters:
+        return [parameters]
+    return [value for value in parameters.values() if isinstance(value, dict)]
 
 
 def _global_cap(model: torch.nn.Module, max_tokens: int | None) -> int:

@@ -8,6 +8,11 @@ Consecutive steps with the same context start share one sequence: the window of 
 prefix of the window of step ``i + 1`` when ``c_i == c_{i+1}``. In particular every step with
 ``c_i == 0`` (the first ``k + 1`` steps) is served by the trace's global sequence itself, so those
 tokens are taken from the global pass and cost nothing extra.
+
+Both shortcuts assume a token's log-prob does not depend on what follows it. A student whose RoPE
+frequencies depend on the sequence's length (longrope, dynamic NTK) breaks that past a length
+limit: a step whose own window is longer than ``max_length`` gets a span of its own, exactly its
+window, and takes nothing from the global pass.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ def plan_windows(
     window: int,
     fraction: float | None = None,
     global_tokens: int = 0,
+    max_length: int | None = None,
 ) -> tuple[int, list[WindowSpan]]:
     """Plan the local pass of one trace.
 
@@ -67,6 +73,8 @@ def plan_windows(
         fraction: Optional window as a fraction of preceding steps (overrides ``window``).
         global_tokens: How many leading response tokens the global pass scored (it may be
             truncated); local log-probs of steps whose context starts at step 0 are reused from it.
+        max_length: If set, a step whose window spans more response tokens runs alone, as
+            exactly its own window.
 
     Returns:
         ``(reused, spans)``: the local log-probs of response tokens ``[0, reused)`` equal the global
@@ -74,13 +82,17 @@ def plan_windows(
     """
     bounds = np.asarray(step_bounds, dtype=np.int64)
     starts = context_starts(len(bounds) - 1, window, fraction)
-    leading = int(np.sum(starts == 0))
+    alone = np.zeros(len(starts), dtype=bool)
+    if max_length is not None:
+        alone = bounds[1:] - bounds[starts] > max_length
+    # Steps sharing a context start have growing windows, so the ones alone come last.
+    leading = int(np.sum((starts == 0) & ~alone))
     reused = min(global_tokens, int(bounds[leading]))
     spans: list[WindowSpan] = []
     i = 0
     while i < len(starts):
         j = i
-        while j + 1 < len(starts) and starts[j + 1] == starts[i]:
+        while j + 1 < len(starts) and starts[j + 1] == starts[i] and not alone[j + 1]:
             j += 1
         context_start = int(bounds[starts[i]])
         score_start = max(int(bounds[i]), reused) if starts[i] == 0 else int(bounds[i])

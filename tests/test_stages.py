@@ -189,6 +189,17 @@ def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_pat
     assert second["trace_id"].to_pylist() == out["trace_id"].to_pylist()
 
 
+def test_a_prompt_that_fills_the_global_cap_is_rejected(tiny_student_dir, tmp_path):
+    student = StudentConfig(model=tiny_student_dir)
+    raw = _raw(json.dumps(GOOD).encode())
+    prepared = prepare_batch(raw, student=student, segment=SegmentConfig(), max_response_chars=1000)
+    cap = prepared["prefix_len"][0].as_py()
+    stage = ScoreStage(student, ScoringConfig(max_tokens=cap), ComputeConfig(), str(tmp_path))
+    (row,) = stage(prepared).to_pylist()
+    assert row["reject_reason"] == f"prompt longer than scoring.max_tokens ({cap} tokens)"
+    assert row["lalp"] is None and not cache.cache_files(str(tmp_path))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_actor_without_a_gpu_refuses_to_score(tiny_student_dir, tmp_path):
     student = StudentConfig(model=tiny_student_dir)

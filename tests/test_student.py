@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import pytest
 from conftest import make_tiny_llama
 
 from ln_ray.config import StudentConfig
 from ln_ray.score import student
-from ln_ray.score.student import check_student, load_student
+from ln_ray.score.student import StudentError, check_student, load_student
 
 
 def test_identity_follows_the_weights_retrained_in_place(tiny_tokenizer, tmp_path, monkeypatch):
@@ -42,3 +46,14 @@ def test_identity_holds_the_dtype_the_model_runs_in(tiny_student_dir, tmp_path):
     # A scoring actor on CPU names the student as the driver does.
     loaded = load_student(StudentConfig(model=tiny_student_dir, cache_dir=str(tmp_path)))
     assert loaded.identity == identity("auto")
+
+
+def test_a_student_the_scorer_cannot_score_exactly_fails_before_any_work(
+    tiny_student_dir, tmp_path
+):
+    folder = tmp_path / "softcapped"
+    shutil.copytree(tiny_student_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 50.0}))
+    with pytest.raises(StudentError, match="softcaps attention logits"):
+        check_student(StudentConfig(model=str(folder), cache_dir=str(tmp_path / "cache")))

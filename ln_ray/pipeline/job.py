@@ -96,7 +96,11 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     try:
         files, skipped = storage.list_input_files(cfg.input.path, cfg.input.format)
         storage.check_output_apart(cfg.input.path, cfg.output.path)
-        identity = check_student(cfg.student, want_gpu=cfg.compute.gpus_per_actor > 0)
+        identity = check_student(
+            cfg.student,
+            want_gpu=cfg.compute.gpus_per_actor > 0,
+            max_tokens=cfg.scoring.max_tokens,
+        )
         paths = RunPaths.create(cfg.output.path)
         outputs.check_writable(paths)
     except (storage.InputError, StudentError, outputs.OutputError) as exc:

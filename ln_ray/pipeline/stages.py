@@ -176,6 +176,10 @@ class ScoreStage:
         """
         require_columns(batch.column_names, PREPARED_SCHEMA.names, "score")
         rows = batch.to_pylist()
+        for row in rows:
+            if row["reject_reason"] is None:
+                # A prompt filling the global cap leaves nothing to score globally.
+                row["reject_reason"] = self.scorer.reject_reason(row["prefix_len"])
         candidates = [r for r in rows if r["reject_reason"] is None]
         known = cache.contains(self.cached, [r["trace_id"] for r in candidates])
         todo: dict[str, dict[str, Any]] = {}

@@ -151,7 +151,7 @@ class StudentScorer:
         token_budget: int = 4096,
         head_chunk: int = 0,
     ) -> None:
-        self.max_tokens = _global_cap(model, max_tokens)
+        self.max_tokens = _global_cap(declared_context(model), max_tokens)
         self.rope_limit = check_scorable(model.config, self.max_tokens)
         install_segment_attention(model)
         chunk_mlps(model, token_budget)
@@ -412,7 +412,11 @@ class StudentScorer:
 
 def declared_context(model: torch.nn.Module) -> int | None:
     """The longest sequence the student's config declares it was built for, if any."""
-    config = getattr(model, "config", None)
+    return config_context(getattr(model, "config", None))
+
+
+def config_context(config: Any) -> int | None:
+    """``declared_context`` from a model config alone."""
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -481,8 +485,12 @@ def _rope_settings(config: Any) -> list[dict[str, Any]]:
     return [value for value in parameters.values() if isinstance(value, dict)]
 
 
-def _global_cap(model: torch.nn.Module, max_tokens: int | None) -> int:
-    context = declared_context(model)
+def global_cap(config: Any, max_tokens: int | None) -> int:
+    """The global cap a scorer uses for a student of ``config`` and ``scoring.max_tokens``."""
+    return _global_cap(config_context(config), max_tokens)
+
+
+def _global_cap(context: int | None, max_tokens: int | None) -> int:
     if max_tokens is None:
         return context or UNDECLARED_CONTEXT_CAP
     if context is not None and max_tokens > context:

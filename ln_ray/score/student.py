@@ -155,13 +155,15 @@ def load_tokenizer(cfg: StudentConfig) -> Any:
     return tokenizer
 
 
-def check_student(cfg: StudentConfig, want_gpu: bool = False) -> str:
-    """Fail fast, before any work: the student resolves, its config and tokenizer load locally.
+def check_student(cfg: StudentConfig, want_gpu: bool = False, max_tokens: int | None = None) -> str:
+    """Fail fast, before any work: the student resolves, its config and tokenizer load locally,
+    and the scorer can score its architecture exactly (``scorer.check_scorable``).
 
     Args:
         cfg: The ``student`` config section.
         want_gpu: Whether the scoring actors get GPUs (``compute.gpus_per_actor > 0``); the
             identity holds the dtype they resolve there, whether or not this machine has one.
+        max_tokens: ``scoring.max_tokens`` (None: the student's declared context).
 
     Returns:
         The student's identity string.
@@ -170,10 +172,13 @@ def check_student(cfg: StudentConfig, want_gpu: bool = False) -> str:
 
     source = resolve_student(cfg.model)
     folder = _model_folder(source, cfg)
+    from ln_ray.score.scorer import check_scorable, global_cap  # the scorer imports this module
+
     try:
-        AutoConfig.from_pretrained(folder, **_hub_options(cfg))
+        config = AutoConfig.from_pretrained(folder, **_hub_options(cfg))
     except (OSError, ValueError) as exc:
         raise StudentError(f"cannot load student {cfg.model!r}{_hint(cfg)}: {exc}") from None
+    check_scorable(config, global_cap(config, max_tokens))
     tokenizer = load_tokenizer(cfg)
     _check_tokenizer(tokenizer, cfg.model)
     dtype = pick_dtype(cfg.dtype, torch.device("cuda" if want_gpu else "cpu"))

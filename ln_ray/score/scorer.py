@@ -45,6 +45,7 @@ from ln_ray.score.metrics import trace_metrics
 from ln_ray.score.packing import pack_by_budget
 from ln_ray.score.student import StudentError
 from ln_ray.score.transfer import to_device
+from ln_ray.score.vector_math import settle_vector_math
 from ln_ray.score.windows import plan_windows
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class StudentScorer:
         token_budget: int = 4096,
         head_chunk: int = 0,
     ) -> None:
+        settle_vector_math()  # before the first multi-threaded cos of RoPE: see vector_math
         self.max_tokens = _global_cap(declared_context(model), max_tokens)
         self.rope_limit = check_scorable(model.config, self.max_tokens)
         install_segment_attention(model)

@@ -53,31 +53,14 @@ def tiny_tokenizer():
 
 def make_tiny_llama(vocab_size: int, seed: int = 0, attn: str = "eager"):
     """A 2-layer random Llama with grouped-query attention (fp32, CPU)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        attn_implementation=attn,
-    )
-    model = LlamaForCausalLM(config).eval()
-    # Larger-than-default weights give peaked, varied distributions (ranks beyond 1, real ties
-    # unlikely), which makes exact-rank comparisons meaningful.
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.2)
-    return model
+    return make_tiny_causal_lm("llama", vocab_size, seed, attn_implementation=attn)
 
 
 def make_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer random causal LM of any transformers family (fp32, CPU, eager attention).
+
+    Its weights are larger than the default, which gives peaked, varied distributions (ranks
+    beyond 1, real ties unlikely) and so makes exact-rank comparisons meaningful.
 
     Args:
         model_type: The family's config name (``mistral``, ``gemma3_text``, ``granite``...).
@@ -101,7 +84,7 @@ def make_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0, **overr
     )
     config = AutoConfig.for_model(model_type, **{**settings, **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # peaked distributions, as in make_tiny_llama
+    with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.2)

@@ -104,7 +104,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         paths = RunPaths.create(cfg.output.path)
         outputs.check_writable(paths)
     except (storage.InputError, StudentError, outputs.OutputError) as exc:
-        raise JobError(outputs.redact_url(str(exc))) from None
+        raise JobError(storage.redact_url(str(exc))) from None
     connect_ray(cfg.compute)
     cache_url = paths.cache(cache.cache_key(identity, cfg.scoring))
     cached = cache.cached_trace_ids(cache_url)
@@ -117,7 +117,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     )
     in_fs, _ = storage.filesystem(cfg.input.path)
     urls = {path: storage.full_url(in_fs, path) for path, _ in files}  # to open files
-    shown = {path: outputs.redact_url(url) for path, url in urls.items()}  # to record or show
+    shown = {path: storage.redact_url(url) for path, url in urls.items()}  # to record or show
     # Rows per file, counted independently of the pipeline (and in parallel with it).
     counter = ray.remote(num_cpus=0.1)(count_source_rows)
     expected_rows = [counter.remote(urls[path], fmt) for path, fmt in files]
@@ -185,7 +185,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     }
     manifest = outputs.redacted(manifest)  # any URL in it may carry credentials
     _publish(paths, (*SCORE_OUTPUTS, *REDUCE_OUTPUTS), manifest)
-    log.info("published run %s to %s", paths.run_id, outputs.redact_url(cfg.output.path))
+    log.info("published run %s to %s", paths.run_id, storage.redact_url(cfg.output.path))
     return manifest
 
 
@@ -200,7 +200,7 @@ def run_select(cfg: LnRayConfig) -> dict[str, Any]:
     manifest_url = storage.full_url(paths.fs, paths.final(MANIFEST))
     if not paths.fs.exists(paths.final(MANIFEST)):
         raise JobError(
-            f"no finished run under {outputs.redact_url(cfg.output.path)!r} "
+            f"no finished run under {storage.redact_url(cfg.output.path)!r} "
             "(manifest.json is missing)"
         )
     manifest = storage.read_json(manifest_url)
@@ -229,7 +229,7 @@ def read_teacher_table(output_path: str) -> pd.DataFrame:
     fs, root = storage.filesystem(output_path)
     if not fs.exists(storage.join(root, MANIFEST)):
         raise JobError(
-            f"no finished run under {outputs.redact_url(output_path)!r} (manifest.json is missing)"
+            f"no finished run under {storage.redact_url(output_path)!r} (manifest.json is missing)"
         )
     table = pq.read_table(storage.join(root, "teachers"), filesystem=storage.arrow_filesystem(fs))
     return table.to_pandas()
@@ -241,7 +241,7 @@ def _publish(paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any]) 
         outputs.publish(paths, names, manifest)
     except outputs.OutputError as exc:
         outputs.discard(paths)
-        raise JobError(outputs.redact_url(str(exc))) from None
+        raise JobError(storage.redact_url(str(exc))) from None
     except BaseException:
         outputs.discard(paths)
         raise
@@ -392,7 +392,7 @@ def _finish_rows(table: pa.Table, duplicates: dict[tuple[str, int], str]) -> pa.
         marks = [duplicates.get(key) for key in keys]
         reasons = pc.coalesce(reasons, pa.array(marks, pa.string()))
     # A shard's read error may quote its URL.
-    reasons = pc.replace_substring_regex(reasons, outputs.USERINFO, outputs.MASKED)
+    reasons = pc.replace_substring_regex(reasons, storage.USERINFO, storage.MASKED)
     index = table.schema.get_field_index("reject_reason")
     return (
         table.set_column(index, "reject_reason", reasons)

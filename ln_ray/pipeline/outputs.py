@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ln_ray.io import storage
-from ln_ray.io.storage import MASKED, USERINFO, redact_url  # noqa: F401 (re-exported)
+from ln_ray.io.storage import redact_url
 
 ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected (source of curated/)
 RUNS_DIR = "_runs"

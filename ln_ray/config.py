@@ -15,6 +15,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ln_ray.prepare.reasoning import REASONING_MODES
+from ln_ray.prepare.render import VIEWS
 from ln_ray.prepare.segment import SEGMENT_MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -23,6 +25,15 @@ INPUT_FORMATS = ("auto", "parquet", "jsonl")
 METRICS = ("lalp", "galp", "rsr")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SHUFFLES = ("sort", "hash")
+# apply_chat_template's own parameters and the template's messages: not template arguments.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    [
+        *("conversation", "messages", "tools", "documents", "chat_template"),
+        *("add_generation_prompt", "continue_final_message", "tokenize", "tokenizer_kwargs"),
+        *("sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors"),
+        *("return_dict", "return_assistant_tokens_mask"),
+    ]
+)
 
 
 class ConfigError(ValueError):
@@ -31,10 +42,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ColumnsConfig:
-    """Names of the input columns; ``steps``, ``correct`` and ``messages`` are optional."""
+    """Names of the input columns; ``steps``, ``correct``, ``messages`` and ``reasoning`` are
+    optional."""
 
     prompt: str = "prompt"
     response: str = "response"
+    reasoning: str = "reasoning"
     teacher: str = "teacher"
     prompt_id: str = "prompt_id"
     steps: str = "steps"
@@ -63,7 +76,10 @@ class StudentConfig:
     """The student model that judges the traces.
 
     ``model`` is a Hugging Face model id (already in the local cache), a local model directory, a
-    ``.gguf`` file, or the named default ``smollm2-135m``.
+    ``.gguf`` file, or the named default ``smollm2-135m``. ``template_kwargs`` are extra variables
+    for its chat template (``enable_thinking``...); ``reasoning_open`` and ``reasoning_close`` are
+    the markers it writes around its reasoning (used with ``scoring.reasoning: student`` and for
+    a reasoning given in its own column).
     """
 
     model: str = "smollm2-135m"
@@ -71,6 +87,9 @@ class StudentConfig:
     trust_remote_code: bool = False
     allow_download: bool = False
     chat_template: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reasoning_open: str = "<think>\n"
+    reasoning_close: str = "\n</think>\n\n"
     cache_dir: str | None = None
 
 
@@ -84,8 +103,16 @@ class SegmentConfig:
 
 @dataclass
 class ScoringConfig:
-    """What is computed for each trace (see DESIGN.md, "Definitions")."""
+    """What is computed for each trace (see DESIGN.md, "Definitions").
 
+    ``render``: the student's view, ``generation`` (context and generation prompt, then the
+    response) or ``conversation`` (the whole conversation through the template). ``reasoning``:
+    ``as_given`` scores responses as written, ``student`` re-presents marked reasoning in the
+    student's markers.
+    """
+
+    render: str = "generation"
+    reasoning: str = "as_given"
     window: int = 4
     window_fraction: float | None = None
     rank_clip: int = 100
@@ -185,6 +212,15 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.student.dtype in DTYPES, f"student.dtype must be one of {DTYPES}")
     need(cfg.segment.mode in SEGMENT_MODES, f"segment.mode must be one of {SEGMENT_MODES}")
     need(cfg.segment.min_chars >= 0, "segment.min_chars must be >= 0")
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(cfg.student.template_kwargs))
+    need(not reserved, f"student.template_kwargs may not set {reserved} (ln-ray sets those)")
+    need(bool(cfg.student.reasoning_open.strip()), "student.reasoning_open is empty")
+    need(bool(cfg.student.reasoning_close.strip()), "student.reasoning_close is empty")
+    need(cfg.scoring.render in VIEWS, f"scoring.render must be one of {VIEWS}")
+    need(
+        cfg.scoring.reasoning in REASONING_MODES,
+        f"scoring.reasoning must be one of {REASONING_MODES}",
+    )
     need(cfg.scoring.window >= 0, "scoring.window must be >= 0")
     frac = cfg.scoring.window_fraction
     need(frac is None or 0.0 < frac <= 1.0, "scoring.window_fraction must be in (0, 1] or null")

@@ -43,6 +43,7 @@ RAW_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("teacher", pa.string()),
         ("response", pa.string()),
+        ("reasoning", pa.string()),
         ("steps", pa.list_(pa.string())),
         ("correct", pa.bool_()),
         ("messages", pa.string()),

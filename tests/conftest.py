@@ -7,14 +7,9 @@ import os
 
 import pytest
 import torch
+from templates import CHATML
 
 from ln_ray.config import StudentConfig
-
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 _CORPUS = [
     "First, compute the total cost: 3 apples at $2 each is 6 dollars.",

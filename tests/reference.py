@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -64,3 +65,17 @@ def reference_scores(model, trace, *, window=4, fraction=None, max_tokens=10**9,
         "avg_surprisal": -float(np.mean(global_lp)) if g else math.nan,
         "truncated": g < t,
     }
+
+
+def assert_matches_reference(fast, ref):
+    """The fast scorer's TraceScores equal the reference's: log-probs within 1e-4, ranks exactly."""
+    np.testing.assert_allclose(fast.global_logprobs, ref["global_logprobs"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(fast.global_ranks, ref["global_ranks"])
+    np.testing.assert_allclose(fast.local_logprobs, ref["local_logprobs"], atol=1e-4, rtol=0)
+    for key in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
+        assert fast.__dict__[key] == pytest.approx(ref[key], abs=1e-4, nan_ok=True), key
+    assert fast.truncated == ref["truncated"]
+    for a, b in zip(fast.step_logprobs, ref["step_logprobs"], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a == pytest.approx(b, abs=1e-4)

@@ -263,3 +263,47 @@ def test_row_counts_per_file_and_reason(ray_cluster):
     unscored = pa.Table.from_pylist([row("f1", 4, new)], schema=SCORED_ROWS_SCHEMA)
     with pytest.raises(JobError, match="1 accepted rows have no scores"):
         _count_rows(ray.data.from_arrow(unscored), in_cache)
+
+
+def test_job_scores_every_teacher_for_a_thinking_student(ray_cluster, tiny_student_dir, tmp_path):
+    """An R1-distill-style student, teachers marking their reasoning four ways: every row is
+    scored, and the curated set holds each trace as scored, in the student's markers."""
+    from templates import R1_DISTILL
+
+    reasoning = "Let me think. The boat holds all three.\n"
+    answer = "Cross once."
+    styles = {
+        "think": {"response": f"<think>\n{reasoning}</think>\n\n{answer}"},
+        "harmony": {
+            "response": f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant"
+            f"<|channel|>final<|message|>{answer}<|return|>"
+        },
+        "api": {"response": answer, "reasoning": reasoning},
+        "plain": {"response": f"{reasoning}{answer}"},
+    }
+    rows = [
+        {"prompt_id": f"q{p}", "prompt": f"Puzzle {p}: how?", "teacher": teacher, **fields}
+        for p in range(3)
+        for teacher, fields in styles.items()
+    ]
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "traces.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    out = str(tmp_path / "out")
+    cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "scoring.reasoning=student")
+    cfg.student.chat_template = R1_DISTILL
+    manifest = run_score(cfg)
+    assert manifest["counts"]["rows_rejected"] == 0
+    assert manifest["config"]["scoring"]["render"] == "generation"
+    scores = read_output(out, "scores")
+    assert len(scores) == len(rows) and scores["lalp"].notna().all()
+    # the three marked teachers present one and the same trace per prompt
+    marked = scores[scores["teacher"] != "plain"]
+    assert (marked.groupby("prompt_id")["trace_id"].nunique() == 3).all()
+    assert (marked.groupby("prompt_id")["lalp"].nunique() == 1).all()
+    presented = f"<think>\n{reasoning.strip()}\n</think>\n\n{answer}"
+    curated = read_output(out, "curated")
+    assert "reasoning" not in curated.columns
+    for record in curated.to_dict("records"):
+        content = record["messages"][-1]["content"]
+        assert content == (f"{reasoning}{answer}" if record["teacher"] == "plain" else presented)

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from ln_ray.prepare.render import RenderError, tokenize_trace
+from ln_ray.prepare.render import RenderError, RenderOptions, tokenize_trace
 from ln_ray.prepare.rows import RowRejected, prepare_row, trace_id, validate_row
 
 RESPONSE = "First, compute the total cost. 3 apples at $2 each is 6 dollars.\nSo the answer is 6."
@@ -59,27 +59,31 @@ def test_a_step_inside_one_token_owns_no_tokens(tiny_tokenizer):
     assert trace.step_bounds.tolist() == [0, index, index, trace.n_response]
 
 
-def test_template_that_alters_the_response_is_rejected(tiny_tokenizer):
+def test_template_that_alters_the_response_is_rejected_in_the_conversation_view(tiny_tokenizer):
     tokenizer = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer)
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
-        "{% endfor %}"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
+    conversation = RenderOptions(view="conversation")
     messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Answer.\n\n"}]
     with pytest.raises(RenderError, match="alters the response") as trimmed:
-        tokenize_trace(tokenizer, messages, ["Answer.\n\n"])
+        tokenize_trace(tokenizer, messages, ["Answer.\n\n"], conversation)
     # The reason says what to do about a trimming template.
     assert "trims leading and trailing whitespace" in str(trimmed.value)
-    assert "student.chat_template" in str(trimmed.value)
+    assert "scoring.render=generation" in str(trimmed.value)
     row = {**ROW, "response": "Answer.\n\n"}
     with pytest.raises(RowRejected, match="alters the response text: it trims"):
-        prepare_row(row, tokenizer)
+        prepare_row(row, tokenizer, render=conversation)
+    # The generation view scores the response as written.
+    trace = prepare_row(row, tokenizer).tokens
+    assert tokenizer.decode(trace.input_ids[trace.prefix_len :]) == "Answer.\n\n"
     # A response without surrounding whitespace renders faithfully.
-    prepare_row({**ROW, "response": "Answer."}, tokenizer)
+    prepare_row({**ROW, "response": "Answer."}, tokenizer, render=conversation)
     # Any other change keeps the plain reason.
     tokenizer.chat_template = tokenizer.chat_template.replace("| trim", "| upper")
-    with pytest.raises(RowRejected, match="alters the response text$"):
-        prepare_row({**ROW, "response": "Answer."}, tokenizer)
+    with pytest.raises(RowRejected, match=r"alters the response text \(use scoring"):
+        prepare_row({**ROW, "response": "Answer."}, tokenizer, render=conversation)
 
 
 def test_given_messages_with_a_system_turn(tiny_tokenizer):
@@ -160,7 +164,7 @@ def test_a_role_token_that_swallows_leading_whitespace_stays_in_the_prefix(tiny_
     tokenizer.add_special_tokens({"additional_special_tokens": markers})
     tokenizer.chat_template = (
         "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
-        "{% endfor %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     )
     assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
     for response in ["The answer is 42.", "\nThe answer is 42.", " \n The answer is 42."]:

@@ -127,7 +127,13 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
         "{% endfor %}"
     )
     out = str(tmp_path / "out")
-    cfg = config(folder, out, tiny_student_dir, "scoring.max_response_chars=1000")
+    cfg = config(
+        folder,
+        out,
+        tiny_student_dir,
+        "scoring.max_response_chars=1000",
+        "scoring.render=conversation",  # the view in which a template can alter a response
+    )
     cfg.student.chat_template = trimming
     manifest = run_score(cfg)
     scores = read_output(out, "scores")

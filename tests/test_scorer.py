@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 from conftest import make_tiny_causal_lm
-from reference import reference_scores
+from reference import assert_matches_reference, reference_scores
 
 from ln_ray.prepare.render import tokenize_trace
 from ln_ray.score.scorer import StudentScorer
@@ -43,19 +43,6 @@ def make_traces(tokenizer, count: int = 5, seed: int = 0):
         ]
         traces.append(tokenize_trace(tokenizer, messages, steps))
     return traces
-
-
-def assert_matches_reference(fast, ref):
-    np.testing.assert_allclose(fast.global_logprobs, ref["global_logprobs"], atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(fast.global_ranks, ref["global_ranks"])
-    np.testing.assert_allclose(fast.local_logprobs, ref["local_logprobs"], atol=1e-4, rtol=0)
-    for key in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
-        assert fast.__dict__[key] == pytest.approx(ref[key], abs=1e-4, nan_ok=True), key
-    assert fast.truncated == ref["truncated"]
-    for a, b in zip(fast.step_logprobs, ref["step_logprobs"], strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a == pytest.approx(b, abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,12 @@ def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_pat
         )
     )
     student = StudentConfig(model=tiny_student_dir)
-    prepared = prepare_batch(raw, student=student, segment=SegmentConfig(), max_response_chars=1000)
+    prepared = prepare_batch(
+        raw,
+        student=student,
+        segment=SegmentConfig(),
+        scoring=ScoringConfig(max_response_chars=1000),
+    )
     assert prepared.schema == PREPARED_SCHEMA
     reasons = prepared["reject_reason"].to_pylist()
     assert (
@@ -192,7 +197,12 @@ def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_pat
 def test_a_prompt_that_fills_the_global_cap_is_rejected(tiny_student_dir, tmp_path):
     student = StudentConfig(model=tiny_student_dir)
     raw = _raw(json.dumps(GOOD).encode())
-    prepared = prepare_batch(raw, student=student, segment=SegmentConfig(), max_response_chars=1000)
+    prepared = prepare_batch(
+        raw,
+        student=student,
+        segment=SegmentConfig(),
+        scoring=ScoringConfig(max_response_chars=1000),
+    )
     cap = prepared["prefix_len"][0].as_py()
     stage = ScoreStage(student, ScoringConfig(max_tokens=cap), ComputeConfig(), str(tmp_path))
     (row,) = stage(prepared).to_pylist()

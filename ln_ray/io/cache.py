@@ -1,16 +1,19 @@
 """The score cache: scores persisted per trace as soon as a batch is scored.
 
 Scores are stored under ``<output.path>/_cache/<key>/``, where the key hashes the student's
-identity and every scoring setting that changes a score; the trace_id already hashes the trace's
-content and steps. Scoring actors write one Parquet file per batch, atomically (a hidden temporary
-file renamed into place, or a single object PUT), so a killed driver or actor never leaves a
-half-written file behind and everything scored before an interruption is reused by the next run.
+identity (weights, tokenizer, chat template and its arguments, dtype) and every scoring setting
+that changes a score (the view and the reasoning presentation among them); the trace_id already
+hashes the trace's content, as scored, and its steps. Scoring actors write one Parquet file per
+batch, atomically (a hidden temporary file renamed into place, or a single object PUT), so a
+killed driver or actor never leaves a half-written file behind and everything scored before an
+interruption is reused by the next run.
 A trace scored twice (a retried batch, a duplicate row) is stored twice with equal values; readers
 keep one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import posixpath
@@ -24,15 +27,19 @@ from ln_ray.config import ScoringConfig
 from ln_ray.io import storage
 from ln_ray.schema import CACHE_SCHEMA
 
+# Scoring settings that decide only which rows are scored, never a score.
+_NOT_IN_KEY = frozenset({"max_response_chars"})
+
 
 def cache_key(student_identity: str, scoring: ScoringConfig) -> str:
-    """The cache folder name for a student and the scoring settings that change scores."""
+    """The cache folder name for a student and the scoring settings that change scores.
+
+    Every scoring setting is in the key but those in ``_NOT_IN_KEY``, so a new setting can
+    never reuse scores computed without it.
+    """
     settings = {
         "student": student_identity,
-        "window": scoring.window,
-        "window_fraction": scoring.window_fraction,
-        "rank_clip": scoring.rank_clip,
-        "max_tokens": scoring.max_tokens,
+        **{k: v for k, v in dataclasses.asdict(scoring).items() if k not in _NOT_IN_KEY},
         "schema": CACHE_SCHEMA.names,
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -149,6 +149,7 @@ def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -
         "prompt": columns.prompt,
         "teacher": columns.teacher,
         "response": columns.response,
+        "reasoning": columns.reasoning,
         "steps": columns.steps,
         "correct": columns.correct,
         "messages": columns.messages,
@@ -157,7 +158,7 @@ def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -
     row["row_number"] = number
     row["read_error"] = None
     problems = []
-    for key in ("prompt", "teacher", "response"):
+    for key in ("prompt", "teacher", "response", "reasoning"):
         if row[key] is not None and not isinstance(row[key], str):
             problems.append(f"{key} is not a string")
             row[key] = None
@@ -195,7 +196,16 @@ def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -
     row["extra"] = _json_text(extra) if extra else None
     if extra and row["extra"] is None:
         problems.append("a column nests too deeply")
-    for key in ("prompt_id", "prompt", "teacher", "response", "steps", "messages", "extra"):
+    for key in (
+        "prompt_id",
+        "prompt",
+        "teacher",
+        "response",
+        "reasoning",
+        "steps",
+        "messages",
+        "extra",
+    ):
         if not _is_utf8(row[key]):
             # JSON can escape a lone surrogate ("\ud800"), which no UTF-8 text can hold.
             problems.append(f"{'a column' if key == 'extra' else key} is not valid Unicode")

@@ -100,6 +100,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
             cfg.student,
             want_gpu=cfg.compute.gpus_per_actor > 0,
             max_tokens=cfg.scoring.max_tokens,
+            view=cfg.scoring.render,
         )
         paths = RunPaths.create(cfg.output.path)
         outputs.check_writable(paths)
@@ -267,7 +268,7 @@ def _score_rows(cfg, files, urls, in_fs, paths: RunPaths, cache_url: str) -> Non
             fn_kwargs={
                 "student": cfg.student,
                 "segment": cfg.segment,
-                "max_response_chars": cfg.scoring.max_response_chars,
+                "scoring": cfg.scoring,
             },
             batch_format="pyarrow",
             batch_size=64,

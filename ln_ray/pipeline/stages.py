@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from ln_ray.config import ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
 from ln_ray.io import cache
-from ln_ray.prepare.render import TokenizedTrace
+from ln_ray.prepare.reasoning import ReasoningFormat
+from ln_ray.prepare.render import RenderOptions, TokenizedTrace
 from ln_ray.prepare.rows import RowRejected, TraceRow, prepare_row
 from ln_ray.schema import (
     CACHE_SCHEMA,
@@ -55,21 +56,23 @@ def prepare_batch(
     *,
     student: StudentConfig,
     segment: SegmentConfig,
-    max_response_chars: int,
+    scoring: ScoringConfig,
 ) -> pa.Table:
     """Validate and tokenize a batch of raw rows; rejected rows keep their reason.
 
     Args:
         batch: Rows in ``RAW_SCHEMA``.
-        student: Whose tokenizer and chat template to use (loaded once per worker process).
+        student: Whose tokenizer, chat template, template arguments and reasoning markers to use
+            (the tokenizer is loaded once per worker process).
         segment: Segmenter settings for rows without ``steps``.
-        max_response_chars: Hard cap on a response's length.
+        scoring: The view, the reasoning presentation and the cap on a response's length.
 
     Returns:
         Rows in ``PREPARED_SCHEMA``, one per input row, in order.
     """
     require_columns(batch.column_names, RAW_SCHEMA.names, "prepare")
     tokenizer = _tokenizer(student)
+    render, reasoning = render_options(student, scoring), reasoning_format(student, scoring)
     out = []
     for raw in batch.to_pylist():
         row: dict[str, Any] = {
@@ -86,7 +89,9 @@ def prepare_batch(
                 tokenizer,
                 segment_mode=segment.mode,
                 min_step_chars=segment.min_chars,
-                max_response_chars=max_response_chars,
+                max_response_chars=scoring.max_response_chars,
+                render=render,
+                reasoning=reasoning,
             )
         except RowRejected as exc:
             row["reject_reason"] = str(exc)
@@ -233,6 +238,18 @@ class ScoreStage:
             )
         cache.write_part(self.cache_url, pa.Table.from_pylist(records, schema=CACHE_SCHEMA))
         return {record.pop("trace_id"): record for record in records}
+
+
+def render_options(student: StudentConfig, scoring: ScoringConfig) -> RenderOptions:
+    """The student's view of a trace, from the config."""
+    return RenderOptions(view=scoring.render, template_kwargs=dict(student.template_kwargs))
+
+
+def reasoning_format(student: StudentConfig, scoring: ScoringConfig) -> ReasoningFormat:
+    """How reasoning is presented to the student, from the config."""
+    return ReasoningFormat(
+        mode=scoring.reasoning, open=student.reasoning_open, close=student.reasoning_close
+    )
 
 
 def duplicate_key(row: TraceRow) -> str:

@@ -1,24 +1,39 @@
-"""Render a conversation with the student's chat template and map its steps to token spans.
+"""Render a trace the way the student reads it and map its steps to token spans.
 
-The whole conversation is tokenized once, jointly, with character offsets, exactly as the student
-would read it. A token belongs to the response (and to a step) when its last character lies in it:
+The default is the generation view: the conversation before the response, rendered with the
+student's chat template and its generation prompt, then the response verbatim, as the student
+would produce it, then the template's end-of-turn. The whole is tokenized once, jointly, with
+character offsets. A token belongs to the response (and to a step) when its last character lies
+in it:
 
-    rendered:  <|im_start|>user ...<|im_end|> <|im_start|>assistant |Step one. Step two.|<|im_end|>
-    tokens:    ..........prefix (P tokens)..........................| r_1  ...      r_T |  dropped
-    steps:                                                          |  S_1    |  S_2   |
+    rendered:  <|im_start|>user ...<|im_end|> <|im_start|>assistant\n|Step one. Step two.|<|im_end|>
+               (the conversation before the response + generation prompt)
+    tokens:    ..........prefix (P tokens)............................| r_1  ...      r_T |  dropped
+    steps:                                                            |  S_1    |  S_2   |
 
 Tokens after the response (end-of-turn) are dropped: they are never scored and never context.
 A template token the tokenizer adds whole (a role marker) stays in the prefix even when it
 swallows the whitespace that starts the response (``rstrip=True``, as Phi-3's ``<|assistant|>``).
+
+Some generation prompts open the answer themselves (R1-distill's ``<think>\n``): the text that a
+generation prompt adds after the assistant header of a rendered turn. A response that opens with
+that text (exactly, or the same marker after leading whitespace) meets it once: those leading
+characters are read in the generation prompt, and scoring starts with the response's next token.
+
+The conversation view (``scoring.render: conversation``) renders the whole conversation, response
+included, through the template, and rejects a row whose response the template changes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+VIEWS = ("generation", "conversation")
 # Stands in for the response when locating it; no template has a reason to touch it.
 _SENTINEL = "\u2063LN-RAY-RESPONSE\u2063"
 
@@ -51,26 +66,105 @@ class TokenizedTrace:
         return len(self.step_bounds) - 1
 
 
-def render_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, int, int]:
-    """Render ``messages`` (the last one the response) and locate the response in the text.
+@dataclass(frozen=True)
+class RenderOptions:
+    """How a trace is rendered for the student.
 
-    Args:
-        tokenizer: A Hugging Face tokenizer with a chat template.
-        messages: Chat messages; the last is the assistant response being scored.
+    Attributes:
+        view: ``generation`` (the default) or ``conversation``.
+        template_kwargs: Extra variables for the chat template (``enable_thinking``...).
+    """
 
-    Returns:
-        ``(text, start, stop)`` with ``text[start:stop]`` equal to the response.
+    view: str = "generation"
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderedTrace:
+    """Rendered text and where the scored part of the response lies in it.
+
+    Attributes:
+        text: What is tokenized: context, response, end-of-turn.
+        start: Where the scored response text starts in ``text``.
+        stop: Where it ends.
+        skipped: Leading response characters read in the generation prompt instead.
+    """
+
+    text: str
+    start: int
+    stop: int
+    skipped: int = 0
+
+
+def render_trace(
+    tokenizer: Any, messages: list[dict[str, str]], options: RenderOptions
+) -> RenderedTrace:
+    """Render ``messages`` (the last one the response) in the configured view.
+
+    Raises:
+        RenderError: The template fails, has no generation prompt, or (conversation view)
+            changes the response text.
+    """
+    if options.view == "conversation":
+        return render_conversation(tokenizer, messages, options.template_kwargs)
+    return render_generation(tokenizer, messages, options.template_kwargs)
+
+
+def render_generation(
+    tokenizer: Any, messages: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
+) -> RenderedTrace:
+    """The generation view: context with the generation prompt, the response, the end-of-turn.
+
+    The end-of-turn is what the template writes after an assistant turn (found by rendering
+    the turn with a stand-in response), else the tokenizer's end-of-sequence token.
+
+    Raises:
+        RenderError: The template fails or adds no generation prompt.
+    """
+    context, response = messages[:-1], messages[-1]["content"]
+    prompt = generation_prompt(tokenizer, context, template_kwargs)
+    marked = _apply(tokenizer, [*context, {**messages[-1], "content": _SENTINEL}], template_kwargs)
+    at = marked.find(_SENTINEL)
+    if at >= 0:
+        header, end_of_turn = marked[:at], marked[at + len(_SENTINEL) :]
+        opening = prompt[len(os.path.commonprefix([prompt, header])) :]
+    else:  # a template that drops or rewrites the stand-in: no turn to compare with
+        end_of_turn, opening = getattr(tokenizer, "eos_token", None) or "", ""
+    skipped = _met_once(opening, response)
+    text = prompt + response[skipped:] + end_of_turn
+    return RenderedTrace(text, len(prompt), len(prompt) + len(response) - skipped, skipped)
+
+
+def generation_prompt(
+    tokenizer: Any, context: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
+) -> str:
+    """``context`` rendered with the template's generation prompt.
+
+    Raises:
+        RenderError: The template fails, or its generation prompt adds nothing (the student
+            would answer without an assistant header).
+    """
+    prompt = _apply(tokenizer, context, template_kwargs, add_generation_prompt=True)
+    if prompt == _apply(tokenizer, context, template_kwargs):
+        raise RenderError(
+            "chat template has no generation prompt (set student.chat_template to one that "
+            "has, or scoring.render=conversation)"
+        )
+    return prompt
+
+
+def render_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
+) -> RenderedTrace:
+    """The conversation view: the whole conversation rendered, the response located in it.
 
     Raises:
         RenderError: The template fails or changes the response text.
     """
     response = messages[-1]["content"]
     probe = [*messages[:-1], {**messages[-1], "content": _SENTINEL}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        marked = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception as exc:  # Jinja errors come in many types.
-        raise RenderError(f"chat template failed: {exc}") from None
+    text = _apply(tokenizer, messages, template_kwargs)
+    marked = _apply(tokenizer, probe, template_kwargs)
     start = marked.find(_SENTINEL)
     stop = start + len(response)
     tail = marked[start + len(_SENTINEL) :]
@@ -86,15 +180,18 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple
             # Llama-3.x templates render ``message['content'] | trim``.
             raise RenderError(
                 "chat template alters the response text: it trims leading and trailing "
-                "whitespace (strip the responses, or set student.chat_template to a template "
-                "that keeps it)"
+                "whitespace (use scoring.render=generation, strip the responses, or set "
+                "student.chat_template to a template that keeps it)"
             )
-        raise RenderError("chat template alters the response text")
-    return text, start, stop
+        raise RenderError("chat template alters the response text (use scoring.render=generation)")
+    return RenderedTrace(text, start, stop)
 
 
 def tokenize_trace(
-    tokenizer: Any, messages: list[dict[str, str]], steps: list[str]
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    steps: list[str],
+    options: RenderOptions | None = None,
 ) -> TokenizedTrace:
     """Render, tokenize once with offsets, and map response tokens to steps.
 
@@ -102,15 +199,19 @@ def tokenize_trace(
         tokenizer: A fast Hugging Face tokenizer with a chat template.
         messages: Chat messages; the last one's content is the response.
         steps: A partition of the response text (their concatenation is the response).
+        options: The view and the template's arguments (default: the generation view).
 
     Returns:
-        The tokenized trace.
+        The tokenized trace. Steps that lie wholly in text read in the generation prompt own
+        no tokens.
 
     Raises:
-        RenderError: The template alters the response, or the response owns no tokens.
+        RenderError: The template cannot render the trace faithfully, or the response owns no
+            tokens.
     """
-    text, start, stop = render_conversation(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    rendered = render_trace(tokenizer, messages, options or RenderOptions())
+    start, stop = rendered.start, rendered.stop
+    encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(encoded["input_ids"], dtype=np.int64)
     offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     # A token's last character; tokens with an empty span (some special tokens) own no character.
@@ -126,7 +227,8 @@ def tokenize_trace(
         raise RenderError("response tokens are not contiguous")
     if first == 0:
         raise RenderError("nothing precedes the response to condition on")
-    step_ends = np.cumsum([len(step) for step in steps])
+    # Step ends in the coordinates of the scored text (which starts ``skipped`` characters in).
+    step_ends = np.cumsum([len(step) for step in steps]) - rendered.skipped
     step_of_token = np.searchsorted(step_ends, last_char[first : last + 1] - start, side="right")
     bounds = np.searchsorted(step_of_token, np.arange(len(steps) + 1), side="left")
     return TokenizedTrace(
@@ -134,3 +236,33 @@ def tokenize_trace(
         prefix_len=first,
         step_bounds=bounds.astype(np.int64),
     )
+
+
+def _met_once(opening: str, response: str) -> int:
+    """How many leading response characters the generation prompt's own opening already holds."""
+    if not opening.strip():
+        return 0
+    if response.startswith(opening):
+        return len(opening)
+    marker, body = opening.strip(), response.lstrip()
+    if body.startswith(marker):
+        return len(response) - len(body) + len(marker)
+    return 0
+
+
+def _apply(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    template_kwargs: Mapping[str, Any] | None,
+    *,
+    add_generation_prompt: bool = False,
+) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **(template_kwargs or {}),
+        )
+    except Exception as exc:  # Jinja errors come in many types.
+        raise RenderError(f"chat template failed: {exc}") from None

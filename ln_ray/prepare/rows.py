@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ln_ray.prepare.render import RenderError, TokenizedTrace, tokenize_trace
+from ln_ray.prepare.reasoning import ReasoningFormat, map_steps, present
+from ln_ray.prepare.render import RenderError, RenderOptions, TokenizedTrace, tokenize_trace
 from ln_ray.prepare.segment import check_steps, segment_steps
 
 
@@ -22,13 +23,19 @@ class RowRejected(ValueError):
 
 @dataclass(frozen=True)
 class TraceRow:
-    """A validated input row."""
+    """A validated input row.
+
+    ``reasoning`` is a reasoning given apart from the response (a ``reasoning`` column or the
+    last message's ``reasoning_content``); ``steps`` then partition the reasoning followed by
+    the response.
+    """
 
     prompt_id: str
     teacher: str
     messages: list[dict[str, str]]
     steps: list[str] | None
     correct: bool | None
+    reasoning: str | None = None
 
     @property
     def prompt(self) -> str:
@@ -54,9 +61,10 @@ def validate_row(raw: dict[str, Any], max_response_chars: int) -> TraceRow:
     """Check one canonical row and build its conversation.
 
     Args:
-        raw: A row with the canonical keys (prompt_id, prompt, teacher, response, steps, correct,
-            messages); absent optional fields are None.
-        max_response_chars: Hard cap on the response length.
+        raw: A row with the canonical keys (prompt_id, prompt, teacher, response, reasoning,
+            steps, correct, messages); absent optional fields are None. A row with ``steps`` and
+            no response has their concatenation as its response.
+        max_response_chars: Hard cap on the response length (reasoning included).
 
     Returns:
         The validated row.
@@ -65,27 +73,29 @@ def validate_row(raw: dict[str, Any], max_response_chars: int) -> TraceRow:
         RowRejected: With the reason.
     """
     teacher = _text(raw, "teacher")
-    messages = _messages(raw)
+    steps = raw.get("steps")
+    if raw.get("response") is None and raw.get("messages") is None and _strings(steps):
+        raw = {**raw, "response": "".join(steps)}
+    messages, reasoning = _messages(raw)
     response = messages[-1]["content"]
-    if not response.strip():
+    if not response.strip() and not (reasoning or "").strip():
         raise RowRejected("empty response")
-    if len(response) > max_response_chars:
+    if len(response) + len(reasoning or "") > max_response_chars:
         raise RowRejected(f"response longer than {max_response_chars} characters")
     prompt_id = raw.get("prompt_id")
     if prompt_id is None:
         prompt_id = "p-" + _digest(json.dumps(messages[:-1], sort_keys=True))[:16]
     elif not isinstance(prompt_id, str | int):
         raise RowRejected("prompt_id is not a string or integer")
-    steps = raw.get("steps")
     if steps is not None:
         steps = list(steps)
-        problem = check_steps(steps, response)
+        problem = check_steps(steps, (reasoning or "") + response)
         if problem:
             raise RowRejected(f"bad steps: {problem}")
     correct = raw.get("correct")
     if correct is not None and not isinstance(correct, bool):
         raise RowRejected("correct is not a boolean")
-    return TraceRow(str(prompt_id), teacher, messages, steps, correct)
+    return TraceRow(str(prompt_id), teacher, messages, steps, correct, reasoning)
 
 
 def prepare_row(
@@ -95,8 +105,10 @@ def prepare_row(
     segment_mode: str = "sentence",
     min_step_chars: int = 8,
     max_response_chars: int = 400_000,
+    render: RenderOptions | None = None,
+    reasoning: ReasoningFormat | None = None,
 ) -> PreparedTrace:
-    """Validate, segment, render and tokenize one row.
+    """Validate, present the reasoning, segment, render and tokenize one row.
 
     Args:
         raw: A canonical input row.
@@ -104,20 +116,33 @@ def prepare_row(
         segment_mode: Segmenter used when the row has no ``steps``.
         min_step_chars: Shorter fragments merge into the following step.
         max_response_chars: Hard cap on the response length.
+        render: The student's view and the template's arguments (default: the generation view).
+        reasoning: How reasoning is presented to the student (default: as given).
 
     Returns:
-        The prepared trace.
+        The prepared trace; its row holds the response as scored (reasoning presented).
 
     Raises:
         RowRejected: With the reason.
     """
-    row = validate_row(raw, max_response_chars)
+    row = present_row(validate_row(raw, max_response_chars), reasoning or ReasoningFormat())
     steps = row.steps or segment_steps(row.response, segment_mode, min_step_chars)
     try:
-        tokens = tokenize_trace(tokenizer, row.messages, steps)
+        tokens = tokenize_trace(tokenizer, row.messages, steps, render or RenderOptions())
     except RenderError as exc:
         raise RowRejected(str(exc)) from None
     return PreparedTrace(row=row, trace_id=trace_id(row, steps), steps=steps, tokens=tokens)
+
+
+def present_row(row: TraceRow, fmt: ReasoningFormat) -> TraceRow:
+    """The row with its response as the student will read it (``reasoning.present``), its
+    steps carried onto that text, and no separate reasoning."""
+    presented = present(row.response, row.reasoning, fmt)
+    if presented.text == row.response and row.reasoning is None:
+        return row
+    messages = [*row.messages[:-1], {**row.messages[-1], "content": presented.text}]
+    steps = map_steps(row.steps, presented) if row.steps is not None else None
+    return TraceRow(row.prompt_id, row.teacher, messages, steps, row.correct)
 
 
 def trace_id(row: TraceRow, steps: list[str]) -> str:
@@ -135,6 +160,10 @@ def trace_id(row: TraceRow, steps: list[str]) -> str:
     return _digest(payload)[:32]
 
 
+def _strings(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -148,14 +177,19 @@ def _text(raw: dict[str, Any], key: str) -> str:
     return value
 
 
-def _messages(raw: dict[str, Any]) -> list[dict[str, str]]:
-    """The row's ``messages`` if given, else ``[user: prompt, assistant: response]``."""
+def _messages(raw: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
+    """The row's ``messages`` if given, else ``[user: prompt, assistant: response]``; and the
+    reasoning given apart from the response, if any."""
     given = raw.get("messages")
+    reasoning = raw.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise RowRejected("reasoning is not a string")
     if given is None:
-        return [
+        messages = [
             {"role": "user", "content": _text(raw, "prompt")},
             {"role": "assistant", "content": _text(raw, "response")},
         ]
+        return messages, reasoning
     if isinstance(given, str):
         try:
             given = json.loads(given)
@@ -176,4 +210,16 @@ def _messages(raw: dict[str, Any]) -> list[dict[str, str]]:
     response = raw.get("response")
     if response is not None and response != messages[-1]["content"]:
         raise RowRejected("response differs from the last message")
-    return messages
+    last = given[-1]
+    own = next((last[k] for k in _REASONING_KEYS if last.get(k) is not None), None)
+    if own is not None:
+        if not isinstance(own, str):
+            raise RowRejected("the last message's reasoning_content is not a string")
+        if reasoning is not None and reasoning != own:
+            raise RowRejected("reasoning differs from the last message's reasoning_content")
+        reasoning = own
+    return messages, reasoning
+
+
+# Where chat APIs put an assistant message's reasoning.
+_REASONING_KEYS = ("reasoning_content", "reasoning")

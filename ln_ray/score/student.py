@@ -155,15 +155,22 @@ def load_tokenizer(cfg: StudentConfig) -> Any:
     return tokenizer
 
 
-def check_student(cfg: StudentConfig, want_gpu: bool = False, max_tokens: int | None = None) -> str:
+def check_student(
+    cfg: StudentConfig,
+    want_gpu: bool = False,
+    max_tokens: int | None = None,
+    view: str = "generation",
+) -> str:
     """Fail fast, before any work: the student resolves, its config and tokenizer load locally,
-    and the scorer can score its architecture exactly (``scorer.check_scorable``).
+    the scorer can score its architecture exactly (``scorer.check_scorable``), and its chat
+    template has a generation prompt when the generation view needs one.
 
     Args:
         cfg: The ``student`` config section.
         want_gpu: Whether the scoring actors get GPUs (``compute.gpus_per_actor > 0``); the
             identity holds the dtype they resolve there, whether or not this machine has one.
         max_tokens: ``scoring.max_tokens`` (None: the student's declared context).
+        view: ``scoring.render``.
 
     Returns:
         The student's identity string.
@@ -181,6 +188,14 @@ def check_student(cfg: StudentConfig, want_gpu: bool = False, max_tokens: int | 
     check_scorable(config, global_cap(config, max_tokens))
     tokenizer = load_tokenizer(cfg)
     _check_tokenizer(tokenizer, cfg.model)
+    if view == "generation":
+        from ln_ray.prepare.render import RenderError, generation_prompt
+
+        try:
+            probe = [{"role": "user", "content": "2 + 2?"}]
+            generation_prompt(tokenizer, probe, cfg.template_kwargs)
+        except RenderError as exc:
+            raise StudentError(f"student {cfg.model!r}: {exc}") from None
     dtype = pick_dtype(cfg.dtype, torch.device("cuda" if want_gpu else "cpu"))
     return student_identity(source, folder, cfg, dtype)
 
@@ -197,7 +212,8 @@ def _check_tokenizer(tokenizer: Any, name: str) -> None:
 def student_identity(
     source: StudentSource, folder: str, cfg: StudentConfig, dtype: torch.dtype
 ) -> str:
-    """A string that changes whenever the scores could: weights, tokenizer, template, dtype.
+    """A string that changes whenever the scores could: weights, tokenizer, template (and its
+    arguments and the reasoning markers), dtype.
 
     Args:
         source: The resolved student.
@@ -220,6 +236,8 @@ def student_identity(
     else:
         digest.update(folder.encode())
     digest.update((cfg.chat_template or "").encode())
+    rendering = [cfg.template_kwargs, cfg.reasoning_open, cfg.reasoning_close]
+    digest.update(json.dumps(rendering, sort_keys=True, default=str).encode())
     digest.update(str(dtype).removeprefix("torch.").encode())
     return f"{source.name}@{digest.hexdigest()[:16]}"
 

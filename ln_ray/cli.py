@@ -97,16 +97,9 @@ def _report(output_path: str) -> int:
 
 
 def _read_manifest(output_path: str) -> dict:
-    from ln_ray.io import storage
-    from ln_ray.pipeline.job import JobError
-    from ln_ray.pipeline.outputs import MANIFEST
+    from ln_ray.pipeline.job import read_manifest
 
-    try:
-        return storage.read_json(storage.join(output_path, MANIFEST))
-    except FileNotFoundError:
-        raise JobError(
-            f"no finished run under {output_path!r} (manifest.json is missing)"
-        ) from None
+    return read_manifest(output_path)
 
 
 def _unredacted(tree: dict) -> dict:

@@ -66,9 +66,11 @@ class InputConfig:
 
 @dataclass
 class OutputConfig:
-    """Where scores, selections, teacher tables and the curated set are written."""
+    """Where scores, selections, teacher tables and the curated set are written; the newest
+    ``keep_runs`` finished runs keep their folders (the published one always does)."""
 
     path: str = "outputs/demo"
+    keep_runs: int = 3
 
 
 @dataclass
@@ -143,6 +145,7 @@ class ComputeConfig:
     head_chunk: int = 0
     torch_threads: int = 0
     shuffle: str = "sort"
+    max_retries: int = 2
 
 
 @dataclass
@@ -208,6 +211,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(bool(cfg.input.path), "input.path is empty")
     need(cfg.input.format in INPUT_FORMATS, f"input.format must be one of {INPUT_FORMATS}")
     need(bool(cfg.output.path), "output.path is empty")
+    need(cfg.output.keep_runs >= 1, "output.keep_runs must be >= 1")
     need(bool(cfg.student.model), "student.model is empty")
     need(cfg.student.dtype in DTYPES, f"student.dtype must be one of {DTYPES}")
     need(cfg.segment.mode in SEGMENT_MODES, f"segment.mode must be one of {SEGMENT_MODES}")
@@ -240,6 +244,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.compute.head_chunk >= 0, "compute.head_chunk must be >= 0 (0: by device)")
     need(cfg.compute.torch_threads >= 0, "compute.torch_threads must be >= 0 (0: automatic)")
     need(cfg.compute.shuffle in SHUFFLES, f"compute.shuffle must be one of {SHUFFLES}")
+    need(cfg.compute.max_retries >= 0, "compute.max_retries must be >= 0")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ln_ray.io import storage
-from ln_ray.pipeline.outputs import MANIFEST, ROWS_DIR
+from ln_ray.pipeline.outputs import ROWS_DIR, OutputError, output_url, published_manifest
 
 METRICS = ("lalp", "galp", "rsr")
 REPORT_NAME = "report.html"
@@ -39,19 +39,20 @@ def write_report(output_path: str) -> str:
 
 
 def load_run(output_path: str) -> dict[str, Any]:
-    """The tables and manifest of a finished run."""
-    fs, root = storage.filesystem(output_path)
-    if not fs.exists(storage.join(root, MANIFEST)):
-        raise FileNotFoundError(f"no finished run under {output_path!r} (manifest.json is missing)")
-    arrow_fs = storage.arrow_filesystem(fs)
+    """The tables and manifest of the run published under ``output_path``."""
+    try:
+        manifest = published_manifest(output_path)
+    except OutputError as exc:
+        raise FileNotFoundError(str(exc)) from None
 
     def table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        fs, path = storage.filesystem(output_url(output_path, manifest, name))
         return pq.read_table(
-            storage.join(root, name), columns=columns, filesystem=arrow_fs
+            path, columns=columns, filesystem=storage.arrow_filesystem(fs)
         ).to_pandas()
 
     return {
-        "manifest": storage.read_json(storage.join(output_path, MANIFEST)),
+        "manifest": manifest,
         "scores": table("scores"),
         "selections": table("selections"),
         "teachers": table("teachers"),

@@ -11,10 +11,9 @@ from collections.abc import Iterable
 import pyarrow as pa
 
 _PROVENANCE = [("source_file", pa.string()), ("row_number", pa.int64())]
-# What travels with a trace from preparation to the curated set. ``messages`` holds the
-# conversation as JSON text and ``extra`` every other input column as JSON, so shards with
-# different extra columns still share one schema; ``step_chars`` are the steps' lengths in
-# characters (they partition the response).
+# What travels with a trace from validation to the curated set. ``messages`` holds the
+# conversation (as scored) as JSON text and ``extra`` every other input column as JSON, so shards
+# with different extra columns still share one schema.
 _TRACE = [
     ("trace_id", pa.string()),
     ("prompt_id", pa.string()),
@@ -22,8 +21,9 @@ _TRACE = [
     ("correct", pa.bool_()),
     ("messages", pa.string()),
     ("extra", pa.string()),
-    ("step_chars", pa.list_(pa.int32())),
 ]
+# The steps' lengths in characters (they partition the response).
+_STEP_CHARS = ("step_chars", pa.list_(pa.int32()))
 
 METRIC_COLUMNS = ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
 _SCORES = [
@@ -52,32 +52,38 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 
-# A prepared trace, as passed from preparation to scoring; rejected rows carry only provenance and
-# ``reject_reason``. ``dup_key`` identifies (prompt_id, teacher, response) for de-duplication.
-PREPARED_SCHEMA = pa.schema(
-    [
-        *_PROVENANCE,
-        *_TRACE,
-        ("dup_key", pa.string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("prefix_len", pa.int32()),
-        ("step_bounds", pa.list_(pa.int32())),
-        ("reject_reason", pa.string()),
-    ]
-)
-
-# The score cache: one row per scored trace, keyed by trace_id, under a key of the student's
-# identity and the scoring settings, so a re-run or a refresh scores only what is new.
-CACHE_SCHEMA = pa.schema([("trace_id", pa.string()), *_SCORES, ("model_tokens", pa.int64())])
-
-# A row's own columns, without scores: what the join with the score cache completes.
+# A row's own columns, without scores: what the join with the score cache completes. Rejected
+# rows carry only provenance and ``reject_reason``; ``dup_key`` identifies (prompt_id, teacher,
+# response) for de-duplication.
 ROW_META_SCHEMA = pa.schema(
     [*_PROVENANCE, *_TRACE, ("dup_key", pa.string()), ("reject_reason", pa.string())]
 )
 
-# Every input row with its scores, scored or rejected: what the scoring stage hands on (scores
-# null for a trace found in the cache), the run's working table, split into scores/ and rejects/,
-# and the source of the curated set.
+# Every input row after validation, before any tokenizing: its own columns, the given steps'
+# lengths (null where the segmenter will cut them) and whether the score cache already holds
+# its trace (then it goes no further than the join with the cache).
+VALIDATED_SCHEMA = pa.schema([*ROW_META_SCHEMA, _STEP_CHARS, ("cached", pa.bool_())])
+
+# A new trace prepared for the scoring actors: its steps and tokens.
+PREPARED_SCHEMA = pa.schema(
+    [
+        *ROW_META_SCHEMA,
+        _STEP_CHARS,
+        ("input_ids", pa.list_(pa.int32())),
+        ("prefix_len", pa.int32()),
+        ("step_bounds", pa.list_(pa.int32())),
+    ]
+)
+
+# The score cache: one row per scored trace, keyed by trace_id, under a key of the student's
+# identity and the scoring settings, so a re-run or a refresh scores only what is new. It keeps
+# the steps' lengths too: a cached trace is never segmented again.
+CACHE_SCHEMA = pa.schema(
+    [("trace_id", pa.string()), *_SCORES, ("model_tokens", pa.int64()), _STEP_CHARS]
+)
+
+# Every input row with its scores, scored or rejected: what the scoring actors hand on, the run's
+# working table (_rows/), split into scores/ and rejects/, and the source of the curated set.
 SCORED_ROWS_SCHEMA = pa.schema(
     [*ROW_META_SCHEMA, *[f for f in CACHE_SCHEMA if f.name != "trace_id"]]
 )

@@ -14,6 +14,7 @@ import pytest
 from ln_ray.config import ComputeConfig, load_config
 from ln_ray.io import storage
 from ln_ray.pipeline.job import connect_ray, read_teacher_table, run_score, run_select
+from ln_ray.pipeline.outputs import output_url, published_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +64,9 @@ def write_shards(fs, root: str, rows: list[dict]) -> list[str]:
 
 
 def read_output(url: str, name: str) -> pd.DataFrame:
-    fs, root = storage.filesystem(url)
-    return pq.read_table(f"{root}/{name}", filesystem=storage.arrow_filesystem(fs)).to_pandas()
+    """An output of the run published under ``url``, found through its manifest."""
+    fs, path = storage.filesystem(output_url(url, published_manifest(url), name))
+    return pq.read_table(path, filesystem=storage.arrow_filesystem(fs)).to_pandas()
 
 
 def expected_selections(scores: pd.DataFrame, filter_correct: bool) -> dict[tuple[str, str], str]:
@@ -161,8 +163,8 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     for entry in manifest["inputs"]:
         assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
     stages = manifest["stages"]
-    assert stages["read_prepare_score"]["traces_scored_now"] == len(rows)
-    assert stages["read_prepare_score"]["tokens_scored_now"] == counts["tokens_scored"] > 0
+    assert stages["tokenize_score"]["traces_scored_now"] == len(rows)
+    assert stages["tokenize_score"]["tokens_scored_now"] == counts["tokens_scored"] > 0
     assert stages["assemble"]["rows_rejected"] == 2 and stages["reduce"]["prompts"] == 6
     assert all(stage["seconds"] > 0 for stage in stages.values())
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -170,7 +172,9 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     assert on_disk["selection"]["filtered_on_correct"] is True
 
     # re-run only the reduce stage with another selection option: scores are not recomputed
-    scores_before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
+    scores_dir = tmp_path / "out" / on_disk["outputs"]["scores"]
+    assert on_disk["outputs"]["scores"] == f"_runs/{on_disk['run_id']}/scores"
+    scores_before = sorted(p.stat().st_mtime_ns for p in scores_dir.iterdir())
     cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "selection.require_correct=false")
     selected = run_select(cfg)
     check_outputs(out, rows, filter_correct=False)
@@ -178,8 +182,12 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     assert selected["stages"]["reduce"]["seconds"] == selected["timings"]["reduce_s"]
     assert selected["stages"]["reduce"]["prompts"] == 6
     assert selected["finished_at"] >= on_disk["finished_at"]
-    scores_after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "scores").iterdir())
+    scores_after = sorted(p.stat().st_mtime_ns for p in scores_dir.iterdir())
     assert scores_before == scores_after
+    # the new reduce outputs lie in a folder of their own; the published scores stay where they are
+    assert selected["outputs"]["scores"] == on_disk["outputs"]["scores"]
+    assert selected["outputs"]["selections"] == f"_runs/{selected['run_id']}/selections"
+    assert selected["run_id"] != on_disk["run_id"]
     assert not read_teacher_table(out).empty
 
 
@@ -222,7 +230,7 @@ def test_job_reads_and_writes_s3(ray_cluster, s3_server, tiny_student_dir):
 def test_row_counts_per_file_and_reason(ray_cluster):
     import ray
 
-    from ln_ray.pipeline.job import JobError, _count_rows
+    from ln_ray.pipeline.accounting import AccountingError, count_rows
     from ln_ray.schema import SCORED_ROWS_SCHEMA
 
     def row(source, number, trace=None, n_tokens=None, reason=None):
@@ -247,7 +255,7 @@ def test_row_counts_per_file_and_reason(ray_cluster):
     in_cache = np.asarray([old], dtype="S32")  # as cache.cached_trace_ids returns it
     # two blocks, so the per-block sums are added up
     dataset = ray.data.from_arrow([table.slice(0, 2), table.slice(2)])
-    per_file, reasons = _count_rows(dataset, in_cache)
+    per_file, reasons = count_rows(dataset, in_cache)
     assert per_file["f1"] == {
         "rows_scored": 2,
         "rows_rejected": 1,
@@ -261,8 +269,8 @@ def test_row_counts_per_file_and_reason(ray_cluster):
     assert reasons == {"cannot read Parquet shard": 1, "duplicate": 1, "invalid JSON": 1}
 
     unscored = pa.Table.from_pylist([row("f1", 4, new)], schema=SCORED_ROWS_SCHEMA)
-    with pytest.raises(JobError, match="1 accepted rows have no scores"):
-        _count_rows(ray.data.from_arrow(unscored), in_cache)
+    with pytest.raises(AccountingError, match="1 accepted rows have no scores"):
+        count_rows(ray.data.from_arrow(unscored), in_cache)
 
 
 def test_job_scores_every_teacher_for_a_thinking_student(ray_cluster, tiny_student_dir, tmp_path):

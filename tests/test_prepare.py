@@ -137,8 +137,12 @@ def test_validation_reasons(change, reason):
 def test_trace_id_is_stable_and_content_addressed():
     a = validate_row(ROW, 10_000)
     b = validate_row({**ROW, "teacher": "t2"}, 10_000)
-    assert trace_id(a, ["x"]) == trace_id(validate_row(dict(ROW), 10_000), ["x"])
-    assert trace_id(a, ["x"]) != trace_id(b, ["x"])
+    assert trace_id(a) == trace_id(validate_row(dict(ROW), 10_000))
+    assert trace_id(a) != trace_id(b)
+    # the steps are part of it: given ones, or the segmenter settings that will cut them
+    stepped = validate_row({**ROW, "steps": [RESPONSE]}, 10_000)
+    assert len({trace_id(a), trace_id(a, "line"), trace_id(a, min_step_chars=2)}) == 3
+    assert trace_id(stepped) == trace_id(stepped, "line") != trace_id(a)
 
 
 @pytest.mark.slow

@@ -182,7 +182,7 @@ def test_steps_without_a_response_are_the_response():
     row = validate_row({"prompt": "Q", "teacher": "t", "steps": steps}, 1000)
     assert row.response == "First, add. Then stop." and row.steps == steps
     same = validate_row({"prompt": "Q", "teacher": "t", "steps": steps, "response": None}, 1000)
-    assert trace_id(row, steps) == trace_id(same, steps)
+    assert trace_id(row) == trace_id(same)
 
 
 def test_reader_maps_the_reasoning_column():

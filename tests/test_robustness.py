@@ -176,7 +176,7 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     assert reasons["cannot read Parquet shard"] == 1
     assert reasons["cannot read Parquet row group"] == 3 and sum(reasons.values()) == 16
     assert manifest["stages"]["assemble"]["duplicates"] == 1
-    assert manifest["stages"]["read_prepare_score"]["shard_errors"] == 1
+    assert manifest["stages"]["read_validate"]["shard_errors"] == 1
     # t1, t5 and t6 tie and t1 wins by name; line 9 repeats line 1 and shares its trace_id,
     # yet the curated set holds one row for the prompt.
     curated = read_output(out, "curated").sort_values("prompt_id")
@@ -318,9 +318,11 @@ def test_interrupted_driver_resumes_where_it_stopped(
     assert manifest["counts"]["traces_scored_now"] < len(corpus[1])
     assert scored_before == len(corpus[1])
     assert_same_scores(str(out), reference_run)
-    # this run's staging area is gone; the killed run's stays until it is stale (a day unchanged)
-    left = [p.name for p in (out / "_runs").iterdir()]
-    assert len(left) == 1 and manifest["run_id"] not in left
+    # the killed run's folder stays until it is stale (a day unchanged), beside the published one
+    left = sorted(p.name for p in (out / "_runs").iterdir())
+    assert len(left) == 2 and manifest["run_id"] in left
+    killed = next(out / "_runs" / name for name in left if name != manifest["run_id"])
+    assert not (killed / "manifest.json").exists()
 
 
 def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path):
@@ -336,8 +338,12 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path)
     second = run_score(config(folder, out, tiny_student_dir))
     assert second["counts"]["traces_scored_now"] == len(rows) - 12
     assert second["counts"]["rows_scored"] == len(rows)
-    scored_now = second["stages"]["read_prepare_score"]["tokens_scored_now"]
+    scored_now = second["stages"]["tokenize_score"]["tokens_scored_now"]
     assert 0 < scored_now < second["counts"]["tokens_scored"]
+    # only the new rows were tokenized and sent to the scoring actors
+    assert first["stages"]["tokenize_score"]["rows"] == 12
+    assert second["stages"]["tokenize_score"]["rows"] == len(rows) - 12
+    assert second["stages"]["read_validate"]["rows"] == len(rows)
     scores = read_output(out, "scores")
     assert len(scores) == len(rows)
     # day-1 rows took their scores from the cache (joined), day-2 rows from this run's scoring
@@ -347,6 +353,16 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path)
     assert set(selections["prompt_id"]) == {row["prompt_id"] for row in rows}
     teachers = read_output(out, "teachers")
     assert teachers[teachers["metric"] == "lalp"]["count"].sum() == len(rows)
+
+    # nothing new: nothing is tokenized, no scoring actor starts, the results stay the same
+    rerun = run_score(config(folder, out, tiny_student_dir))
+    assert rerun["stages"]["tokenize_score"]["rows"] == 0
+    assert rerun["counts"]["traces_scored_now"] == 0
+    assert rerun["counts"]["rows_scored"] == len(rows)
+    pd.testing.assert_frame_equal(
+        read_output(out, "scores").set_index("trace_id").sort_index(),
+        scores.set_index("trace_id").sort_index(),
+    )
 
     # another scoring setting is another cache key: everything is scored again
     third = run_score(config(folder, out, tiny_student_dir, "scoring.window=1"))

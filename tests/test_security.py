@@ -85,7 +85,7 @@ def test_credentials_in_input_urls_are_never_stored_or_logged(
     with pytest.raises(JobError) as missing:
         run_score(load_config("default", [f"input.path=http://alice:{secret}@{host}/b.jsonl"]))
 
-    rejects = pq.read_table(out / "rejects").to_pandas()
+    rejects = pq.read_table(out / manifest["outputs"]["rejects"]).to_pandas()
     assert set(rejects["source_file"]) == {f"http://***@{host}/a.jsonl"}
     assert sorted(rejects["reason"])[0] == f"duplicate of http://***@{host}/a.jsonl row 1"
     shown = [json.dumps(manifest), str(missing.value), caplog.text, *capfd.readouterr()]

@@ -15,8 +15,14 @@ import torch
 from ln_ray.config import ColumnsConfig, ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
 from ln_ray.io import cache
 from ln_ray.io.shards import _blocks, iter_jsonl, iter_parquet
-from ln_ray.pipeline.stages import ScoreStage, prepare_batch
-from ln_ray.schema import CACHE_SCHEMA, PREPARED_SCHEMA, RAW_SCHEMA, SCORED_ROWS_SCHEMA
+from ln_ray.pipeline.stages import ScoreStage, is_new, tokenize_batch, validate_batch
+from ln_ray.schema import (
+    CACHE_SCHEMA,
+    PREPARED_SCHEMA,
+    RAW_SCHEMA,
+    SCORED_ROWS_SCHEMA,
+    VALIDATED_SCHEMA,
+)
 
 GOOD = {
     "prompt_id": 1,
@@ -144,65 +150,91 @@ def test_a_corrupt_parquet_row_group_costs_only_its_rows():
     assert all(r["read_error"].startswith(lost) for r in rows[3:])
 
 
-def test_prepare_and_score_stages_pass_rejects_through(tiny_student_dir, tmp_path):
+def _prepared(student, raw, cached=()):
+    """Validate and tokenize raw rows as the job does: (validated, prepared new rows)."""
+    settings = {"segment": SegmentConfig(), "scoring": ScoringConfig(max_response_chars=1000)}
+    ids = np.unique(np.asarray(list(cached), dtype="S32"))
+    validated = validate_batch(raw, student=student, cached=ids, **settings)
+    new = validated.filter(is_new(validated))
+    return validated, tokenize_batch(new, student=student, **settings)
+
+
+def test_validate_tokenize_and_score_stages(tiny_student_dir, tmp_path):
     raw = _raw(
         b"\n".join(
             [json.dumps(GOOD).encode(), b"{broken", json.dumps({**GOOD, "response": " "}).encode()]
         )
     )
     student = StudentConfig(model=tiny_student_dir)
-    prepared = prepare_batch(
-        raw,
-        student=student,
-        segment=SegmentConfig(),
-        scoring=ScoringConfig(max_response_chars=1000),
-    )
-    assert prepared.schema == PREPARED_SCHEMA
-    reasons = prepared["reject_reason"].to_pylist()
+    validated, prepared = _prepared(student, raw)
+    assert validated.schema == VALIDATED_SCHEMA and prepared.schema == PREPARED_SCHEMA
+    reasons = validated["reject_reason"].to_pylist()
     assert (
         reasons[0] is None
         and reasons[1].startswith("invalid JSON")
         and reasons[2] == "empty response"
     )
+    assert validated["cached"].to_pylist() == [False, False, False]
+    assert prepared.num_rows == 1 and prepared["step_chars"].to_pylist() == [[24, 17]]
 
     cache_dir = str(tmp_path / "cache")
     stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(token_budget=64), cache_dir)
     out = stage(prepared)
     assert out.schema == SCORED_ROWS_SCHEMA
-    assert out["reject_reason"].to_pylist() == reasons
-    assert [r["row_number"] for r in out.to_pylist()] == [1, 2, 3]
+    assert out["reject_reason"].to_pylist() == [None]
     files = cache.cache_files(cache_dir)
     assert len(files) == 1
     stored = pq_.read_table(files[0])
     assert stored.schema == CACHE_SCHEMA
     row = stored.to_pylist()[0]
-    assert row["trace_id"] == prepared["trace_id"][0].as_py()
+    assert row["trace_id"] == prepared["trace_id"][0].as_py() == validated["trace_id"][0].as_py()
     assert row["lalp"] < 0 and row["n_steps"] == 2 and row["model_tokens"] > 0
-    # the new scores also leave with their row; rejected rows have none
-    handed_on = out.to_pylist()
-    assert {k: handed_on[0][k] for k in row if k != "trace_id"} == {
+    assert row["step_chars"] == [24, 17]
+    # the scores also leave with their row
+    (handed_on,) = out.to_pylist()
+    assert {k: handed_on[k] for k in row if k != "trace_id"} == {
         k: v for k, v in row.items() if k != "trace_id"
     }
-    assert handed_on[1]["lalp"] is None and handed_on[2]["n_tokens"] is None
 
-    # a trace already in the cache is not scored again: it leaves without scores, to be joined
-    again = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(), cache_dir)
-    second = again(prepared)
-    assert len(cache.cache_files(cache_dir)) == 1
-    assert second.schema == SCORED_ROWS_SCHEMA
-    assert second["n_tokens"].null_count == 3
-    assert second["trace_id"].to_pylist() == out["trace_id"].to_pylist()
+    # a trace already in the cache is found at validation: it is never tokenized again
+    validated, prepared = _prepared(student, raw, cached=[row["trace_id"]])
+    assert validated["cached"].to_pylist() == [True, False, False]
+    assert prepared.num_rows == 0
+
+
+def test_a_trace_that_keeps_failing_is_rejected_and_the_rest_scored(
+    tiny_student_dir, tmp_path, monkeypatch
+):
+    rows = [{**GOOD, "prompt_id": f"q{i}", "response": f"Step {i}. Done."} for i in range(5)]
+    raw = _raw(b"\n".join(json.dumps(r).encode() for r in rows))
+    student = StudentConfig(model=tiny_student_dir)
+    _, prepared = _prepared(student, raw)
+    stage = ScoreStage(
+        student, ScoringConfig(window=1), ComputeConfig(max_retries=1), str(tmp_path)
+    )
+    poison = prepared["input_ids"][2].as_py()
+    real_score, calls = stage.scorer.score, []
+
+    def score(traces):
+        calls.append(len(traces))
+        if any(t.input_ids.tolist() == poison for t in traces):
+            raise RuntimeError("kernel\nfailure")
+        return real_score(traces)
+
+    monkeypatch.setattr(stage.scorer, "score", score)
+    out = stage(prepared).to_pylist()
+    reasons = [r["reject_reason"] for r in out]
+    assert reasons == [None, None, "scoring failed: RuntimeError: kernel failure", None, None]
+    assert all(r["lalp"] is not None for i, r in enumerate(out) if i != 2)
+    # the batch twice (max_retries=1), then halves, each once, down to the one trace
+    assert calls == [5, 5, 2, 3, 1, 2]
+    stored = pq_.read_table(cache.cache_files(str(tmp_path))).to_pylist()
+    assert len(stored) == 4 and out[2]["trace_id"] not in {r["trace_id"] for r in stored}
 
 
 def test_a_prompt_that_fills_the_global_cap_is_rejected(tiny_student_dir, tmp_path):
     student = StudentConfig(model=tiny_student_dir)
-    raw = _raw(json.dumps(GOOD).encode())
-    prepared = prepare_batch(
-        raw,
-        student=student,
-        segment=SegmentConfig(),
-        scoring=ScoringConfig(max_response_chars=1000),
-    )
+    _, prepared = _prepared(student, _raw(json.dumps(GOOD).encode()))
     cap = prepared["prefix_len"][0].as_py()
     stage = ScoreStage(student, ScoringConfig(max_tokens=cap), ComputeConfig(), str(tmp_path))
     (row,) = stage(prepared).to_pylist()

@@ -11,6 +11,7 @@ import logging
 import os
 import posixpath
 import re
+import uuid
 from typing import Any, NamedTuple
 
 import fsspec
@@ -148,10 +149,17 @@ def write_json(url: str, payload: dict[str, Any]) -> None:
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     text = json.dumps(payload, indent=2, sort_keys=True, default=str)
     if protocol(fs) == "file":
-        tmp = path + ".tmp"
-        with fs.open(tmp, "w") as handle:
-            handle.write(text)
-        fs.mv(tmp, path)
+        # A hidden name of its own: writers racing on one document never share a temporary.
+        tmp = posixpath.join(
+            posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}"
+        )
+        try:
+            with fs.open(tmp, "w") as handle:
+                handle.write(text)
+            fs.mv(tmp, path)  # a rename: readers see the old document or the new one
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp)
     else:  # object stores publish a whole object at once
         with fs.open(path, "w") as handle:
             handle.write(text)

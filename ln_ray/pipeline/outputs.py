@@ -1,18 +1,25 @@
 """Where a run writes, and how its results become visible: complete, or not at all.
 
-A run writes every output into ``<output.path>/_runs/<run_id>/``. Only when all of them are written
-does it publish: ``manifest.json`` is removed first, each output folder replaces the old one, and
-the new ``manifest.json`` is written last. Readers treat a folder without ``manifest.json`` as
-incomplete (the ``_SUCCESS`` convention); a run killed at any point leaves the previous results, or
-no manifest, never a mix presented as finished. Runs that overlap on one output path (a scheduled
-refresh, ``ln-ray select``) each stage apart and remove only their own staging area; the last to
-publish wins. Staging areas that killed runs left behind are removed once nothing under them has
-changed for ``STALE_RUN_S``.
+Every run writes its outputs into its own folder, ``<output.path>/_runs/<run_id>/``, which is
+never changed once the run has finished. Publishing copies nothing: the run writes its manifest
+into its folder (marking it finished), then replaces ``<output.path>/manifest.json``, the
+published pointer, in one atomic write (a rename on a local disk, one PUT on an object store).
+The pointer names the run (``run_path``) and where each output lies (``outputs``); every reader
+goes through it (``published_manifest``, ``output_url``), so a reader sees one complete run,
+never a half-published one, and a run killed at any point leaves the previous results readable.
+
+After publishing, finished runs beyond the newest ``output.keep_runs`` are removed, except those
+the pointer names. Runs that overlap on one output path (a scheduled refresh, ``ln-ray select``)
+each write their own folder; the last to publish wins. Folders that killed runs left behind are
+removed once nothing under them has changed for ``STALE_RUN_S``. Outputs at the top of
+``output.path`` (where they were published before runs kept their own folders) are removed once a
+run is published the new way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import posixpath
 import time
 import uuid
@@ -21,6 +28,8 @@ from typing import Any
 
 from ln_ray.io import storage
 from ln_ray.io.storage import redact_url
+
+log = logging.getLogger(__name__)
 
 ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected (source of curated/)
 RUNS_DIR = "_runs"
@@ -62,6 +71,10 @@ class RunPaths:
         return storage.full_url(self.fs, storage.join(self.root, CACHE_DIR, key))
 
     @property
+    def root_url(self) -> str:
+        return storage.full_url(self.fs, self.root)
+
+    @property
     def arrow_fs(self) -> Any:
         return storage.arrow_filesystem(self.fs)
 
@@ -78,12 +91,25 @@ def check_writable(paths: RunPaths) -> None:
         raise OutputError(f"output.path is not writable: {type(exc).__name__}: {exc}") from None
 
 
-def publish(paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any]) -> None:
-    """Move the staged outputs into place, then write the manifest last.
+def publish(
+    paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any], keep_runs: int = 3
+) -> dict[str, Any]:
+    """Publish the run: its own manifest into its folder, then the pointer, in one write.
+
+    Args:
+        paths: The run's paths.
+        names: The outputs this run wrote into its folder. Outputs it did not write keep the
+            location that ``manifest["outputs"]`` gives them (``ln-ray select`` rewrites the
+            reduce outputs only).
+        manifest: The run's manifest.
+        keep_runs: Finished runs to keep (the published one always stays).
+
+    Returns:
+        The manifest as published (with ``run_path`` and ``outputs``).
 
     Raises:
-        OutputError: A staged output is missing (another process removed this run's staging
-            area); the published results are left as they were.
+        OutputError: A staged output is missing (another process removed this run's folder), or
+            the pointer could not be written; the published results are left as they were.
     """
     paths.fs.invalidate_cache()
     missing = [name for name in names if not paths.fs.exists(paths.staged(name))]
@@ -91,15 +117,48 @@ def publish(paths: RunPaths, names: tuple[str, ...], manifest: dict[str, Any]) -
         raise OutputError(
             f"run {paths.run_id}: staged outputs {missing} are missing from {paths.staging}"
         )
-    manifest_path = paths.final(MANIFEST)
-    if paths.fs.exists(manifest_path):
-        paths.fs.rm(manifest_path)
-    for name in names:
-        _remove(paths.fs, paths.final(name))
-        _move_folder(paths.fs, paths.staged(name), paths.final(name))
-    storage.write_json(storage.full_url(paths.fs, manifest_path), manifest)
-    discard(paths)
-    _remove_stale_runs(paths)
+    run_path = posixpath.join(RUNS_DIR, paths.run_id)
+    located = {name: posixpath.join(run_path, name) for name in names}
+    manifest = {**manifest, "run_path": run_path}
+    manifest["outputs"] = {**manifest.get("outputs", {}), **located}
+    try:
+        storage.write_json(storage.full_url(paths.fs, paths.staged(MANIFEST)), manifest)
+        storage.write_json(storage.full_url(paths.fs, paths.final(MANIFEST)), manifest)
+    except OSError as exc:
+        raise OutputError(
+            f"run {paths.run_id} could not be published: {type(exc).__name__}: {exc}"
+        ) from None
+    try:  # the run is published: what follows only tidies up
+        _remove_unlisted(paths, keep_runs)
+    except Exception as exc:
+        log.warning("published run %s; tidying old runs failed: %s", paths.run_id, exc)
+    return manifest
+
+
+def published_manifest(output_url: str) -> dict[str, Any]:
+    """The manifest of the run published under ``output_url``.
+
+    Raises:
+        OutputError: Nothing has been published there.
+    """
+    try:
+        return storage.read_json(storage.join(output_url, MANIFEST))
+    except FileNotFoundError:
+        raise OutputError(
+            f"no finished run under {redact_url(output_url)!r} (manifest.json is missing)"
+        ) from None
+
+
+def output_url(output_url: str, manifest: dict[str, Any], name: str) -> str:
+    """Where the published run's output ``name`` lies (the top of ``output_url`` for a run
+    published before runs kept their own folders)."""
+    located = manifest.get("outputs", {}).get(name, name)
+    return storage.join(output_url, located)
+
+
+def is_finished(fs: Any, run_folder: str) -> bool:
+    """Whether a run's folder holds a finished run (its own manifest)."""
+    return fs.exists(storage.join(run_folder, MANIFEST))
 
 
 def ensure_table(fs: Any, folder: str, schema: Any) -> None:
@@ -120,7 +179,12 @@ def ensure_table(fs: Any, folder: str, schema: Any) -> None:
 
 
 def discard(paths: RunPaths) -> None:
-    """Remove this run's staging area (and ``_runs/`` when no other run is staging there)."""
+    """Remove this run's folder, unless the pointer already names it (and ``_runs/`` when no
+    other run is there)."""
+    with contextlib.suppress(OutputError):
+        pointer = published_manifest(paths.root_url)
+        if pointer.get("run_path") == posixpath.join(RUNS_DIR, paths.run_id):
+            return
     _remove(paths.fs, paths.staging)
     _remove_if_empty(paths.fs, storage.join(paths.root, RUNS_DIR))
 
@@ -136,16 +200,6 @@ def redacted(config: Any) -> Any:
     return config
 
 
-def _move_folder(fs: Any, source: str, target: str) -> None:
-    if storage.protocol(fs) == "file":
-        fs.mv(source, target, recursive=True)  # a rename
-        return
-    # Object stores have no folders to rename: copy each object, then delete the originals.
-    for path in fs.find(source):
-        fs.copy(path, storage.join(target, path[len(source) :].lstrip("/")))
-    fs.rm(source, recursive=True)
-
-
 def _remove(fs: Any, path: str) -> None:
     if fs.exists(path):
         fs.rm(path, recursive=True)
@@ -158,18 +212,44 @@ def _remove_if_empty(fs: Any, folder: str) -> None:
             fs.rmdir(folder)
 
 
-def _remove_stale_runs(paths: RunPaths) -> None:
-    """Remove other runs' staging areas where nothing has changed for ``STALE_RUN_S``."""
+def _remove_unlisted(paths: RunPaths, keep_runs: int) -> None:
+    """Remove finished runs that are neither among the newest ``keep_runs`` nor named by the
+    pointer, the folders of runs killed long ago, and outputs published at the top of
+    ``output.path`` before runs kept their own folders."""
+    fs = paths.fs
+    fs.invalidate_cache()
+    pointer = storage.read_json(storage.full_url(fs, paths.final(MANIFEST)))
+    keep = {paths.run_id} | {
+        located.split("/")[1] for located in pointer.get("outputs", {}).values()
+    }
     runs = storage.join(paths.root, RUNS_DIR)
-    if not paths.fs.exists(runs):
-        return
-    cutoff = time.time() - STALE_RUN_S
-    for folder in paths.fs.ls(runs, detail=False):
-        if posixpath.basename(folder.rstrip("/")) != paths.run_id and not _changed_since(
-            paths.fs, folder, cutoff
-        ):
-            _remove(paths.fs, folder)
-    _remove_if_empty(paths.fs, runs)
+    finished, cutoff = [], time.time() - STALE_RUN_S
+    for folder in fs.ls(runs, detail=False) if fs.exists(runs) else []:
+        if is_finished(fs, folder):
+            finished.append((_finished_at(fs, folder), _run_id(folder), folder))
+        elif _run_id(folder) not in keep and not _changed_since(fs, folder, cutoff):
+            _remove(fs, folder)
+    finished.sort(reverse=True)
+    keep |= {run_id for _, run_id, _ in finished[:keep_runs]}
+    for _, run_id, folder in finished:
+        if run_id not in keep:
+            _remove(fs, folder)
+    if pointer.get("run_path"):
+        for name in (*SCORE_OUTPUTS, *REDUCE_OUTPUTS):
+            _remove(fs, paths.final(name))
+
+
+def _run_id(folder: str) -> str:
+    return posixpath.basename(folder.rstrip("/"))
+
+
+def _finished_at(fs: Any, folder: str) -> str:
+    """When a finished run finished (ISO text, sorts in time order)."""
+    try:
+        own = storage.read_json(storage.full_url(fs, storage.join(folder, MANIFEST)))
+        return str(own["finished_at"])
+    except (OSError, KeyError, ValueError):
+        return ""
 
 
 def _changed_since(fs: Any, folder: str, cutoff: float) -> bool:

@@ -1,8 +1,8 @@
 """The reduce stage on Ray Data: selections and teacher table (groupbys), the curated set.
 
-It reads ``scores/`` and ``_rows/`` from one folder and writes ``selections/``, ``teachers/`` and
-``curated/`` into another (a run's staging area), so it serves both a scoring run and
-``ln-ray select`` over a finished run.
+It reads a run's ``scores/`` and ``_rows/`` and writes ``selections/``, ``teachers/`` and
+``curated/`` into a run's folder, so it serves both a scoring run and ``ln-ray select`` over a
+finished run.
 """
 
 from __future__ import annotations
@@ -25,19 +25,22 @@ from ln_ray.aggregate.select import select_prompt
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import SelectionConfig
 from ln_ray.io import storage
-from ln_ray.pipeline.outputs import ROWS_DIR, ensure_table
+from ln_ray.pipeline.outputs import ensure_table
 from ln_ray.schema import SCORED_ROWS_SCHEMA, SCORES_SCHEMA, SELECTIONS_SCHEMA, TEACHERS_SCHEMA
 
 _CHOSEN = ["metric", "teacher", "trace_id"]  # what wins and the curated set need of selections
 _STATS = [name for name in TEACHERS_SCHEMA.names if name not in ("wins", "rank")]
 
 
-def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig) -> dict[str, Any]:
-    """Write selections/, teachers/ and curated/ under ``target`` from ``source``'s scores.
+def reduce_scores(
+    fs: Any, scores_dir: str, rows_dir: str, target: str, selection: SelectionConfig
+) -> dict[str, Any]:
+    """Write selections/, teachers/ and curated/ under ``target`` from a run's scores.
 
     Args:
         fs: The output filesystem (fsspec).
-        source: Folder holding ``scores/`` and ``_rows/``.
+        scores_dir: The run's ``scores/``.
+        rows_dir: The run's ``_rows/`` (the source of the curated set).
         target: Folder to write into.
         selection: Selection options.
 
@@ -49,7 +52,7 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
     started = time.time()
     arrow_fs = storage.arrow_filesystem(fs)
     scores = ray.data.read_parquet(
-        storage.join(source, "scores"), filesystem=arrow_fs, schema=SCORES_SCHEMA
+        scores_dir, filesystem=arrow_fs, schema=SCORES_SCHEMA
     ).materialize()
     filter_correct = selection.require_correct and count_valid(scores, "correct") > 0
     summary = {
@@ -105,9 +108,7 @@ def reduce_scores(fs: Any, source: str, target: str, selection: SelectionConfig)
 
     picked = chosen[chosen["metric"] == "lalp"]
     subset = (
-        ray.data.read_parquet(
-            storage.join(source, ROWS_DIR), filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA
-        )
+        ray.data.read_parquet(rows_dir, filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA)
         .map_batches(
             keep_selected,
             fn_kwargs={"selected": frozenset(picked["trace_id"])},

@@ -1,10 +1,11 @@
-"""The two per-row stages of the job, as plain callables over Arrow batches (no Ray import).
+"""The per-row stages of the job, as plain callables over Arrow batches (no Ray import).
 
-``prepare_batch`` runs as a CPU task: validate, segment, render, tokenize. ``ScoreStage`` runs in
-an actor pool: built once per actor (loads the student), then ``__call__(batch) -> batch``, writing
-new scores to the score cache and handing them on with the rows. Both can be unit-tested on a
-table without a cluster. Rejected rows pass through both stages with their reason, so nothing is
-dropped on the way to ``rejects/``.
+``validate_batch`` runs as a CPU task over every row: validate, present the reasoning, compute
+the trace's id and look it up in the score cache. Only new traces go on: ``tokenize_batch`` (CPU
+tasks: segment, render, tokenize) and ``ScoreStage``, which runs in an actor pool: built once per
+actor (loads the student), then ``__call__(batch) -> batch``, writing the scores to the score
+cache and handing them on with the rows. Each can be unit-tested on a table without a cluster.
+Rejected rows pass through with their reason, so nothing is dropped on the way to ``rejects/``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ln_ray.config import ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
 from ln_ray.io import cache
 from ln_ray.prepare.reasoning import ReasoningFormat
 from ln_ray.prepare.render import RenderOptions, TokenizedTrace
-from ln_ray.prepare.rows import RowRejected, TraceRow, prepare_row
+from ln_ray.prepare.rows import (
+    RowRejected,
+    TraceRow,
+    present_row,
+    tokenize_row,
+    trace_id,
+    validate_row,
+)
 from ln_ray.schema import (
     CACHE_SCHEMA,
     METRIC_COLUMNS,
@@ -33,6 +42,7 @@ from ln_ray.schema import (
     RAW_SCHEMA,
     ROW_META_SCHEMA,
     SCORED_ROWS_SCHEMA,
+    VALIDATED_SCHEMA,
     require_columns,
 )
 
@@ -51,28 +61,31 @@ def _cached_tokenizer(student_json: str) -> Any:
     return load_tokenizer(StudentConfig(**json.loads(student_json)))
 
 
-def prepare_batch(
+def validate_batch(
     batch: pa.Table,
     *,
-    student: StudentConfig,
     segment: SegmentConfig,
     scoring: ScoringConfig,
+    student: StudentConfig,
+    cached: np.ndarray,
 ) -> pa.Table:
-    """Validate and tokenize a batch of raw rows; rejected rows keep their reason.
+    """Validate a batch of raw rows and look their traces up in the score cache.
+
+    No tokenizer and no segmenter runs here: a trace's id is known from its content and the
+    segmenter settings, so rows whose trace is cached go no further than the join with the cache.
 
     Args:
         batch: Rows in ``RAW_SCHEMA``.
-        student: Whose tokenizer, chat template, template arguments and reasoning markers to use
-            (the tokenizer is loaded once per worker process).
-        segment: Segmenter settings for rows without ``steps``.
-        scoring: The view, the reasoning presentation and the cap on a response's length.
+        segment: Segmenter settings (part of a trace's id when the row has no ``steps``).
+        scoring: The reasoning presentation and the cap on a response's length.
+        student: The student's reasoning markers.
+        cached: Sorted trace ids in the score cache (``cache.cached_trace_ids``).
 
     Returns:
-        Rows in ``PREPARED_SCHEMA``, one per input row, in order.
+        Rows in ``VALIDATED_SCHEMA``, one per input row, in order; rejected rows keep their reason.
     """
-    require_columns(batch.column_names, RAW_SCHEMA.names, "prepare")
-    tokenizer = _tokenizer(student)
-    render, reasoning = render_options(student, scoring), reasoning_format(student, scoring)
+    require_columns(batch.column_names, RAW_SCHEMA.names, "validate")
+    fmt = reasoning_format(student, scoring)
     out = []
     for raw in batch.to_pylist():
         row: dict[str, Any] = {
@@ -84,50 +97,106 @@ def prepare_batch(
         try:
             if raw["read_error"]:
                 raise RowRejected(raw["read_error"])
-            prepared = prepare_row(
-                raw,
-                tokenizer,
-                segment_mode=segment.mode,
-                min_step_chars=segment.min_chars,
-                max_response_chars=scoring.max_response_chars,
-                render=render,
-                reasoning=reasoning,
-            )
+            trace = present_row(validate_row(raw, scoring.max_response_chars), fmt)
         except RowRejected as exc:
             row["reject_reason"] = str(exc)
             out.append(row)
             continue
-        tokens = prepared.tokens
         row.update(
-            trace_id=prepared.trace_id,
-            prompt_id=prepared.row.prompt_id,
-            correct=prepared.row.correct,
-            messages=json.dumps(prepared.row.messages, ensure_ascii=False),
-            dup_key=duplicate_key(prepared.row),
-            step_chars=[len(step) for step in prepared.steps],
+            trace_id=trace_id(trace, segment.mode, segment.min_chars),
+            prompt_id=trace.prompt_id,
+            correct=trace.correct,
+            messages=json.dumps(trace.messages, ensure_ascii=False),
+            dup_key=duplicate_key(trace),
+            step_chars=None if trace.steps is None else [len(step) for step in trace.steps],
             extra=raw["extra"],
-            input_ids=tokens.input_ids.astype(np.int32),
-            prefix_len=tokens.prefix_len,
-            step_bounds=tokens.step_bounds.astype(np.int32),
         )
         out.append(row)
-    return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
+    table = pa.Table.from_pylist(out, schema=VALIDATED_SCHEMA)
+    hits = cache.contains(cached, pc.fill_null(table["trace_id"], "").to_pylist())
+    return table.set_column(
+        table.schema.get_field_index("cached"), "cached", pa.array(hits, pa.bool_())
+    )
+
+
+def is_new(table: pa.Table) -> pa.Array:
+    """Validated rows that go on to tokenizing and scoring: accepted, and not in the cache."""
+    return pc.and_(pc.is_null(table["reject_reason"]), pc.invert(table["cached"]))
+
+
+def tokenize_batch(
+    batch: pa.Table,
+    *,
+    student: StudentConfig,
+    segment: SegmentConfig,
+    scoring: ScoringConfig,
+) -> pa.Table:
+    """Segment, render and tokenize validated rows (new traces); a row the student's template
+    cannot render becomes a reject.
+
+    Args:
+        batch: Rows in ``VALIDATED_SCHEMA``, accepted and not cached.
+        student: Whose tokenizer, chat template and template arguments to use (the tokenizer is
+            loaded once per worker process).
+        segment: Segmenter settings for rows without ``steps``.
+        scoring: The student's view.
+
+    Returns:
+        Rows in ``PREPARED_SCHEMA``, one per input row, in order.
+    """
+    require_columns(batch.column_names, VALIDATED_SCHEMA.names, "tokenize")
+    tokenizer = _tokenizer(student)
+    render = render_options(student, scoring)
+    out = []
+    for row in batch.to_pylist():
+        messages = json.loads(row["messages"])
+        response = messages[-1]["content"]
+        cuts = np.cumsum([0, *row["step_chars"]]) if row["step_chars"] is not None else None
+        trace = TraceRow(
+            prompt_id=row["prompt_id"],
+            teacher=row["teacher"],
+            messages=messages,
+            steps=None if cuts is None else [response[a:b] for a, b in zip(cuts, cuts[1:])],
+            correct=row["correct"],
+        )
+        try:
+            steps, tokens = tokenize_row(
+                trace,
+                tokenizer,
+                segment_mode=segment.mode,
+                min_step_chars=segment.min_chars,
+                render=render,
+            )
+        except RowRejected as exc:
+            out.append({**row, "reject_reason": str(exc)})
+            continue
+        out.append(
+            {
+                **row,
+                "step_chars": [len(step) for step in steps],
+                "input_ids": tokens.input_ids.astype(np.int32),
+                "prefix_len": tokens.prefix_len,
+                "step_bounds": tokens.step_bounds.astype(np.int32),
+            }
+        )
+    return pa.Table.from_pylist(
+        [{name: row.get(name) for name in PREPARED_SCHEMA.names} for row in out],
+        schema=PREPARED_SCHEMA,
+    )
 
 
 class ScoreStage:
-    """Actor-side scoring: one student per actor, ``__call__`` scores a batch of prepared rows.
+    """Actor-side scoring: one student per actor, ``__call__`` scores a batch of new traces.
 
-    Each batch's new scores go to the score cache at once (so an interrupted run loses nothing)
-    and out with their rows; rows whose trace is already cached are not scored again and leave
-    with null scores, which the job joins back from the cache afterwards.
+    Each batch's scores go to the score cache at once (so an interrupted run loses nothing) and
+    out with their rows. Which traces are new was decided before tokenizing (``validate_batch``);
+    the actor reads nothing from the cache.
 
     Args:
         student: The student to load.
         scoring: What to compute.
-        compute: Batch sizes, token budget, threads and whether a GPU is used.
-        cache_url: The score cache folder for this student and scoring settings; the traces
-            in it when the actor starts are not scored again (an actor restarted mid-run also
-            skips what the run has scored so far).
+        compute: Batch sizes, token budget, threads, retries and whether a GPU is used.
+        cache_url: The score cache folder for this student and scoring settings.
     """
 
     def __init__(
@@ -163,7 +232,7 @@ class ScoreStage:
             head_chunk=compute.head_chunk,
         )
         self.cache_url = cache_url
-        self.cached = cache.cached_trace_ids(cache_url)
+        self.max_retries = compute.max_retries
         log.info(
             "scoring actor ready in %.1fs: %s on %s (%d threads)",
             time.perf_counter() - started,
@@ -173,11 +242,14 @@ class ScoreStage:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Score the batch's new traces into the cache; hand on every row, new scores included.
+        """Score the batch's traces into the cache; hand on every row with its scores.
+
+        A batch that fails is tried ``compute.max_retries`` more times, then split in halves
+        down to single traces; a trace that still fails leaves as a reject with the error.
 
         Returns:
             Rows in ``SCORED_ROWS_SCHEMA``, one per input row, in order; the score columns are
-            null for rejected rows and for rows whose trace was already in the cache.
+            null for rejected rows.
         """
         require_columns(batch.column_names, PREPARED_SCHEMA.names, "score")
         rows = batch.to_pylist()
@@ -185,27 +257,54 @@ class ScoreStage:
             if row["reject_reason"] is None:
                 # A prompt filling the global cap leaves nothing to score globally.
                 row["reject_reason"] = self.scorer.reject_reason(row["prefix_len"])
-        candidates = [r for r in rows if r["reject_reason"] is None]
-        known = cache.contains(self.cached, [r["trace_id"] for r in candidates])
         todo: dict[str, dict[str, Any]] = {}
-        for row, done in zip(candidates, known):
-            if not done:
+        for row in rows:
+            if row["reject_reason"] is None:
                 todo.setdefault(row["trace_id"], row)  # a duplicate row is scored once
-        scored = self._score_into_cache(list(todo.values())) if todo else {}
-        empty: dict[str, Any] = {}
+        scored, failed = self._score(list(todo.values()), self.max_retries)
+        if scored:
+            records = pa.Table.from_pylist(list(scored.values()), schema=CACHE_SCHEMA)
+            cache.write_part(self.cache_url, records)
         return pa.Table.from_pylist(
             [
                 {
                     **{name: row.get(name) for name in ROW_META_SCHEMA.names},
-                    **scored.get(row.get("trace_id"), empty),
+                    **_without_id(scored.get(row["trace_id"], {})),
+                    "reject_reason": row["reject_reason"] or failed.get(row["trace_id"]),
                 }
                 for row in rows
             ],
             schema=SCORED_ROWS_SCHEMA,
         )
 
-    def _score_into_cache(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Score rows, write their cache part; the cache records by trace_id."""
+    def _score(
+        self, rows: list[dict[str, Any]], retries: int
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Cache records by trace_id, and the errors of traces that could not be scored."""
+        if not rows:
+            return {}, {}
+        for attempt in range(retries + 1):
+            try:
+                return self._score_once(rows), {}
+            except Exception as exc:  # a scoring failure of any kind: retry, then split
+                error = exc
+                log.warning(
+                    "scoring %d traces failed (attempt %d of %d): %s: %s",
+                    len(rows),
+                    attempt + 1,
+                    retries + 1,
+                    type(exc).__name__,
+                    exc,
+                )
+        if len(rows) == 1:
+            reason = f"scoring failed: {type(error).__name__}: {error}"
+            return {}, {rows[0]["trace_id"]: " ".join(reason.split())}
+        half = len(rows) // 2
+        first, first_failed = self._score(rows[:half], 0)
+        second, second_failed = self._score(rows[half:], 0)
+        return {**first, **second}, {**first_failed, **second_failed}
+
+    def _score_once(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         traces = [
             TokenizedTrace(
                 input_ids=np.asarray(row["input_ids"], dtype=np.int64),
@@ -223,21 +322,19 @@ class ScoreStage:
             seconds,
             (self.scorer.model_tokens - tokens) / max(seconds, 1e-9),
         )
-        records = []
-        for row, result in zip(rows, results):
-            records.append(
-                {
-                    "trace_id": row["trace_id"],
-                    "n_tokens": result.n_tokens,
-                    "n_steps": result.n_steps,
-                    "truncated": result.truncated,
-                    "step_logprobs": result.step_logprobs,
-                    "model_tokens": result.model_tokens,
-                    **{name: _finite_or_none(getattr(result, name)) for name in METRIC_COLUMNS},
-                }
-            )
-        cache.write_part(self.cache_url, pa.Table.from_pylist(records, schema=CACHE_SCHEMA))
-        return {record.pop("trace_id"): record for record in records}
+        return {
+            row["trace_id"]: {
+                "trace_id": row["trace_id"],
+                "n_tokens": result.n_tokens,
+                "n_steps": result.n_steps,
+                "truncated": result.truncated,
+                "step_logprobs": result.step_logprobs,
+                "model_tokens": result.model_tokens,
+                "step_chars": row["step_chars"],
+                **{name: _finite_or_none(getattr(result, name)) for name in METRIC_COLUMNS},
+            }
+            for row, result in zip(rows, results)
+        }
 
 
 def render_options(student: StudentConfig, scoring: ScoringConfig) -> RenderOptions:
@@ -265,6 +362,10 @@ def _cpu_threads(compute: ComputeConfig) -> int:
     if compute.actors == 1:
         return os.cpu_count() or 1
     return max(1, int(compute.cpus_per_actor))
+
+
+def _without_id(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key != "trace_id"}
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -108,7 +108,11 @@ def prepare_row(
     render: RenderOptions | None = None,
     reasoning: ReasoningFormat | None = None,
 ) -> PreparedTrace:
-    """Validate, present the reasoning, segment, render and tokenize one row.
+    """Validate, present the reasoning, identify, segment, render and tokenize one row.
+
+    The job runs the same steps in two stages, so that a trace already in the score cache is
+    never segmented or tokenized: :func:`validate_row`, :func:`present_row` and
+    :func:`trace_id` for every row, then :func:`tokenize_row` for the new ones.
 
     Args:
         raw: A canonical input row.
@@ -126,12 +130,32 @@ def prepare_row(
         RowRejected: With the reason.
     """
     row = present_row(validate_row(raw, max_response_chars), reasoning or ReasoningFormat())
+    steps, tokens = tokenize_row(
+        row, tokenizer, segment_mode=segment_mode, min_step_chars=min_step_chars, render=render
+    )
+    identity = trace_id(row, segment_mode, min_step_chars)
+    return PreparedTrace(row=row, trace_id=identity, steps=steps, tokens=tokens)
+
+
+def tokenize_row(
+    row: TraceRow,
+    tokenizer: Any,
+    *,
+    segment_mode: str = "sentence",
+    min_step_chars: int = 8,
+    render: RenderOptions | None = None,
+) -> tuple[list[str], TokenizedTrace]:
+    """Cut a presented row into steps (its own, or the segmenter's) and tokenize it.
+
+    Raises:
+        RowRejected: The student's template cannot render it (the reason says why).
+    """
     steps = row.steps or segment_steps(row.response, segment_mode, min_step_chars)
     try:
         tokens = tokenize_trace(tokenizer, row.messages, steps, render or RenderOptions())
     except RenderError as exc:
         raise RowRejected(str(exc)) from None
-    return PreparedTrace(row=row, trace_id=trace_id(row, steps), steps=steps, tokens=tokens)
+    return steps, tokens
 
 
 def present_row(row: TraceRow, fmt: ReasoningFormat) -> TraceRow:
@@ -145,8 +169,16 @@ def present_row(row: TraceRow, fmt: ReasoningFormat) -> TraceRow:
     return TraceRow(row.prompt_id, row.teacher, messages, steps, row.correct)
 
 
-def trace_id(row: TraceRow, steps: list[str]) -> str:
-    """Stable content hash of everything that determines a trace's scores and identity."""
+def trace_id(row: TraceRow, segment_mode: str = "sentence", min_step_chars: int = 8) -> str:
+    """Stable content hash of everything that determines a trace's steps and scores, but the
+    student and the scoring settings (the score cache's key holds those).
+
+    It hashes prompt_id, teacher, the conversation as scored and the steps: the row's own, or
+    the segmenter settings that will cut them, so it is known before anything is segmented.
+    """
+    steps: Any = row.steps
+    if steps is None:
+        steps = {"segmenter": [segment_mode, min_step_chars]}
     payload = json.dumps(
         {
             "prompt_id": row.prompt_id,

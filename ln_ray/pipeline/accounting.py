@@ -1,0 +1,107 @@
+"""The run's accounting: per input file, rows read = rows scored + rows rejected, and tokens.
+
+Every row of every input file is accounted for: the files' rows are counted independently of
+the pipeline (Parquet metadata, non-blank JSONL lines) and compared with what came out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ln_ray.io import cache
+from ln_ray.pipeline.assemble import is_unscored
+
+COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
+PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
+_COUNTERS = (*PER_FILE, "unscored")  # per block, by (file, reject reason kind)
+
+
+class AccountingError(RuntimeError):
+    """Rows went missing, or an accepted row has no scores."""
+
+
+def count_rows(rows: Any, cached: np.ndarray) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Per input file, the manifest's row and token counters; over all files, how many rows were
+    rejected for each kind of reason (details stay in rejects/).
+
+    One pass over the finished rows: each block sums its own counters by (file, reason kind),
+    the driver adds the blocks' sums.
+
+    Raises:
+        AccountingError: An accepted row has no scores (its trace is neither scored nor in the
+            cache).
+    """
+
+    def partial_sums(table: pa.Table) -> pa.Table:
+        rejected = pc.is_valid(table["reject_reason"])
+        ids = pc.fill_null(table["trace_id"], "").to_pylist()
+        new = pc.and_(pa.array(~cache.contains(cached, ids)), pc.invert(rejected))
+        reasons = table["reject_reason"].to_pylist()
+        counters = pa.table(
+            {
+                "source_file": table["source_file"],
+                "kind": pa.array([reason_kind(r) for r in reasons], pa.string()),
+                "rows_scored": pc.cast(pc.invert(rejected), pa.int64()),
+                "rows_rejected": pc.cast(rejected, pa.int64()),
+                "shard_errors": pc.cast(pc.is_null(table["row_number"]), pa.int64()),
+                "tokens_scored": pc.if_else(rejected, 0, pc.fill_null(table["n_tokens"], 0)),
+                "model_tokens": pc.if_else(rejected, 0, pc.fill_null(table["model_tokens"], 0)),
+                "tokens_scored_now": pc.if_else(new, pc.fill_null(table["n_tokens"], 0), 0),
+                "model_tokens_now": pc.if_else(new, pc.fill_null(table["model_tokens"], 0), 0),
+                "unscored": pc.cast(is_unscored(table), pa.int64()),
+            }
+        )
+        summed = counters.group_by(["source_file", "kind"], use_threads=False).aggregate(
+            [(name, "sum") for name in _COUNTERS]
+        )
+        return summed.rename_columns([n.removesuffix("_sum") for n in summed.column_names])
+
+    sums = pd.DataFrame(rows.map_batches(partial_sums, batch_format="pyarrow").take_all())
+    if sums.empty:
+        return {}, {}
+    unscored = int(sums["unscored"].sum())
+    if unscored:
+        raise AccountingError(
+            f"{unscored} accepted rows have no scores (not scored, not in the cache)"
+        )
+    per_file = sums.groupby("source_file")[list(PER_FILE)].sum()
+    kinds = sums.dropna(subset=["kind"]).groupby("kind")["rows_rejected"].sum()
+    return (
+        {name: {c: int(v) for c, v in counts.items()} for name, counts in per_file.iterrows()},
+        {kind: int(n) for kind, n in sorted(kinds.items())},
+    )
+
+
+def reason_kind(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return "duplicate" if reason.startswith("duplicate of") else reason.split(":")[0]
+
+
+def check_inputs(
+    files: list[tuple[str, str]],
+    urls: dict[str, str],
+    per_file: dict[str, dict[str, int]],
+    expected: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per input file: rows read == rows scored + rows rejected, and nothing went missing."""
+    inputs, lost = [], []
+    for (path, fmt), source in zip(files, expected):
+        counts = per_file.get(urls[path], dict.fromkeys(PER_FILE, 0))
+        entry = {"path": urls[path], "format": fmt, **source}
+        entry.update(counts)
+        entry["rows_read"] = counts["rows_scored"] + counts["rows_rejected"]
+        readable = entry["rows_read"] - counts["shard_errors"]
+        if source.get("rows_in_file") is not None and readable != source["rows_in_file"]:
+            lost.append(f"{urls[path]}: {source['rows_in_file']} rows in the file, {readable} read")
+        inputs.append(entry)
+    if lost:
+        raise AccountingError(
+            "rows went missing between reading and writing:\n  " + "\n  ".join(lost)
+        )
+    return inputs

@@ -67,10 +67,12 @@ class InputConfig:
 @dataclass
 class OutputConfig:
     """Where scores, selections, teacher tables and the curated set are written; the newest
-    ``keep_runs`` finished runs keep their folders (the published one always does)."""
+    ``keep_runs`` finished runs keep their folders (the published one always does); the score
+    cache under it holds ``cache_buckets`` files (by a hash of trace_id)."""
 
     path: str = "outputs/demo"
     keep_runs: int = 3
+    cache_buckets: int = 64
 
 
 @dataclass
@@ -146,6 +148,7 @@ class ComputeConfig:
     torch_threads: int = 0
     shuffle: str = "sort"
     max_retries: int = 2
+    progress_s: float = 30.0
 
 
 @dataclass
@@ -212,6 +215,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.input.format in INPUT_FORMATS, f"input.format must be one of {INPUT_FORMATS}")
     need(bool(cfg.output.path), "output.path is empty")
     need(cfg.output.keep_runs >= 1, "output.keep_runs must be >= 1")
+    need(cfg.output.cache_buckets >= 1, "output.cache_buckets must be >= 1")
     need(bool(cfg.student.model), "student.model is empty")
     need(cfg.student.dtype in DTYPES, f"student.dtype must be one of {DTYPES}")
     need(cfg.segment.mode in SEGMENT_MODES, f"segment.mode must be one of {SEGMENT_MODES}")
@@ -245,6 +249,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.compute.torch_threads >= 0, "compute.torch_threads must be >= 0 (0: automatic)")
     need(cfg.compute.shuffle in SHUFFLES, f"compute.shuffle must be one of {SHUFFLES}")
     need(cfg.compute.max_retries >= 0, "compute.max_retries must be >= 0")
+    need(cfg.compute.progress_s > 0, "compute.progress_s must be > 0")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -325,17 +326,38 @@ def test_interrupted_driver_resumes_where_it_stopped(
     assert not (killed / "manifest.json").exists()
 
 
-def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path):
+def _cache_is_folded(out: str, buckets: int) -> list[str]:
+    """The cache holds only its buckets, one row per trace; returns the trace ids in it."""
+    (key,) = os.listdir(os.path.join(out, "_cache"))
+    folder = os.path.join(out, "_cache", key)
+    names = sorted(os.listdir(folder))
+    assert names and all(name.startswith(f"bucket-{buckets}-") for name in names), names
+    assert len(names) <= buckets
+    ids = pq.read_table(folder, columns=["trace_id"])["trace_id"].to_pylist()
+    assert len(ids) == len(set(ids))
+    return ids
+
+
+def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path, caplog):
     rows = make_rows(n_prompts=8, seed=11)
     folder = tmp_path / "in"
     write_jsonl(folder / "day-1.jsonl", rows[:12])
     out = str(tmp_path / "out")
-    first = run_score(config(folder, out, tiny_student_dir))
+    caplog.set_level(logging.INFO, logger="ln_ray")
+    first = run_score(
+        config(folder, out, tiny_student_dir, "output.cache_buckets=4", "compute.progress_s=0.2")
+    )
     assert first["counts"]["traces_scored_now"] == 12
+    # progress while scoring, and the final count
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring: ")]
+    assert len(progress) >= 2 and progress[-1].startswith("scoring: 12 of 12 traces (100%)")
+    assert len(_cache_is_folded(out, 4)) == 12
+    assert first["stages"]["compact_cache"]["files_folded"] == 6  # one part per batch of 2
     day_one = read_output(out, "scores").set_index("trace_id").sort_index()
 
     write_jsonl(folder / "day-2.jsonl", rows[12:])
-    second = run_score(config(folder, out, tiny_student_dir))
+    second = run_score(config(folder, out, tiny_student_dir, "output.cache_buckets=4"))
+    assert len(_cache_is_folded(out, 4)) == len(rows)
     assert second["counts"]["traces_scored_now"] == len(rows) - 12
     assert second["counts"]["rows_scored"] == len(rows)
     scored_now = second["stages"]["tokenize_score"]["tokens_scored_now"]
@@ -355,8 +377,10 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path)
     assert teachers[teachers["metric"] == "lalp"]["count"].sum() == len(rows)
 
     # nothing new: nothing is tokenized, no scoring actor starts, the results stay the same
-    rerun = run_score(config(folder, out, tiny_student_dir))
+    rerun = run_score(config(folder, out, tiny_student_dir, "output.cache_buckets=4"))
     assert rerun["stages"]["tokenize_score"]["rows"] == 0
+    assert rerun["stages"]["compact_cache"]["files_folded"] == 0
+    assert len(_cache_is_folded(out, 4)) == len(rows)
     assert rerun["counts"]["traces_scored_now"] == 0
     assert rerun["counts"]["rows_scored"] == len(rows)
     pd.testing.assert_frame_equal(

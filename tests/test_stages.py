@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -253,3 +255,51 @@ def test_cache_membership():
     ids = np.unique(np.asarray(["b" * 32, "a" * 32, "c" * 32], dtype="S32"))
     assert cache.contains(ids, ["a" * 32, "d" * 32, "c" * 32]).tolist() == [True, False, True]
     assert cache.contains(np.array([], dtype="S32"), ["a" * 32]).tolist() == [False]
+
+
+def _cache_rows(ids: list[str], lalp: float) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"trace_id": i, "lalp": lalp, "n_tokens": 3, "step_chars": [1, 2]} for i in ids],
+        schema=CACHE_SCHEMA,
+    )
+
+
+def test_folding_keeps_one_row_per_trace_in_its_bucket(tmp_path):
+    url = str(tmp_path / "cache")
+    ids = [hashlib.sha256(str(n).encode()).hexdigest()[:32] for n in range(32)]
+    buckets = cache.bucket_of(pa.array(ids), 4).to_pylist()
+    assert buckets == [int(i[:12], 16) % 4 for i in ids] and set(buckets) == {0, 1, 2, 3}
+    cache.write_part(url, _cache_rows(ids[:20], -1.0))
+    cache.write_part(url, _cache_rows(ids[10:], -2.0))  # ten traces again (a retried batch)
+    other = cache.write_part(url, _cache_rows(ids[:2], -1.0))  # a bucket of another count
+    os.rename(other, os.path.join(url, cache.bucket_name(3, 16)))
+    parts = cache.unfolded_files(url, 4)
+    assert len(parts) == 3
+    for bucket in range(4):
+        rows = pa.concat_tables([pq.read_table(p) for p in parts])
+        in_bucket = [b == bucket for b in cache.bucket_of(rows["trace_id"], 4).to_pylist()]
+        mine = rows.filter(pa.array(in_bucket))
+        cache.fold_bucket(url, bucket, 4, mine)
+        cache.fold_bucket(url, bucket, 4, mine)  # folding again changes nothing
+    for path in parts:
+        os.remove(path)
+    files = cache.cache_files(url)
+    assert sorted(os.path.basename(p) for p in files) == [cache.bucket_name(b, 4) for b in range(4)]
+    assert cache.unfolded_files(url, 4) == []
+    stored = pa.concat_tables([pq.read_table(p) for p in files])
+    assert sorted(stored["trace_id"].to_pylist()) == sorted(ids)  # each trace once
+    for path in files:  # every row sits in its own bucket
+        bucket = int(os.path.basename(path).split("-")[2].split(".")[0])
+        assert set(cache.bucket_of(pq.read_table(path)["trace_id"], 4).to_pylist()) == {bucket}
+    assert np.array_equal(cache.cached_trace_ids(url), np.unique(np.asarray(ids, dtype="S32")))
+
+
+def test_progress_lines_say_how_far_and_how_long():
+    from ln_ray.pipeline.passes import progress_line
+
+    line = progress_line(250, 1000, 50_000, 100.0)
+    assert line == (
+        "scoring: 250 of 1,000 traces (25%), 50,000 tokens, 500 tokens/s, 1m40s elapsed, ETA 5m00s"
+    )
+    assert progress_line(0, 10, 0, 5.0).endswith("ETA -")
+    assert "ETA 2h46m" in progress_line(1, 10_000, 10, 1.0)

@@ -3,12 +3,15 @@
 Scores are stored under ``<output.path>/_cache/<key>/``, where the key hashes the student's
 identity (weights, tokenizer, chat template and its arguments, dtype) and every scoring setting
 that changes a score (the view and the reasoning presentation among them); the trace_id already
-hashes the trace's content, as scored, and its steps. Scoring actors write one Parquet file per
-batch, atomically (a hidden temporary file renamed into place, or a single object PUT), so a
-killed driver or actor never leaves a half-written file behind and everything scored before an
-interruption is reused by the next run.
-A trace scored twice (a retried batch, a duplicate row) is stored twice with equal values; readers
-keep one.
+hashes the trace's content, as scored, and its steps.
+
+Scoring actors write one ``part-*.parquet`` file per batch, atomically (a hidden temporary file
+renamed into place, or a single object PUT), so a killed driver or actor never leaves a
+half-written file behind and everything scored before an interruption is reused by the next run.
+At the end of a run the parts are folded into a fixed number of buckets (by a hash of trace_id,
+``output.cache_buckets``), one row per trace, and removed: the cache holds at most the buckets
+plus the parts of runs in progress, however many refreshes there are. Until then a trace scored
+twice (a retried batch, a duplicate row) may be stored twice, with equal values; readers keep one.
 """
 
 from __future__ import annotations
@@ -81,13 +84,55 @@ def write_part(url: str, table: pa.Table) -> str:
     """Publish one batch of scores as a new cache file; returns its path."""
     fs, root = storage.filesystem(url)
     fs.makedirs(root, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex}.parquet"
-    final = storage.join(root, name)
-    table = table.cast(CACHE_SCHEMA)
+    final = storage.join(root, f"part-{uuid.uuid4().hex}.parquet")
+    _write_atomically(fs, final, table.cast(CACHE_SCHEMA))
+    return final
+
+
+def bucket_name(bucket: int, buckets: int) -> str:
+    """The file of one bucket; the bucket count is in the name, so files of another count are
+    told apart (and folded like parts)."""
+    return f"bucket-{buckets}-{bucket:05d}.parquet"
+
+
+def unfolded_files(url: str, buckets: int) -> list[str]:
+    """Cache files that are not buckets of ``buckets``: the parts written since the last fold
+    (by this run, or by runs killed before folding theirs) and buckets of another count."""
+    current = {bucket_name(b, buckets) for b in range(buckets)}
+    return [p for p in cache_files(url) if posixpath.basename(p) not in current]
+
+
+def bucket_of(trace_ids: pa.Array, buckets: int) -> pa.Array:
+    """Each trace's bucket: its id (a SHA-256 hex prefix) read as a number, modulo ``buckets``."""
+    return pa.array([int(t[:12], 16) % buckets for t in trace_ids.to_pylist()], pa.int64())
+
+
+def fold_bucket(url: str, bucket: int, buckets: int, new: pa.Table) -> int:
+    """Merge ``new`` cache rows into one bucket's file, one row per trace; returns its rows.
+
+    The bucket's file is replaced in one step (a rename, or a single object PUT), so a reader
+    sees the old bucket or the new one. Rows already in the bucket win over new copies (a trace's
+    scores are the same either way).
+    """
+    import polars as pl
+
+    fs, root = storage.filesystem(url)
+    path = storage.join(root, bucket_name(bucket, buckets))
+    new = new.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
+    if fs.exists(path):
+        old = pq.read_table(path, filesystem=storage.arrow_filesystem(fs), schema=CACHE_SCHEMA)
+        new = pa.concat_tables([old, new])
+    merged = pl.from_arrow(new).unique(subset="trace_id", keep="first", maintain_order=True)
+    table = merged.to_arrow().cast(CACHE_SCHEMA)
+    _write_atomically(fs, path, table)
+    return table.num_rows
+
+
+def _write_atomically(fs, final: str, table: pa.Table) -> None:
     if storage.protocol(fs) == "file":
-        staging = storage.join(root, f".tmp-{name}")
+        folder, name = posixpath.split(final)
+        staging = storage.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
         pq.write_table(table, staging, filesystem=storage.arrow_filesystem(fs))
         fs.mv(staging, final)
     else:  # an object store makes the object visible only once the upload completes
         pq.write_table(table, final, filesystem=storage.arrow_filesystem(fs))
-    return final

@@ -5,6 +5,7 @@
     assemble.assemble_rows  every row with its scores: _rows/, scores/, rejects/
     accounting              rows read = scored + rejected, per input file
     reduce.reduce_scores    selections/, teachers/, curated/
+    compact.compact_cache   fold the run's score cache parts into the cache's buckets
     outputs.publish         the manifest, last
 
 ``run_score`` is the whole job; ``run_select`` re-runs only the reduce stage over a finished run.
@@ -31,6 +32,7 @@ from ln_ray.io.shards import count_source_rows
 from ln_ray.pipeline import outputs
 from ln_ray.pipeline.accounting import COUNTS, AccountingError, check_inputs, count_rows
 from ln_ray.pipeline.assemble import assemble_rows
+from ln_ray.pipeline.compact import compact_cache
 from ln_ray.pipeline.outputs import REDUCE_OUTPUTS, ROWS_DIR, SCORE_OUTPUTS, RunPaths
 from ln_ray.pipeline.passes import score_new_rows, validate_rows
 from ln_ray.pipeline.reduce import reduce_scores
@@ -147,6 +149,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     except BaseException:
         outputs.discard(paths)
         raise
+    compaction = _compact(cache_url, cfg.output.cache_buckets)
     counts = {key: sum(entry[key] for entry in inputs) for key in COUNTS}
     counts["traces_scored_now"] = scored_now
     score_s = max(scored_at - started, 1e-9)
@@ -185,6 +188,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
                 "duplicates": duplicates,
             },
             "reduce": {"seconds": selection["reduce_s"], "prompts": selection["prompts"]},
+            "compact_cache": compaction,
         },
         "timings": {
             "score_s": round(score_s, 3),
@@ -258,6 +262,16 @@ def read_teacher_table(output_path: str) -> pd.DataFrame:
     url = outputs.output_url(output_path, read_manifest(output_path), "teachers")
     fs, path = storage.filesystem(url)
     return pq.read_table(path, filesystem=storage.arrow_filesystem(fs)).to_pandas()
+
+
+def _compact(cache_url: str, buckets: int) -> dict[str, Any]:
+    """Fold the score cache's parts into its buckets; a failure costs only file count (the next
+    run folds what is left), so it is logged and the run goes on."""
+    try:
+        return compact_cache(cache_url, buckets)
+    except Exception as exc:
+        log.warning("the score cache was not compacted (the next run will): %s", exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _located(paths: RunPaths, manifest: dict[str, Any], name: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -98,6 +100,30 @@ def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: 
 
     compute = cfg.compute
     actors = max(1, min(compute.actors, math.ceil(new_rows / compute.batch_traces)))
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    done, started = threading.Event(), time.time()
+    reporter = threading.Thread(
+        target=_report_progress,
+        args=(counter, new_rows, started, done, compute.progress_s),
+        daemon=True,
+    )
+    reporter.start()
+    try:
+        _tokenize_and_score(cfg, paths, cache_url, actors, ProgressReport(counter))
+    finally:
+        done.set()
+        reporter.join()
+    traces, tokens = ray.get(counter.snapshot.remote())
+    log.info(progress_line(traces, new_rows, tokens, time.time() - started))
+    ray.kill(counter)
+
+
+def _tokenize_and_score(
+    cfg: LnRayConfig, paths: RunPaths, cache_url: str, actors: int, progress: ProgressReport
+) -> None:
+    import ray
+
+    compute = cfg.compute
     (
         read_valid(paths)
         .map_batches(lambda t: t.filter(is_new(t)), batch_format="pyarrow")
@@ -116,6 +142,7 @@ def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: 
                 "scoring": cfg.scoring,
                 "compute": compute,
                 "cache_url": cache_url,
+                "progress": progress,
             },
             batch_format="pyarrow",
             batch_size=compute.batch_traces,
@@ -129,6 +156,62 @@ def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: 
         .write_parquet(paths.staged(SCORED_DIR), filesystem=paths.arrow_fs)
     )
     ensure_table(paths.fs, paths.staged(SCORED_DIR), SCORED_ROWS_SCHEMA)
+
+
+class ProgressCounter:
+    """Traces and tokens scored so far: a Ray actor in the job, the scoring actors add to it."""
+
+    def __init__(self) -> None:
+        self.traces = 0
+        self.tokens = 0
+
+    def add(self, traces: int, tokens: int) -> None:
+        self.traces += traces
+        self.tokens += tokens
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.traces, self.tokens
+
+
+class ProgressReport:
+    """What a scoring actor holds to report its batches: ``add(traces, tokens)``."""
+
+    def __init__(self, counter: Any) -> None:
+        self._counter = counter
+
+    def add(self, traces: int, tokens: int) -> None:
+        self._counter.add.remote(traces, tokens)
+
+
+def progress_line(traces: int, total: int, tokens: int, seconds: float) -> str:
+    """One progress line: traces done of the total, tokens, tokens/s and the time left."""
+    rate = traces / seconds if seconds > 0 else 0.0
+    left = f"ETA {_duration((total - traces) / rate)}" if rate and traces < total else "ETA -"
+    share = traces / total if total else 1.0
+    return (
+        f"scoring: {traces:,} of {total:,} traces ({share:.0%}), {tokens:,} tokens, "
+        f"{tokens / max(seconds, 1e-9):,.0f} tokens/s, {_duration(seconds)} elapsed, {left}"
+    )
+
+
+def _report_progress(
+    counter: Any, total: int, started: float, done: threading.Event, interval: float
+) -> None:
+    import ray
+
+    while not done.wait(interval):
+        try:
+            traces, tokens = ray.get(counter.snapshot.remote(), timeout=interval)
+        except Exception as exc:  # a missed report is no reason to stop the run
+            log.debug("no progress report: %s", exc)
+            continue
+        log.info(progress_line(traces, total, tokens, time.time() - started))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def read_valid(paths: RunPaths, columns: list[str] | None = None) -> Any:

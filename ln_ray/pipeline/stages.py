@@ -197,6 +197,7 @@ class ScoreStage:
         scoring: What to compute.
         compute: Batch sizes, token budget, threads, retries and whether a GPU is used.
         cache_url: The score cache folder for this student and scoring settings.
+        progress: Told ``add(traces, tokens)`` after each batch (the job's progress report).
     """
 
     def __init__(
@@ -205,6 +206,7 @@ class ScoreStage:
         scoring: ScoringConfig,
         compute: ComputeConfig,
         cache_url: str,
+        progress: Any = None,
     ) -> None:
         started = time.perf_counter()
         import torch
@@ -233,6 +235,7 @@ class ScoreStage:
         )
         self.cache_url = cache_url
         self.max_retries = compute.max_retries
+        self.progress = progress
         log.info(
             "scoring actor ready in %.1fs: %s on %s (%d threads)",
             time.perf_counter() - started,
@@ -265,6 +268,9 @@ class ScoreStage:
         if scored:
             records = pa.Table.from_pylist(list(scored.values()), schema=CACHE_SCHEMA)
             cache.write_part(self.cache_url, records)
+        if self.progress is not None:
+            tokens = sum(record["n_tokens"] for record in scored.values())
+            self.progress.add(len(rows), tokens)
         return pa.Table.from_pylist(
             [
                 {

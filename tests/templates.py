@@ -14,6 +14,8 @@ Each keeps the one behaviour of its family that matters to scoring:
 
 from __future__ import annotations
 
+from bench.tiny import CHATML
+
 R1_DISTILL = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
     "{% for message in messages %}"
@@ -55,12 +57,6 @@ LLAMA3 = (
     " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{% endif %}"
-)
-
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 FAMILIES = {"r1_distill": R1_DISTILL, "qwen3": QWEN3, "llama3": LLAMA3, "chatml": CHATML}

@@ -16,14 +16,22 @@ from ln_ray.aggregate.curate import (
     extra_types,
     keep_selected,
 )
-from ln_ray.aggregate.select import select_prompt
+from ln_ray.aggregate.select import (
+    CANDIDATE_COLUMNS,
+    HIGHER_IS_BETTER,
+    merge_selections,
+    partial_selections,
+    select_traces,
+)
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 
 
 def _prompt(rows):
-    return pd.DataFrame(
-        rows, columns=["prompt_id", "teacher", "trace_id", "correct", "lalp", "galp", "rsr"]
-    )
+    return pa.Table.from_pandas(pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), preserve_index=False)
+
+
+def select_prompt(table, *, filter_correct):
+    return select_traces(table, filter_correct=filter_correct).to_pandas()
 
 
 def test_select_argmax_argmin_with_correct_filter():
@@ -53,6 +61,64 @@ def test_select_ties_break_by_teacher_then_trace_id():
     )
     picked = select_prompt(group, filter_correct=False)
     assert set(zip(picked["teacher"], picked["trace_id"])) == {("alpha", "t3")}
+
+
+def _by_loop(rows: list[dict], filter_correct: bool) -> dict:
+    """Selections computed one prompt and one metric at a time, in plain Python."""
+    picked = {}
+    for prompt in {r["prompt_id"] for r in rows}:
+        for metric, higher in HIGHER_IS_BETTER.items():
+            candidates = [
+                r
+                for r in rows
+                if r["prompt_id"] == prompt
+                and (r["correct"] or not filter_correct)
+                and r[metric] is not None
+                and np.isfinite(r[metric])
+            ]
+            if candidates:
+                best = min(
+                    candidates,
+                    key=lambda r: (
+                        -r[metric] if higher else r[metric],
+                        r["teacher"],
+                        r["trace_id"],
+                    ),
+                )
+                picked[(prompt, metric)] = (best["teacher"], best["trace_id"], len(candidates))
+    return picked
+
+
+def test_selection_over_many_prompts_matches_a_loop_and_merges_over_any_split():
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(400):
+        value = float(rng.choice([-1.0, -2.0, np.nan, np.inf, rng.normal()]))
+        rows.append(
+            {
+                "prompt_id": f"p{rng.integers(40)}",
+                "teacher": f"t{rng.integers(5)}",
+                "trace_id": f"{i:04d}",
+                "correct": bool(rng.integers(2)) if i % 7 else None,
+                "lalp": value,
+                "galp": float(rng.choice([-1.0, rng.normal()])),
+                "rsr": float(rng.choice([3.0, np.nan, abs(rng.normal())])),
+            }
+        )
+    table = pa.Table.from_pylist(rows)
+    for filter_correct in (True, False):
+        whole = select_traces(table, filter_correct=filter_correct)
+        got = {
+            (r["prompt_id"], r["metric"]): (r["teacher"], r["trace_id"], r["n_candidates"])
+            for r in whole.to_pylist()
+        }
+        assert got == _by_loop(rows, filter_correct)
+        # selecting in blocks (any split, in any order) and merging gives the same table
+        order = rng.permutation(len(rows))
+        blocks = [table.take(order[i : i + 37]) for i in range(0, len(rows), 37)]
+        partials = [partial_selections(b, filter_correct=filter_correct) for b in blocks]
+        merged = merge_selections(pa.concat_tables(partials[::-1]))
+        assert merged.equals(whole)
 
 
 def test_select_skips_nan_and_prompts_without_candidates():
@@ -128,7 +194,7 @@ def test_keep_selected_drops_rejected_copies_of_a_selected_trace():
             "reject_reason": [None, None, "duplicate of a.jsonl row 1", "empty response"],
         }
     )
-    kept = keep_selected(rows, frozenset({"t1"}))
+    kept = keep_selected(rows, pa.array(["t1"]))
     assert kept["row_number"].to_pylist() == [1]
 
 

@@ -315,3 +315,27 @@ def test_job_scores_every_teacher_for_a_thinking_student(ray_cluster, tiny_stude
     for record in curated.to_dict("records"):
         content = record["messages"][-1]["content"]
         assert content == (f"{reasoning}{answer}" if record["teacher"] == "plain" else presented)
+
+
+def test_duplicates_are_found_across_blocks(ray_cluster):
+    """Copies of a row spread over many blocks: every later copy is marked, the first is not."""
+    import ray
+
+    from ln_ray.pipeline.assemble import _find_duplicates
+
+    rng = random.Random(3)
+    rows = [
+        {"dup_key": f"k{rng.randrange(60)}", "source_file": f"f{rng.randrange(3)}", "row_number": n}
+        for n in range(1, 400)
+    ]
+    rows += [{"dup_key": None, "source_file": "f0", "row_number": 999}]  # a rejected row
+    table = pa.Table.from_pylist(rows)
+    blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
+    found = _find_duplicates(ray.data.from_arrow(blocks).repartition(9))
+    got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
+    expected = {}
+    for key in {r["dup_key"] for r in rows if r["dup_key"]}:
+        copies = sorted((r["source_file"], r["row_number"]) for r in rows if r["dup_key"] == key)
+        for copy in copies[1:]:
+            expected[copy] = f"duplicate of {copies[0][0]} row {copies[0][1]}"
+    assert got == expected and len(expected) > 300

@@ -28,13 +28,13 @@ CURATED_BASE = pa.schema(
 _SCALARS = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 
-def keep_selected(table: pa.Table, selected: frozenset[str]) -> pa.Table:
-    """Accepted rows whose trace_id was selected.
+def keep_selected(table: pa.Table, selected: pa.Array) -> pa.Table:
+    """Accepted rows whose trace_id is among the ``selected`` ids.
 
     A rejected duplicate carries the trace_id of the row it repeats, so the id alone would let
     both copies into the curated set.
     """
-    mask = pc.is_in(table["trace_id"], value_set=pa.array(sorted(selected), pa.string()))
+    mask = pc.is_in(table["trace_id"], value_set=selected)
     return table.filter(pc.and_(pc.fill_null(mask, False), pc.is_null(table["reject_reason"])))
 
 

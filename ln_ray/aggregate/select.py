@@ -1,52 +1,85 @@
-"""Per-prompt selection: the best eligible trace by each metric, deterministically."""
+"""Per-prompt selection: the best eligible trace by each metric, deterministically, vectorized.
+
+Selection is an argmax (argmin for RSR) per (prompt, metric) under one total order: the metric,
+then teacher name, then trace_id. That order makes it decomposable: the best of any split of a
+prompt's candidates is the best of the splits' bests, and the counts add up. So the job selects
+within each block of the scores (``partial_selections``, after a sort that keeps a prompt's rows
+together but for the blocks' edges) and merges the blocks' winners (``merge_selections``); no
+Python runs per prompt or per row.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
+import polars as pl
+import pyarrow as pa
 
 from ln_ray.schema import SELECTIONS_SCHEMA
 
 # Which way is better for each selection metric.
 HIGHER_IS_BETTER = {"lalp": True, "galp": True, "rsr": False}
+CANDIDATE_COLUMNS = ["prompt_id", "teacher", "trace_id", "correct", "lalp", "galp", "rsr"]
 
 
-def select_prompt(group: pd.DataFrame, *, filter_correct: bool) -> pd.DataFrame:
-    """Pick one trace per metric among a prompt's eligible candidates.
+def select_traces(scores: pa.Table, *, filter_correct: bool) -> pa.Table:
+    """The best trace per prompt and metric among the eligible candidates.
 
-    Candidates are the prompt's scored traces (only those with ``correct == True`` when
+    Candidates are the scored traces (only those with ``correct == True`` when
     ``filter_correct``) whose metric is finite. Ties are broken by teacher name, then trace_id.
 
     Args:
-        group: All scored traces of one prompt (scores/ columns).
+        scores: Scored traces (``CANDIDATE_COLUMNS`` at least), any number of prompts.
         filter_correct: Keep only traces marked correct.
 
     Returns:
-        Up to one row per metric, in ``SELECTIONS_SCHEMA`` columns; a metric with no candidate has
-        no row.
+        One row per (prompt, metric) with a candidate, in ``SELECTIONS_SCHEMA``.
     """
-    eligible = group
+    return merge_selections(partial_selections(scores, filter_correct=filter_correct))
+
+
+def partial_selections(scores: pa.Table, *, filter_correct: bool) -> pa.Table:
+    """Each (prompt, metric)'s best candidate among ``scores`` and how many there were."""
+    frame = pl.from_arrow(scores.select(CANDIDATE_COLUMNS))
+    assert isinstance(frame, pl.DataFrame)
     if filter_correct:
-        eligible = group[group["correct"].fillna(False).astype(bool)]
-    rows = []
-    for metric, higher in HIGHER_IS_BETTER.items():
-        values = pd.to_numeric(eligible[metric], errors="coerce")
-        candidates = eligible[np.isfinite(values.to_numpy(dtype=float))]
-        if candidates.empty:
-            continue
-        key = -candidates[metric] if higher else candidates[metric]
-        ordered = candidates.assign(_key=key).sort_values(
-            ["_key", "teacher", "trace_id"], kind="mergesort"
+        frame = frame.filter(pl.col("correct").fill_null(False))
+    long = pl.concat(
+        [
+            frame.select(
+                "prompt_id",
+                "teacher",
+                "trace_id",
+                pl.lit(metric).alias("metric"),
+                pl.col(metric).cast(pl.Float64).alias("score"),
+            ).filter(pl.col("score").is_finite())
+            for metric in HIGHER_IS_BETTER
+        ]
+    )
+    return _best(long.with_columns(n_candidates=pl.lit(1, pl.Int64)))
+
+
+def merge_selections(partials: pa.Table) -> pa.Table:
+    """Merge partial selections (``SELECTIONS_SCHEMA``) of disjoint splits of the candidates."""
+    frame = pl.from_arrow(partials.select(SELECTIONS_SCHEMA.names))
+    assert isinstance(frame, pl.DataFrame)
+    return _best(frame)
+
+
+def _best(frame: pl.DataFrame) -> pa.Table:
+    """Per (prompt, metric): the first row in the selection order, with the summed counts."""
+    key = (
+        pl.when(pl.col("metric").is_in([m for m, up in HIGHER_IS_BETTER.items() if up]))
+        .then(-pl.col("score"))
+        .otherwise(pl.col("score"))
+    )
+    best = (
+        frame.with_columns(_key=key)
+        .sort(["prompt_id", "metric", "_key", "teacher", "trace_id"])
+        .group_by(["prompt_id", "metric"], maintain_order=True)
+        .agg(
+            pl.col("teacher").first(),
+            pl.col("trace_id").first(),
+            pl.col("score").first(),
+            pl.col("n_candidates").sum(),
         )
-        best = ordered.iloc[0]
-        rows.append(
-            {
-                "prompt_id": best["prompt_id"],
-                "metric": metric,
-                "teacher": best["teacher"],
-                "trace_id": best["trace_id"],
-                "score": float(best[metric]),
-                "n_candidates": len(candidates),
-            }
-        )
-    return pd.DataFrame(rows, columns=SELECTIONS_SCHEMA.names)
+    )
+    return best.to_arrow().select(SELECTIONS_SCHEMA.names).cast(SELECTIONS_SCHEMA)

@@ -8,10 +8,11 @@ hashes the trace's content, as scored, and its steps.
 Scoring actors write one ``part-*.parquet`` file per batch, atomically (a hidden temporary file
 renamed into place, or a single object PUT), so a killed driver or actor never leaves a
 half-written file behind and everything scored before an interruption is reused by the next run.
-At the end of a run the parts are folded into a fixed number of buckets (by a hash of trace_id,
-``output.cache_buckets``), one row per trace, and removed: the cache holds at most the buckets
-plus the parts of runs in progress, however many refreshes there are. Until then a trace scored
-twice (a retried batch, a duplicate row) may be stored twice, with equal values; readers keep one.
+Once a run's scoring is done, the parts are folded into a fixed number of buckets (by a hash of
+trace_id, ``output.cache_buckets``), one row per trace, and removed: the cache holds at most the
+buckets plus the parts of runs in progress, however many refreshes there are. Until then a trace
+scored twice (a retried batch, a duplicate row) may be stored twice, with equal values; readers
+keep one.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -16,7 +17,7 @@ from ln_ray.io import cache, storage
 from ln_ray.pipeline import outputs
 from ln_ray.pipeline.outputs import ROWS_DIR, RunPaths
 from ln_ray.pipeline.passes import SCORED_DIR, VALID_DIR, read_valid
-from ln_ray.pipeline.reduce import cast_to, reduce_partitions
+from ln_ray.pipeline.reduce import cast_to, concat_blocks, reduce_partitions
 from ln_ray.schema import (
     CACHE_SCHEMA,
     REJECTS_SCHEMA,
@@ -54,7 +55,7 @@ def assemble_rows(paths: RunPaths, cache_url: str, in_cache: int, scored: bool) 
             )
         )
     keys = read_valid(paths, columns=["dup_key", "source_file", "row_number"])
-    duplicates = _find_duplicates(keys, partitions)
+    duplicates = _find_duplicates(keys)
     rows = rows.map_batches(
         _finish_rows, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow"
     ).materialize()
@@ -74,7 +75,7 @@ def assemble_rows(paths: RunPaths, cache_url: str, in_cache: int, scored: bool) 
     for name in (VALID_DIR, SCORED_DIR):
         if paths.fs.exists(paths.staged(name)):
             paths.fs.rm(paths.staged(name), recursive=True)
-    return rows, len(duplicates)
+    return rows, duplicates.num_rows
 
 
 def is_unscored(table: pa.Table) -> pa.Array:
@@ -108,7 +109,8 @@ def _join_cache(rows: Any, cache_url: str, in_cache: int, partitions: int) -> An
         schema=CACHE_SCHEMA,
     )
     if scores.count() > in_cache:
-        # A retried batch or a duplicate row stored a trace twice (with equal values): keep one.
+        # The cache was not folded (a failed fold), and a retried batch or a duplicate row
+        # stored a trace twice (with equal values): keep one.
         scores = scores.groupby("trace_id", num_partitions=partitions).map_groups(
             lambda group: group.slice(0, 1), batch_format="pyarrow"
         )
@@ -116,38 +118,102 @@ def _join_cache(rows: Any, cache_url: str, in_cache: int, partitions: int) -> An
     return joined.map_batches(cast_to(SCORED_ROWS_SCHEMA), batch_format="pyarrow")
 
 
-def _find_duplicates(keys: Any, partitions: int) -> dict[tuple[str, int], str]:
-    """Rows repeating an earlier (prompt_id, teacher, response): the reason, by (file, row).
+def _find_duplicates(keys: Any) -> pa.Table:
+    """Rows repeating an earlier (prompt_id, teacher, response), with the reason.
+
+    The first copy of each dup_key is the one with the smallest (source_file, row_number). Keys
+    are sorted (so copies share a block but at blocks' edges); each block reports its keys held
+    more than once and its edge keys, with their first copy and count (``_block_firsts``); the
+    driver merges those, and a second pass marks every later copy (``_later_copies``). No Python
+    runs per row or per key.
 
     Args:
         keys: Every row's dup_key, source_file and row_number (dup_key null: rejected).
-        partitions: Shuffle partitions.
+
+    Returns:
+        source_file, row_number and reason of each duplicate row.
     """
+    import ray
 
-    def later_copies(group: pa.Table) -> pa.Table:
-        ordered = group.sort_by([("source_file", "ascending"), ("row_number", "ascending")])
-        first = ordered.slice(0, 1).to_pylist()[0]
-        rest = ordered.slice(1)
-        reason = f"duplicate of {first['source_file']} row {first['row_number']}"
-        return rest.select(["source_file", "row_number"]).append_column(
-            "reason", pa.array([reason] * rest.num_rows, pa.string())
-        )
-
-    copies = (
-        keys.map_batches(lambda t: t.filter(pc.is_valid(t["dup_key"])), batch_format="pyarrow")
-        .groupby("dup_key", num_partitions=partitions)
-        .map_groups(later_copies, batch_format="pyarrow")
-        .take_all()
+    valid = keys.map_batches(lambda t: t.filter(pc.is_valid(t["dup_key"])), batch_format="pyarrow")
+    ordered = valid.sort("dup_key").materialize()
+    partials = ordered.map_batches(_block_firsts, batch_format="pyarrow", batch_size=None)
+    firsts = _merge_firsts(concat_blocks(_FIRSTS, ray.get(partials.to_arrow_refs())))
+    if firsts.num_rows == 0:
+        return _DUPLICATES.empty_table()
+    marks = ordered.map_batches(
+        _later_copies, fn_kwargs={"firsts": firsts}, batch_format="pyarrow", batch_size=None
     )
-    return {(c["source_file"], c["row_number"]): c["reason"] for c in copies}
+    return concat_blocks(_DUPLICATES, ray.get(marks.to_arrow_refs()))
 
 
-def _finish_rows(table: pa.Table, duplicates: dict[tuple[str, int], str]) -> pa.Table:
+_FIRSTS = pa.schema(
+    [
+        ("dup_key", pa.string()),
+        ("first_file", pa.string()),
+        ("first_row", pa.int64()),
+        ("copies", pa.int64()),
+    ]
+)
+_DUPLICATES = pa.schema(
+    [("source_file", pa.string()), ("row_number", pa.int64()), ("reason", pa.string())]
+)
+
+
+def _firsts(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per key: its smallest (file, row) and the copies counted."""
+    return (
+        frame.sort(["dup_key", "first_file", "first_row"])
+        .group_by("dup_key", maintain_order=True)
+        .agg(pl.col("first_file").first(), pl.col("first_row").first(), pl.col("copies").sum())
+    )
+
+
+def _block_firsts(block: pa.Table) -> pa.Table:
+    """A block's keys held more than once, and its first and last key (which may continue in
+    the neighbouring blocks), each with its first copy and number of copies."""
+    frame = pl.from_arrow(block.select(["dup_key", "source_file", "row_number"]))
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.rename({"source_file": "first_file", "row_number": "first_row"})
+    firsts = _firsts(frame.with_columns(copies=pl.lit(1, pl.Int64)))
+    if firsts.height == 0:
+        return _FIRSTS.empty_table()
+    edges = pl.col("dup_key").is_in([firsts["dup_key"][0], firsts["dup_key"][-1]])
+    kept = firsts.filter((pl.col("copies") > 1) | edges)
+    return kept.to_arrow().select(_FIRSTS.names).cast(_FIRSTS)
+
+
+def _merge_firsts(partials: pa.Table) -> pa.Table:
+    """Keys held more than once over all blocks, with their first copy."""
+    frame = pl.from_arrow(partials)
+    assert isinstance(frame, pl.DataFrame)
+    merged = _firsts(frame).filter(pl.col("copies") > 1)
+    return merged.to_arrow().select(_FIRSTS.names).cast(_FIRSTS)
+
+
+def _later_copies(block: pa.Table, firsts: pa.Table) -> pa.Table:
+    """The block's rows that repeat an earlier row of their key, with the reason."""
+    where = pc.index_in(block["dup_key"], value_set=firsts["dup_key"])
+    first_file = pc.take(firsts["first_file"], where)
+    first_row = pc.take(firsts["first_row"], where)
+    is_first = pc.and_(
+        pc.equal(block["source_file"], first_file), pc.equal(block["row_number"], first_row)
+    )
+    later = pc.and_(pc.is_valid(where), pc.invert(pc.fill_null(is_first, False)))
+    reason = pc.binary_join_element_wise(
+        "duplicate of ", first_file, " row ", pc.cast(first_row, pa.string()), ""
+    )
+    table = pa.table(
+        {"source_file": block["source_file"], "row_number": block["row_number"], "reason": reason}
+    )
+    return table.filter(pc.fill_null(later, False)).cast(_DUPLICATES)
+
+
+def _finish_rows(table: pa.Table, duplicates: pa.Table) -> pa.Table:
     reasons = table["reject_reason"]
-    if duplicates:
-        keys = zip(table["source_file"].to_pylist(), table["row_number"].to_pylist())
-        marks = [duplicates.get(key) for key in keys]
-        reasons = pc.coalesce(reasons, pa.array(marks, pa.string()))
+    if duplicates.num_rows:
+        where = pc.index_in(_row_keys(table), value_set=_row_keys(duplicates))
+        reasons = pc.coalesce(reasons, pc.take(duplicates["reason"], where))
     # A shard's read error may quote its URL.
     reasons = pc.replace_substring_regex(reasons, storage.USERINFO, storage.MASKED)
     index = table.schema.get_field_index("reject_reason")
@@ -155,6 +221,13 @@ def _finish_rows(table: pa.Table, duplicates: dict[tuple[str, int], str]) -> pa.
         table.set_column(index, "reject_reason", reasons)
         .select(SCORED_ROWS_SCHEMA.names)
         .cast(SCORED_ROWS_SCHEMA)
+    )
+
+
+def _row_keys(table: pa.Table) -> pa.Array:
+    """``source_file`` and ``row_number`` as one text key (null where the row number is)."""
+    return pc.binary_join_element_wise(
+        table["source_file"], pc.cast(table["row_number"], pa.string()), "\x00"
     )
 
 

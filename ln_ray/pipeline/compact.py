@@ -1,4 +1,4 @@
-"""Fold the score cache's parts into its buckets at the end of a run (Ray tasks, one a bucket).
+"""Fold the score cache's parts into its buckets once a run has scored (Ray tasks, one a bucket).
 
 The parts (``part-*.parquet``, one per scored batch, also those a killed run left) are read,
 grouped by bucket, and each group is merged into its bucket's file (``cache.fold_bucket``); the

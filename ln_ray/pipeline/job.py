@@ -2,10 +2,10 @@
 
     passes.validate_rows    read, validate, look up the score cache        (every row, CPU)
     passes.score_new_rows   tokenize and score the new traces only          (CPU tasks, actors)
+    compact.compact_cache   fold the score cache's parts into its buckets
     assemble.assemble_rows  every row with its scores: _rows/, scores/, rejects/
     accounting              rows read = scored + rejected, per input file
     reduce.reduce_scores    selections/, teachers/, curated/
-    compact.compact_cache   fold the run's score cache parts into the cache's buckets
     outputs.publish         the manifest, last
 
 ``run_score`` is the whole job; ``run_select`` re-runs only the reduce stage over a finished run.
@@ -126,6 +126,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         if new_rows:
             score_new_rows(cfg, paths, cache_url, new_rows)
         scored_at = time.time()
+        compaction = _compact(cache_url, cfg.output.cache_buckets)
         in_cache = len(cache.cached_trace_ids(cache_url))
         scored_now = in_cache - len(cached)
         log.info(
@@ -149,7 +150,6 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     except BaseException:
         outputs.discard(paths)
         raise
-    compaction = _compact(cache_url, cfg.output.cache_buckets)
     counts = {key: sum(entry[key] for entry in inputs) for key in COUNTS}
     counts["traces_scored_now"] = scored_now
     score_s = max(scored_at - started, 1e-9)

@@ -21,7 +21,7 @@ from ln_ray.aggregate.curate import (
     extra_types,
     keep_selected,
 )
-from ln_ray.aggregate.select import select_prompt
+from ln_ray.aggregate.select import CANDIDATE_COLUMNS, merge_selections, partial_selections
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import SelectionConfig
 from ln_ray.io import storage
@@ -70,21 +70,27 @@ def reduce_scores(
             ensure_table(fs, storage.join(target, name), schema)
         return {**summary, "prompts": 0, "prompts_selected": 0, "reduce_s": _since(started)}
     partitions = reduce_partitions()
-    selections = (
-        scores.select_columns(
-            ["prompt_id", "teacher", "trace_id", "correct", "lalp", "galp", "rsr"]
+    # A sort keeps each prompt's rows in one block (but at blocks' edges); each block's winners
+    # are selected at once, and the driver merges the blocks' winners (a few rows per prompt).
+    partials = (
+        scores.select_columns(CANDIDATE_COLUMNS)
+        .sort("prompt_id")
+        .map_batches(
+            partial_selections,
+            fn_kwargs={"filter_correct": filter_correct},
+            batch_format="pyarrow",
+            batch_size=None,
         )
-        .groupby("prompt_id", num_partitions=partitions)
-        .map_groups(
-            select_prompt, fn_kwargs={"filter_correct": filter_correct}, batch_format="pandas"
-        )
-        .map_batches(cast_to(SELECTIONS_SCHEMA), batch_format="pyarrow")
-        .materialize()
     )
-    selections.write_parquet(storage.join(target, "selections"), filesystem=arrow_fs)
-    ensure_table(fs, storage.join(target, "selections"), SELECTIONS_SCHEMA)
+    selections = merge_selections(
+        concat_blocks(SELECTIONS_SCHEMA, ray.get(partials.to_arrow_refs()))
+    )
+    fs.makedirs(storage.join(target, "selections"), exist_ok=True)
+    pq.write_table(
+        selections, storage.join(target, "selections", "part-0.parquet"), filesystem=arrow_fs
+    )
     # No rows when no prompt has an eligible candidate (e.g. none is marked correct).
-    chosen = _to_pandas(selections.select_columns(_CHOSEN), _CHOSEN)
+    chosen = selections.select(_CHOSEN).to_pandas()
     stats = (
         scores.select_columns(["teacher", "lalp", "galp", "rsr", "avg_rank", "avg_surprisal"])
         .groupby("teacher", num_partitions=partitions)
@@ -111,7 +117,7 @@ def reduce_scores(
         ray.data.read_parquet(rows_dir, filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA)
         .map_batches(
             keep_selected,
-            fn_kwargs={"selected": frozenset(picked["trace_id"])},
+            fn_kwargs={"selected": pa.array(sorted(set(picked["trace_id"])), pa.string())},
             batch_format="pyarrow",
         )
         .materialize()
@@ -154,6 +160,14 @@ def reduce_partitions() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def concat_blocks(schema: pa.Schema, blocks: list[pa.Table]) -> pa.Table:
+    """Blocks fetched from a dataset as one table of ``schema`` (Ray Data may hand back empty
+    blocks without columns)."""
+    return pa.concat_tables(
+        [schema.empty_table(), *(b.select(schema.names).cast(schema) for b in blocks if b.num_rows)]
+    )
 
 
 def cast_to(schema: pa.Schema):

@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install browser demo test bench lint format report clean
+.PHONY: install browser demo test bench bench-scale lint format report clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ test: lint browser
 # Figures side by side (ratios from one run) into bench/results.json; about 30 minutes on 2 CPUs.
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The scale rehearsal of the data flow (a tiny student, 200,000 rows) into bench/scale.json.
+bench-scale: install
+	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

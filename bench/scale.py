@@ -1,0 +1,308 @@
+"""`make bench-scale`: a scale rehearsal of the job's data flow on this machine.
+
+Corpus: ``--rows`` rows (a quarter as many prompts, 4 teachers each), responses of about 500
+characters and a 10 KB extra text column (rows of production size without tokenizer cost), 1%
+duplicate rows and 0.5% bad rows, written once as ``--shards`` JSONL shards and once as
+``--few-shards``. Student: a tiny random Llama with a tiny BPE tokenizer (``bench/tiny.py``), so
+the figures measure the data flow, not the model.
+
+Runs, each in a fresh process with its own local Ray (``object_store_memory`` 2 GB): the first
+run; a refresh after adding 5% new rows; a re-run with nothing new; the first run at a quarter of
+the rows (growth); the first run on the few-shard copy (per-shard overhead). Prints the figures
+side by side against their targets and writes them to ``bench/scale.json``.
+
+    python -m bench.scale                                   # what `make bench-scale` runs
+    python -m bench.scale --rows 8000 --shards 80 --few-shards 8 --out /tmp/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from bench.tiny import SENTENCES, make_tiny_causal_lm, train_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHERS = ("alpha", "beta", "gamma", "delta")
+STAGES = ("read_validate", "tokenize_score", "assemble", "reduce")
+TARGETS = {  # figure: (comparison, target)
+    "refresh_tokenized_fraction": ("<=", 0.06),
+    "refresh_scored_fraction": ("<=", 0.06),
+    "rerun_over_floor": ("<=", 3.0),
+    "driver_peak_rss_mb": ("<=", 1000.0),
+    "driver_rss_growth": ("<=", 1.5),
+    "spilled_bytes": ("<=", 0),
+    "cache_files_over_buckets": ("<=", 10),
+    "max_growth_full_over_quarter": ("<=", 4.4),  # 4x the rows: at most 1.1x linear
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--shards", type=int, default=2000)
+    parser.add_argument("--few-shards", type=int, default=50)
+    parser.add_argument("--buckets", type=int, default=64)
+    parser.add_argument("--out", default=str(REPO / "bench" / "scale.json"))
+    parser.add_argument("--work", help="working folder (default: a temporary one, removed)")
+    parser.add_argument("--one-run", help=argparse.SUPPRESS)  # internal: a job in this process
+    args = parser.parse_args()
+    if args.one_run:
+        print(json.dumps(_one_run(json.loads(args.one_run))))
+        return
+    work = Path(args.work or tempfile.mkdtemp(prefix="ln-ray-scale-"))
+    try:
+        results = rehearse(args, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    _print(results)
+
+
+def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every run of the rehearsal, and the figures derived from them."""
+    student = _tiny_student(work / "student")
+    rows = make_rows(args.rows, seed=0)
+    extra = make_rows(args.rows // 20, seed=1, offset=args.rows)  # the refresh's 5% new rows
+    quarter = rows[: args.rows // 4]
+    many, few, small = work / "many", work / "few", work / "quarter"
+    write_shards(many, rows, args.shards)
+    write_shards(few, rows, args.few_shards)
+    write_shards(small, quarter, max(1, args.shards // 4))
+    settings = [f"output.cache_buckets={args.buckets}"]
+
+    def job(name: str, folder: Path, out: str) -> dict[str, Any]:
+        print(f"[bench-scale] {name} ...", flush=True)
+        return _run_in_process(folder, work / out, student, settings)
+
+    runs = {"first": job("first run", many, "out")}
+    write_shards(many, extra, max(1, args.shards // 20), prefix="new")
+    runs["refresh"] = job("refresh with 5% new rows", many, "out")
+    runs["rerun"] = job("re-run with nothing new", many, "out")
+    cache_files = _cache_files(work / "out")
+    runs["quarter"] = job("first run at a quarter of the rows", small, "out-quarter")
+    runs["few_shards"] = job("first run on few shards", few, "out-few")
+    floor = measure_floor(many, work / "floor")
+    return figures(runs, floor, cache_files, args)
+
+
+def make_rows(n: int, seed: int, offset: int = 0) -> list[dict[str, Any]]:
+    """``n`` rows: 4 teachers a prompt, ~500-character responses, a 10 KB extra column, 1%
+    exact duplicates and 0.5% bad rows (an empty response)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        number = offset + i
+        response = ""
+        while len(response) < 500:
+            response += rng.choice(SENTENCES).replace("<think>", "").replace("</think>", "") + " "
+        rows.append(
+            {
+                "prompt_id": f"p{number // 4}",
+                "prompt": f"Puzzle {number // 4}: what is the total?",
+                "teacher": TEACHERS[number % 4],
+                "response": response.strip() if rng.random() >= 0.005 else "",
+                "context": "".join(rng.choices("abcdefghij ", k=10_000)),
+            }
+        )
+    for i in rng.sample(range(n), n // 100):
+        rows[i] = dict(rows[(i + 1) % n])  # a duplicate of its neighbour
+    return rows
+
+
+def write_shards(folder: Path, rows: list[dict[str, Any]], shards: int, prefix: str = "part"):
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(rows) // shards)
+    for index in range(shards):
+        part = rows[index * per : (index + 1) * per]
+        if part:
+            with open(folder / f"{prefix}-{index:05d}.jsonl", "w") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in part)
+
+
+def measure_floor(folder: Path, target: Path) -> float:
+    """Seconds pyarrow takes to read the input files and write the same rows once as Parquet."""
+    target.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for path in sorted(folder.glob("*.jsonl")):
+        pq.write_table(pajson.read_json(path), target / f"{path.stem}.parquet")
+    return time.perf_counter() - started
+
+
+def figures(runs: dict, floor: float, cache_files: int, args: argparse.Namespace) -> dict:
+    first, refresh, rerun, quarter = (runs[k] for k in ("first", "refresh", "rerun", "quarter"))
+    refresh_rows = refresh["manifest"]["stages"]["read_validate"]["rows"]
+    tokenized = refresh["manifest"]["stages"]["tokenize_score"]["rows"]
+    growth = {
+        stage: _ratio(
+            first["manifest"]["stages"][stage]["seconds"],
+            quarter["manifest"]["stages"][stage]["seconds"],
+        )
+        for stage in STAGES
+    }
+    shards_apart = args.shards - args.few_shards
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+        "rows": args.rows,
+        "shards": args.shards,
+        # job_s: run_score alone; wall_s: its process too (Python, Ray's start and stop)
+        "job_s": {name: run["job_s"] for name, run in runs.items()},
+        "wall_s": {name: run["wall_s"] for name, run in runs.items()},
+        "rows_per_s": {
+            name: {
+                stage: _ratio(
+                    run["manifest"]["stages"][stage].get(
+                        "rows", run["manifest"]["counts"]["rows_read"]
+                    ),
+                    run["manifest"]["stages"][stage]["seconds"],
+                )
+                for stage in STAGES
+            }
+            for name, run in runs.items()
+        },
+        "refresh_tokenized_fraction": _ratio(tokenized, refresh_rows),
+        # the rows handed to the scoring actors are the tokenized rows (a template's rejects
+        # pass through them to be counted)
+        "refresh_scored_fraction": _ratio(tokenized, refresh_rows),
+        "floor_s": round(floor, 2),
+        "rerun_over_floor": _ratio(rerun["job_s"], floor),
+        "driver_peak_rss_mb": first["peak_rss_mb"],
+        "driver_peak_rss_mb_quarter": quarter["peak_rss_mb"],
+        "driver_rss_growth": _ratio(first["peak_rss_mb"], quarter["peak_rss_mb"]),
+        "spilled_bytes": sum(run["spilled_bytes"] for run in runs.values()),
+        "cache_files": cache_files,
+        "cache_files_over_buckets": cache_files - args.buckets,
+        "growth_full_over_quarter": growth,
+        "max_growth_full_over_quarter": max((g for g in growth.values() if g), default=None),
+        "rows_per_shard_overhead_ms": round(
+            1000 * (runs["first"]["job_s"] - runs["few_shards"]["job_s"]) / shards_apart, 2
+        )
+        if shards_apart
+        else None,
+    }
+    result["targets"] = {
+        name: {"target": f"{op} {value}", "met": _meets(result.get(name), op, value)}
+        for name, (op, value) in TARGETS.items()
+    }
+    return result
+
+
+def _run_in_process(folder: Path, out: Path, student: str, settings: list[str]) -> dict:
+    spec = {"input": str(folder), "output": str(out), "student": student, "settings": settings}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--one-run", json.dumps(spec)],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"the run failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _one_run(spec: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    from ray.data import DataContext
+
+    from ln_ray.config import load_config
+    from ln_ray.pipeline.job import run_score
+
+    cfg = load_config(
+        "default",
+        [
+            f"input.path={spec['input']}",
+            f"output.path={spec['output']}",
+            f"student.model={spec['student']}",
+            "selection.bootstrap_samples=200",
+            *spec["settings"],
+        ],
+    )
+    ray.init(num_cpus=os.cpu_count(), object_store_memory=2 * 1024**3, include_dashboard=False)
+    DataContext.get_current().enable_progress_bars = False
+    started = time.perf_counter()
+    manifest = run_score(cfg)
+    job_s = round(time.perf_counter() - started, 2)
+    spilled = _spilled_bytes()
+    ray.shutdown()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "manifest": manifest,
+        "job_s": job_s,
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "spilled_bytes": spilled,
+    }
+
+
+def _spilled_bytes() -> int:
+    """Bytes the local raylet spilled from the object store, from its log: the cumulative
+    "Spilled N MiB" lines it writes while spilling, and its state dumps' bytes spilled."""
+    import re
+
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # this process's own cluster
+    session = Path(node.get_session_dir_path()) if node else Path("/tmp/ray/session_latest")
+    text = (session / "logs" / "raylet.out").read_text(errors="replace")
+    mib = [int(n) * 2**20 for n in re.findall(r"Spilled (\d+) MiB", text)]
+    dumped = [int(n) for n in re.findall(r"num bytes currently spilled: (\d+)", text)]
+    return max([0, *mib, *dumped])
+
+
+def _tiny_student(folder: Path) -> str:
+    tokenizer = train_tiny_tokenizer()
+    make_tiny_causal_lm("llama", len(tokenizer), attn_implementation="sdpa").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _cache_files(out: Path) -> int:
+    return sum(1 for p in (out / "_cache").rglob("*.parquet") if not p.name.startswith("."))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _meets(value: Any, op: str, target: float) -> bool | None:
+    if value is None:
+        return None
+    return value <= target if op == "<=" else value >= target
+
+
+def _print(results: dict[str, Any]) -> None:
+    print(f"\nln-ray scale rehearsal: {results['rows']:,} rows in {results['shards']} shards "
+          f"({results['machine']}, {results['date']})")  # fmt: skip
+    print("  job seconds: " + ", ".join(f"{k} {v}" for k, v in results["job_s"].items()))
+    for name, stages in results["rows_per_s"].items():
+        print(f"  rows/s {name:10s} " + ", ".join(f"{s} {v}" for s, v in stages.items()))
+    print("  growth over a quarter of the rows: " + ", ".join(
+        f"{s} {v}" for s, v in results["growth_full_over_quarter"].items()))  # fmt: skip
+    for name, check in results["targets"].items():
+        mark = {True: "ok", False: "MISSED", None: "n/a"}[check["met"]]
+        print(f"  {name:30s} {results.get(name)!s:>12}  target {check['target']:8s} {mark}")
+    print(f"  rows_per_shard_overhead_ms {results['rows_per_shard_overhead_ms']}")
+
+
+if __name__ == "__main__":
+    main()

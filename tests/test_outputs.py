@@ -230,6 +230,20 @@ def test_outputs_published_at_the_top_before_go_with_the_first_new_run(tmp_path)
     assert sorted(os.listdir(root)) == [RUNS_DIR, MANIFEST]
 
 
+def test_a_select_over_outputs_published_at_the_top_keeps_the_scores_there(tmp_path):
+    root = tmp_path / "out"
+    for name in NAMES:
+        (root / name).mkdir(parents=True)
+        pq.write_table(pa.table({"run": ["old"]}, schema=_SCHEMA), root / name / "part-0.parquet")
+    (root / MANIFEST).write_text(json.dumps({"run_id": "old"}))
+    run = staged_run(str(root), REDUCE_OUTPUTS)
+    publish(run, REDUCE_OUTPUTS, {**published_manifest(str(root)), "run_id": run.run_id})
+    seen = published(str(root))
+    assert {seen[name] for name in SCORE_OUTPUTS} == {"old"}
+    assert {seen[name] for name in REDUCE_OUTPUTS} == {run.run_id}
+    assert not any((root / name).exists() for name in REDUCE_OUTPUTS)
+
+
 def test_folders_of_killed_runs_go_once_stale(tmp_path):
     root = str(tmp_path / "out")
     killed, running = staged_run(root, ("scores",)), staged_run(root, ("scores",))

@@ -12,8 +12,8 @@ After publishing, finished runs beyond the newest ``output.keep_runs`` are remov
 the pointer names. Runs that overlap on one output path (a scheduled refresh, ``ln-ray select``)
 each write their own folder; the last to publish wins. Folders that killed runs left behind are
 removed once nothing under them has changed for ``STALE_RUN_S``. Outputs at the top of
-``output.path`` (where they were published before runs kept their own folders) are removed once a
-run is published the new way.
+``output.path`` (where they were published before runs kept their own folders) are removed once
+the pointer names another place for them.
 """
 
 from __future__ import annotations
@@ -234,8 +234,9 @@ def _remove_unlisted(paths: RunPaths, keep_runs: int) -> None:
     for _, run_id, folder in finished:
         if run_id not in keep:
             _remove(fs, folder)
-    if pointer.get("run_path"):
-        for name in (*SCORE_OUTPUTS, *REDUCE_OUTPUTS):
+    located = pointer.get("outputs", {})
+    for name in (*SCORE_OUTPUTS, *REDUCE_OUTPUTS):
+        if name in located:  # read from a run's folder now, not from the top
             _remove(fs, paths.final(name))
 
 

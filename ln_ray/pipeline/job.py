@@ -65,7 +65,7 @@ def connect_ray(compute: ComputeConfig) -> None:
         if compute.shuffle == "sort"
         else ShuffleStrategy.SHUFFLE_V2
     )
-    # The job reads back its own staged Parquet five times. Ray Data's V2 Parquet reader plans
+    # The job reads back its own staged Parquet several times. Ray Data's V2 Parquet reader plans
     # each read as a file-listing task, then read tasks (1-2 s per read on a small cluster);
     # the V1 reader lists in the driver (7 s less per run). RAY_DATA_USE_DATASOURCE_V2 overrides.
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
@@ -127,6 +127,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
             score_new_rows(cfg, paths, cache_url, new_rows)
         scored_at = time.time()
         compaction = _compact(cache_url, cfg.output.cache_buckets)
+        compacted_at = time.time()
         in_cache = len(cache.cached_trace_ids(cache_url))
         scored_now = in_cache - len(cached)
         log.info(
@@ -172,7 +173,6 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
                 "seconds": round(validated_at - started, 3),
                 "rows": counts["rows_read"],
                 "shard_errors": sum(entry["shard_errors"] for entry in inputs),
-                "rows_new": new_rows,
             },
             "tokenize_score": {
                 "seconds": round(scored_at - validated_at, 3),
@@ -182,7 +182,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
                 "model_tokens_now": new_model_tokens,
             },
             "assemble": {
-                "seconds": round(assembled_at - scored_at, 3),
+                "seconds": round(assembled_at - compacted_at, 3),
                 "rows_scored": counts["rows_scored"],
                 "rows_rejected": counts["rows_rejected"],
                 "duplicates": duplicates,

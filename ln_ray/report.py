@@ -19,7 +19,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ln_ray.io import storage
-from ln_ray.pipeline.outputs import ROWS_DIR, OutputError, output_url, published_manifest
+from ln_ray.pipeline.outputs import (
+    ROWS_DIR,
+    OutputError,
+    output_url,
+    published_manifest,
+    text_output,
+)
 
 METRICS = ("lalp", "galp", "rsr")
 REPORT_NAME = "report.html"
@@ -56,7 +62,10 @@ def load_run(output_path: str) -> dict[str, Any]:
         "scores": table("scores"),
         "selections": table("selections"),
         "teachers": table("teachers"),
-        "rows": table(ROWS_DIR, ["trace_id", "messages", "step_chars"]),
+        "rows": table(ROWS_DIR, ["trace_id", "step_chars"]).merge(
+            table(text_output(manifest), ["trace_id", "messages"]).drop_duplicates("trace_id"),
+            on="trace_id",
+        ),
     }
 
 

@@ -9,19 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _PROVENANCE = [("source_file", pa.string()), ("row_number", pa.int64())]
-# What travels with a trace from validation to the curated set. ``messages`` holds the
-# conversation (as scored) as JSON text and ``extra`` every other input column as JSON, so shards
-# with different extra columns still share one schema.
+# What identifies a trace on its way from validation to the outputs.
 _TRACE = [
     ("trace_id", pa.string()),
     ("prompt_id", pa.string()),
     ("teacher", pa.string()),
     ("correct", pa.bool_()),
-    ("messages", pa.string()),
-    ("extra", pa.string()),
 ]
+# A row's text, stored once (in the run's _valid/) and joined back only where it is needed (the
+# curated set, the report's examples): ``messages`` holds the conversation (as scored) as JSON
+# text and ``extra`` every other input column as JSON, so shards with different extra columns
+# still share one schema.
+TEXT_COLUMNS = ("messages", "extra")
 # The steps' lengths in characters (they partition the response).
 _STEP_CHARS = ("step_chars", pa.list_(pa.int32()))
 
@@ -52,17 +54,25 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 
-# A row's own columns, without scores: what the join with the score cache completes. Rejected
-# rows carry only provenance and ``reject_reason``; ``dup_key`` identifies (prompt_id, teacher,
-# response) for de-duplication.
+# A row's own columns, without scores or text: what travels through scoring, the join with the
+# score cache and the shuffles. Rejected rows carry only provenance and ``reject_reason``;
+# ``dup_key`` identifies (prompt_id, teacher, response) for de-duplication.
 ROW_META_SCHEMA = pa.schema(
     [*_PROVENANCE, *_TRACE, ("dup_key", pa.string()), ("reject_reason", pa.string())]
 )
 
-# Every input row after validation, before any tokenizing: its own columns, the given steps'
-# lengths (null where the segmenter will cut them) and whether the score cache already holds
-# its trace (then it goes no further than the join with the cache).
-VALIDATED_SCHEMA = pa.schema([*ROW_META_SCHEMA, _STEP_CHARS, ("cached", pa.bool_())])
+# Every input row after validation, before any tokenizing: its own columns, its text, the given
+# steps' lengths (null where the segmenter will cut them) and whether the score cache already
+# holds its trace (then it goes no further than the join with the cache). The run keeps it as
+# _valid/, the one copy of the rows' text.
+VALIDATED_SCHEMA = pa.schema(
+    [
+        *ROW_META_SCHEMA,
+        *[(name, pa.string()) for name in TEXT_COLUMNS],
+        _STEP_CHARS,
+        ("cached", pa.bool_()),
+    ]
+)
 
 # A new trace prepared for the scoring actors: its steps and tokens.
 PREPARED_SCHEMA = pa.schema(
@@ -82,8 +92,8 @@ CACHE_SCHEMA = pa.schema(
     [("trace_id", pa.string()), *_SCORES, ("model_tokens", pa.int64()), _STEP_CHARS]
 )
 
-# Every input row with its scores, scored or rejected: what the scoring actors hand on, the run's
-# working table (_rows/), split into scores/ and rejects/, and the source of the curated set.
+# Every input row with its scores, scored or rejected, without its text: what the scoring actors
+# hand on, and the run's working table (_rows/), split into scores/ and rejects/.
 SCORED_ROWS_SCHEMA = pa.schema(
     [*ROW_META_SCHEMA, *[f for f in CACHE_SCHEMA if f.name != "trace_id"]]
 )
@@ -133,6 +143,13 @@ TEACHERS_SCHEMA = pa.schema(
         ("rank", pa.int64()),
     ]
 )
+
+
+def row_keys(table: pa.Table) -> pa.Array:
+    """``source_file`` and ``row_number`` as one text key (null where the row number is)."""
+    return pc.binary_join_element_wise(
+        table["source_file"], pc.cast(table["row_number"], pa.string()), "\x00"
+    )
 
 
 def require_columns(present: Iterable[str], required: Iterable[str], stage: str) -> None:

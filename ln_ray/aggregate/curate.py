@@ -14,6 +14,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ln_ray.schema import row_keys
+
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 CURATED_BASE = pa.schema(
     [
@@ -25,6 +27,8 @@ CURATED_BASE = pa.schema(
         ("messages", MESSAGE_TYPE),
     ]
 )
+# The curated set's columns that come from the selected row itself (the rest is its text).
+CURATED_KEYS = [name for name in CURATED_BASE.names if name != "messages"]
 _SCALARS = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 
@@ -36,6 +40,16 @@ def keep_selected(table: pa.Table, selected: pa.Array) -> pa.Table:
     """
     mask = pc.is_in(table["trace_id"], value_set=selected)
     return table.filter(pc.and_(pc.fill_null(mask, False), pc.is_null(table["reject_reason"])))
+
+
+def with_text(texts: pa.Table, selected: pa.Table) -> pa.Table:
+    """The rows of ``texts`` (source_file, row_number, messages, extra) that ``selected`` names,
+    with the selected row's own columns (``CURATED_KEYS``) joined on."""
+    where = pc.index_in(row_keys(texts), value_set=row_keys(selected))
+    mine = pc.is_valid(where)
+    texts, where = texts.filter(mine), pc.drop_null(where)
+    columns = {name: pc.take(selected[name], where) for name in CURATED_KEYS}
+    return pa.table({**columns, "messages": texts["messages"], "extra": texts["extra"]})
 
 
 def curated_column(key: str) -> str:

@@ -1,5 +1,7 @@
 """Assemble every input row with its scores: the run's ``_rows/``, ``scores/`` and ``rejects/``.
 
+Only narrow columns travel here (provenance, ids, scores); the rows' text stays in ``_valid/``.
+
 Rows scored by this run come from ``_scored/`` with their scores. Rows whose trace was in the
 cache come from ``_valid/`` and are joined with the cache; rows rejected at validation pass as
 they are. Then later copies of a (prompt_id, teacher, response) are marked duplicates.
@@ -16,7 +18,7 @@ import pyarrow.compute as pc
 from ln_ray.io import cache, storage
 from ln_ray.pipeline import outputs
 from ln_ray.pipeline.outputs import ROWS_DIR, RunPaths
-from ln_ray.pipeline.passes import SCORED_DIR, VALID_DIR, read_valid
+from ln_ray.pipeline.passes import SCORED_DIR, read_valid
 from ln_ray.pipeline.reduce import cast_to, concat_blocks, reduce_partitions
 from ln_ray.schema import (
     CACHE_SCHEMA,
@@ -24,12 +26,13 @@ from ln_ray.schema import (
     ROW_META_SCHEMA,
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
+    row_keys,
 )
 
 
 def assemble_rows(paths: RunPaths, cache_url: str, in_cache: int, scored: bool) -> tuple[Any, int]:
-    """Complete every row with its scores, mark duplicates, write ``_rows/``, ``scores/`` and
-    ``rejects/``, and remove the passes' working folders.
+    """Complete every row with its scores (not its text, which stays in ``_valid/``), mark
+    duplicates, write ``_rows/``, ``scores/`` and ``rejects/``, and remove ``_scored/``.
 
     Args:
         paths: The run's paths.
@@ -72,9 +75,8 @@ def assemble_rows(paths: RunPaths, cache_url: str, in_cache: int, scored: bool) 
         ("rejects", REJECTS_SCHEMA),
     ):
         outputs.ensure_table(paths.fs, paths.staged(name), schema)
-    for name in (VALID_DIR, SCORED_DIR):
-        if paths.fs.exists(paths.staged(name)):
-            paths.fs.rm(paths.staged(name), recursive=True)
+    if paths.fs.exists(paths.staged(SCORED_DIR)):
+        paths.fs.rm(paths.staged(SCORED_DIR), recursive=True)
     return rows, duplicates.num_rows
 
 
@@ -212,7 +214,7 @@ def _later_copies(block: pa.Table, firsts: pa.Table) -> pa.Table:
 def _finish_rows(table: pa.Table, duplicates: pa.Table) -> pa.Table:
     reasons = table["reject_reason"]
     if duplicates.num_rows:
-        where = pc.index_in(_row_keys(table), value_set=_row_keys(duplicates))
+        where = pc.index_in(row_keys(table), value_set=row_keys(duplicates))
         reasons = pc.coalesce(reasons, pc.take(duplicates["reason"], where))
     # A shard's read error may quote its URL.
     reasons = pc.replace_substring_regex(reasons, storage.USERINFO, storage.MASKED)
@@ -221,13 +223,6 @@ def _finish_rows(table: pa.Table, duplicates: pa.Table) -> pa.Table:
         table.set_column(index, "reject_reason", reasons)
         .select(SCORED_ROWS_SCHEMA.names)
         .cast(SCORED_ROWS_SCHEMA)
-    )
-
-
-def _row_keys(table: pa.Table) -> pa.Array:
-    """``source_file`` and ``row_number`` as one text key (null where the row number is)."""
-    return pc.binary_join_element_wise(
-        table["source_file"], pc.cast(table["row_number"], pa.string()), "\x00"
     )
 
 

@@ -33,7 +33,14 @@ from ln_ray.pipeline import outputs
 from ln_ray.pipeline.accounting import COUNTS, AccountingError, check_inputs, count_rows
 from ln_ray.pipeline.assemble import assemble_rows
 from ln_ray.pipeline.compact import compact_cache
-from ln_ray.pipeline.outputs import REDUCE_OUTPUTS, ROWS_DIR, SCORE_OUTPUTS, RunPaths
+from ln_ray.pipeline.outputs import (
+    REDUCE_OUTPUTS,
+    ROWS_DIR,
+    SCORE_OUTPUTS,
+    VALID_DIR,
+    RunPaths,
+    text_output,
+)
 from ln_ray.pipeline.passes import score_new_rows, validate_rows
 from ln_ray.pipeline.reduce import reduce_scores
 
@@ -142,6 +149,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
             paths.fs,
             paths.staged("scores"),
             paths.staged(ROWS_DIR),
+            paths.staged(VALID_DIR),
             paths.staging,
             cfg.selection,
         )
@@ -224,6 +232,7 @@ def run_select(cfg: LnRayConfig) -> dict[str, Any]:
             paths.fs,
             _located(paths, manifest, "scores"),
             _located(paths, manifest, ROWS_DIR),
+            _located(paths, manifest, text_output(manifest)),
             paths.staging,
             cfg.selection,
         )

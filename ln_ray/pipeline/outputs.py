@@ -31,11 +31,12 @@ from ln_ray.io.storage import redact_url
 
 log = logging.getLogger(__name__)
 
-ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected (source of curated/)
+ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected, without its text
+VALID_DIR = "_valid"  # every input row after validation, with its text (the one copy of it)
 RUNS_DIR = "_runs"
 CACHE_DIR = "_cache"
 MANIFEST = "manifest.json"
-SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR)
+SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR, VALID_DIR)
 REDUCE_OUTPUTS = ("selections", "teachers", "curated")
 STALE_RUN_S = 24 * 3600  # an active run writes its staging area far more often than this
 
@@ -154,6 +155,12 @@ def output_url(output_url: str, manifest: dict[str, Any], name: str) -> str:
     published before runs kept their own folders)."""
     located = manifest.get("outputs", {}).get(name, name)
     return storage.join(output_url, located)
+
+
+def text_output(manifest: dict[str, Any]) -> str:
+    """The output holding the rows' text: ``_valid/``, or ``_rows/`` for a run published before
+    the text was kept apart."""
+    return VALID_DIR if VALID_DIR in manifest.get("outputs", {}) else ROWS_DIR
 
 
 def is_finished(fs: Any, run_folder: str) -> bool:

@@ -22,13 +22,12 @@ import pyarrow.compute as pc
 from ln_ray.config import LnRayConfig
 from ln_ray.io import storage
 from ln_ray.io.shards import TraceShardDatasource
-from ln_ray.pipeline.outputs import RunPaths, ensure_table
+from ln_ray.pipeline.outputs import VALID_DIR, RunPaths, ensure_table
 from ln_ray.pipeline.stages import ScoreStage, is_new, tokenize_batch, validate_batch
 from ln_ray.schema import SCORED_ROWS_SCHEMA, VALIDATED_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VALID_DIR = "_valid"  # every row after validation, with whether its trace is cached
 SCORED_DIR = "_scored"  # the new rows after tokenizing and scoring (or their rejects)
 
 

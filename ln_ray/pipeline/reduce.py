@@ -15,32 +15,50 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ln_ray.aggregate.curate import (
+    CURATED_KEYS,
     curate_batch,
     curated_schema,
     extra_schema,
     extra_types,
     keep_selected,
+    with_text,
 )
 from ln_ray.aggregate.select import CANDIDATE_COLUMNS, merge_selections, partial_selections
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import SelectionConfig
 from ln_ray.io import storage
 from ln_ray.pipeline.outputs import ensure_table
-from ln_ray.schema import SCORED_ROWS_SCHEMA, SCORES_SCHEMA, SELECTIONS_SCHEMA, TEACHERS_SCHEMA
+from ln_ray.schema import (
+    SCORED_ROWS_SCHEMA,
+    SCORES_SCHEMA,
+    SELECTIONS_SCHEMA,
+    TEACHERS_SCHEMA,
+    TEXT_COLUMNS,
+)
 
 _CHOSEN = ["metric", "teacher", "trace_id"]  # what wins and the curated set need of selections
 _STATS = [name for name in TEACHERS_SCHEMA.names if name not in ("wins", "rank")]
+# What the curated set needs of each selected row, besides its text.
+_SELECTED_ROWS = pa.schema(
+    [SCORED_ROWS_SCHEMA.field(name) for name in ("source_file", "row_number", *CURATED_KEYS)]
+)
 
 
 def reduce_scores(
-    fs: Any, scores_dir: str, rows_dir: str, target: str, selection: SelectionConfig
+    fs: Any,
+    scores_dir: str,
+    rows_dir: str,
+    text_dir: str,
+    target: str,
+    selection: SelectionConfig,
 ) -> dict[str, Any]:
     """Write selections/, teachers/ and curated/ under ``target`` from a run's scores.
 
     Args:
         fs: The output filesystem (fsspec).
         scores_dir: The run's ``scores/``.
-        rows_dir: The run's ``_rows/`` (the source of the curated set).
+        rows_dir: The run's ``_rows/`` (which rows hold the selected traces).
+        text_dir: Where the run's rows' text is (``_valid/``), joined back for the curated set.
         target: Folder to write into.
         selection: Selection options.
 
@@ -113,13 +131,20 @@ def reduce_scores(
     )
 
     picked = chosen[chosen["metric"] == "lalp"]
+    # The rows holding the selected traces (one a prompt), then their text, read once.
+    chosen_rows = ray.data.read_parquet(
+        rows_dir, filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA
+    ).map_batches(
+        keep_selected,
+        fn_kwargs={"selected": pa.array(sorted(set(picked["trace_id"])), pa.string())},
+        batch_format="pyarrow",
+    )
+    selected = concat_blocks(_SELECTED_ROWS, ray.get(chosen_rows.to_arrow_refs()))
     subset = (
-        ray.data.read_parquet(rows_dir, filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA)
-        .map_batches(
-            keep_selected,
-            fn_kwargs={"selected": pa.array(sorted(set(picked["trace_id"])), pa.string())},
-            batch_format="pyarrow",
+        ray.data.read_parquet(
+            text_dir, filesystem=arrow_fs, columns=["source_file", "row_number", *TEXT_COLUMNS]
         )
+        .map_batches(with_text, fn_kwargs={"selected": selected}, batch_format="pyarrow")
         .materialize()
     )
     kinds = subset.map_batches(extra_types, batch_format="pyarrow").take_all()

@@ -1,4 +1,5 @@
-"""The ``ln-ray`` command: ``score``, ``select`` (re-run the reduce), ``summary``, ``report``."""
+"""The ``ln-ray`` command: ``score``, ``select`` (re-run the reduce), ``summary``, ``report``,
+``plan`` (what a run will cost, from a sample of its input)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="write report.html next to a finished run")
     report.add_argument("output_path", help="output.path of a finished run")
 
+    plan = commands.add_parser(
+        "plan", help="estimate a run's tokens, GPU-hours and storage from a sample of its input"
+    )
+    plan.add_argument("input_path", help="the input.path the run would read")
+    plan.add_argument("--config-name", default="default", help="a name in conf/ or a YAML path")
+    plan.add_argument("--gpus", type=int, default=8, help="GPUs for the scoring actors")
+    plan.add_argument(
+        "--gpu-tflops", type=float, default=989.0, help="peak dense TFLOP/s of one GPU (H100 bf16)"
+    )
+    plan.add_argument("--mfu", type=float, default=0.3, help="fraction of the peak reached")
+    plan.add_argument("--sample", type=int, default=200, help="rows to prepare")
+    plan.add_argument(
+        "--new-fraction", type=float, default=1.0, help="share of traces not yet in the cache"
+    )
+    plan.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ln_ray").setLevel(logging.INFO)
@@ -44,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return _select(args.output_path, args.overrides)
         if args.command == "report":
             return _report(args.output_path)
+        if args.command == "plan":
+            return _plan(args)
         return _summary(args.output_path)
     except (ConfigError, JobError) as exc:
         print(f"ln-ray: {exc}", file=sys.stderr)
@@ -93,6 +112,28 @@ def _report(output_path: str) -> int:
     except FileNotFoundError as exc:
         print(f"ln-ray: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from ln_ray.io.storage import InputError
+    from ln_ray.plan import format_plan, plan_run
+    from ln_ray.score.student import StudentError
+
+    cfg = load_config(args.config_name, [f"input.path={args.input_path}", *args.overrides])
+    try:
+        plan = plan_run(
+            cfg,
+            sample_rows=args.sample,
+            gpus=args.gpus,
+            gpu_tflops=args.gpu_tflops,
+            mfu=args.mfu,
+            new_fraction=args.new_fraction,
+        )
+    except (InputError, StudentError, ValueError) as exc:
+        print(f"ln-ray: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
     return 0
 
 

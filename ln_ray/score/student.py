@@ -175,16 +175,12 @@ def check_student(
     Returns:
         The student's identity string.
     """
-    from transformers import AutoConfig
 
     source = resolve_student(cfg.model)
     folder = _model_folder(source, cfg)
     from ln_ray.score.scorer import check_scorable, global_cap  # the scorer imports this module
 
-    try:
-        config = AutoConfig.from_pretrained(folder, **_hub_options(cfg))
-    except (OSError, ValueError) as exc:
-        raise StudentError(f"cannot load student {cfg.model!r}{_hint(cfg)}: {exc}") from None
+    config = load_model_config(cfg)
     check_scorable(config, global_cap(config, max_tokens))
     tokenizer = load_tokenizer(cfg)
     _check_tokenizer(tokenizer, cfg.model)
@@ -198,6 +194,21 @@ def check_student(
             raise StudentError(f"student {cfg.model!r}: {exc}") from None
     dtype = pick_dtype(cfg.dtype, torch.device("cuda" if want_gpu else "cpu"))
     return student_identity(source, folder, cfg, dtype)
+
+
+def load_model_config(cfg: StudentConfig) -> Any:
+    """The student's transformers config alone (no weights).
+
+    Raises:
+        StudentError: It cannot be found locally (and downloads are off) or fails to load.
+    """
+    from transformers import AutoConfig
+
+    folder = _model_folder(resolve_student(cfg.model), cfg)
+    try:
+        return AutoConfig.from_pretrained(folder, **_hub_options(cfg))
+    except (OSError, ValueError) as exc:
+        raise StudentError(f"cannot load student {cfg.model!r}{_hint(cfg)}: {exc}") from None
 
 
 def _check_tokenizer(tokenizer: Any, name: str) -> None:

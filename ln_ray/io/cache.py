@@ -22,6 +22,7 @@ import hashlib
 import json
 import posixpath
 import uuid
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -129,11 +130,8 @@ def fold_bucket(url: str, bucket: int, buckets: int, new: pa.Table) -> int:
     return table.num_rows
 
 
-def _write_atomically(fs, final: str, table: pa.Table) -> None:
-    if storage.protocol(fs) == "file":
-        folder, name = posixpath.split(final)
-        staging = storage.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
-        pq.write_table(table, staging, filesystem=storage.arrow_filesystem(fs))
-        fs.mv(staging, final)
-    else:  # an object store makes the object visible only once the upload completes
-        pq.write_table(table, final, filesystem=storage.arrow_filesystem(fs))
+def _write_atomically(fs: Any, final: str, table: pa.Table) -> None:
+    arrow_fs = storage.arrow_filesystem(fs)
+    storage.write_atomically(
+        fs, final, lambda target: pq.write_table(table, target, filesystem=arrow_fs)
+    )

@@ -12,6 +12,7 @@ import os
 import posixpath
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import fsspec
@@ -144,25 +145,36 @@ def check_output_apart(input_url: str, output_url: str) -> None:
 
 
 def write_json(url: str, payload: dict[str, Any]) -> None:
-    """Write a JSON document to any fsspec URL, atomically where the filesystem allows."""
+    """Write a JSON document to any fsspec URL, atomically (``write_atomically``)."""
     fs, path = filesystem(url)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     text = json.dumps(payload, indent=2, sort_keys=True, default=str)
-    if protocol(fs) == "file":
-        # A hidden name of its own: writers racing on one document never share a temporary.
-        tmp = posixpath.join(
-            posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}"
-        )
-        try:
-            with fs.open(tmp, "w") as handle:
-                handle.write(text)
-            fs.mv(tmp, path)  # a rename: readers see the old document or the new one
-        finally:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-    else:  # object stores publish a whole object at once
-        with fs.open(path, "w") as handle:
+
+    def write(target: str) -> None:
+        with fs.open(target, "w") as handle:
             handle.write(text)
+
+    write_atomically(fs, path, write)
+
+
+def write_atomically(fs: Any, path: str, write: Callable[[str], None]) -> None:
+    """Have ``write(target)`` produce ``path``; readers see the old file or the whole new one.
+
+    On a local disk it writes a hidden temporary of its own (writers racing on one path never
+    share one), renamed into place and removed if anything fails; an object store makes an object
+    visible only once its upload completes, so there it writes ``path`` itself.
+    """
+    if protocol(fs) != "file":
+        write(path)
+        return
+    folder, name = posixpath.split(path)
+    tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}")
+    try:
+        write(tmp)
+        fs.mv(tmp, path)  # a rename
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
 
 
 def read_json(url: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from ln_ray.io import cache, storage
 from ln_ray.pipeline import outputs
 from ln_ray.pipeline.outputs import ROWS_DIR, RunPaths
 from ln_ray.pipeline.passes import SCORED_DIR, read_valid
-from ln_ray.pipeline.reduce import cast_to, concat_blocks, reduce_partitions
+from ln_ray.pipeline.reduce import cast_to, collect, reduce_partitions
 from ln_ray.schema import (
     CACHE_SCHEMA,
     REJECTS_SCHEMA,
@@ -135,18 +135,16 @@ def _find_duplicates(keys: Any) -> pa.Table:
     Returns:
         source_file, row_number and reason of each duplicate row.
     """
-    import ray
-
     valid = keys.map_batches(lambda t: t.filter(pc.is_valid(t["dup_key"])), batch_format="pyarrow")
     ordered = valid.sort("dup_key").materialize()
     partials = ordered.map_batches(_block_firsts, batch_format="pyarrow", batch_size=None)
-    firsts = _merge_firsts(concat_blocks(_FIRSTS, ray.get(partials.to_arrow_refs())))
+    firsts = _merge_firsts(collect(partials, _FIRSTS))
     if firsts.num_rows == 0:
         return _DUPLICATES.empty_table()
     marks = ordered.map_batches(
         _later_copies, fn_kwargs={"firsts": firsts}, batch_format="pyarrow", batch_size=None
     )
-    return concat_blocks(_DUPLICATES, ray.get(marks.to_arrow_refs()))
+    return collect(marks, _DUPLICATES)
 
 
 _FIRSTS = pa.schema(

@@ -100,9 +100,7 @@ def reduce_scores(
             batch_size=None,
         )
     )
-    selections = merge_selections(
-        concat_blocks(SELECTIONS_SCHEMA, ray.get(partials.to_arrow_refs()))
-    )
+    selections = merge_selections(collect(partials, SELECTIONS_SCHEMA))
     fs.makedirs(storage.join(target, "selections"), exist_ok=True)
     pq.write_table(
         selections, storage.join(target, "selections", "part-0.parquet"), filesystem=arrow_fs
@@ -139,7 +137,7 @@ def reduce_scores(
         fn_kwargs={"selected": pa.array(sorted(set(picked["trace_id"])), pa.string())},
         batch_format="pyarrow",
     )
-    selected = concat_blocks(_SELECTED_ROWS, ray.get(chosen_rows.to_arrow_refs()))
+    selected = collect(chosen_rows, _SELECTED_ROWS)
     subset = (
         ray.data.read_parquet(
             text_dir, filesystem=arrow_fs, columns=["source_file", "row_number", *TEXT_COLUMNS]
@@ -187,9 +185,12 @@ def reduce_partitions() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def concat_blocks(schema: pa.Schema, blocks: list[pa.Table]) -> pa.Table:
-    """Blocks fetched from a dataset as one table of ``schema`` (Ray Data may hand back empty
+def collect(ds: Any, schema: pa.Schema) -> pa.Table:
+    """A (small) dataset as one table of ``schema`` in the driver (Ray Data may hand back empty
     blocks without columns)."""
+    import ray
+
+    blocks = ray.get(ds.to_arrow_refs())
     return pa.concat_tables(
         [schema.empty_table(), *(b.select(schema.names).cast(schema) for b in blocks if b.num_rows)]
     )

@@ -141,7 +141,7 @@ class ComputeConfig:
     actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    prepare_cpus: float = 0.5
+    prepare_cpus: float = 1.0
     batch_traces: int = 16
     token_budget: int = 4096
     head_chunk: int = 0

@@ -110,6 +110,12 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 
+# Rows rejected after validation (a template that cannot render, a scoring failure, a duplicate),
+# by row key: the scoring pass hands these on instead of its rows, whose scores are in the cache.
+LATE_REJECTS_SCHEMA = pa.schema(
+    [("source_file", pa.string()), ("row_number", pa.int64()), ("reason", pa.string())]
+)
+
 REJECTS_SCHEMA = pa.schema(
     [
         ("source_file", pa.string()),

@@ -20,9 +20,9 @@ from ln_ray.io.shards import _blocks, iter_jsonl, iter_parquet
 from ln_ray.pipeline.stages import ScoreStage, is_new, tokenize_batch, validate_batch
 from ln_ray.schema import (
     CACHE_SCHEMA,
+    LATE_REJECTS_SCHEMA,
     PREPARED_SCHEMA,
     RAW_SCHEMA,
-    SCORED_ROWS_SCHEMA,
     VALIDATED_SCHEMA,
 )
 
@@ -182,8 +182,7 @@ def test_validate_tokenize_and_score_stages(tiny_student_dir, tmp_path):
     cache_dir = str(tmp_path / "cache")
     stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(token_budget=64), cache_dir)
     out = stage(prepared)
-    assert out.schema == SCORED_ROWS_SCHEMA
-    assert out["reject_reason"].to_pylist() == [None]
+    assert out.schema == LATE_REJECTS_SCHEMA and out.num_rows == 0  # scored: nothing rejected
     files = cache.cache_files(cache_dir)
     assert len(files) == 1
     stored = pq_.read_table(files[0])
@@ -192,11 +191,6 @@ def test_validate_tokenize_and_score_stages(tiny_student_dir, tmp_path):
     assert row["trace_id"] == prepared["trace_id"][0].as_py() == validated["trace_id"][0].as_py()
     assert row["lalp"] < 0 and row["n_steps"] == 2 and row["model_tokens"] > 0
     assert row["step_chars"] == [24, 17]
-    # the scores also leave with their row
-    (handed_on,) = out.to_pylist()
-    assert {k: handed_on[k] for k in row if k != "trace_id"} == {
-        k: v for k, v in row.items() if k != "trace_id"
-    }
 
     # a trace already in the cache is found at validation: it is never tokenized again
     validated, prepared = _prepared(student, raw, cached=[row["trace_id"]])
@@ -224,14 +218,17 @@ def test_a_trace_that_keeps_failing_is_rejected_and_the_rest_scored(
         return real_score(traces)
 
     monkeypatch.setattr(stage.scorer, "score", score)
-    out = stage(prepared).to_pylist()
-    reasons = [r["reject_reason"] for r in out]
-    assert reasons == [None, None, "scoring failed: RuntimeError: kernel failure", None, None]
-    assert all(r["lalp"] is not None for i, r in enumerate(out) if i != 2)
+    (rejected,) = stage(prepared).to_pylist()
+    assert rejected == {
+        "source_file": prepared["source_file"][2].as_py(),
+        "row_number": prepared["row_number"][2].as_py(),
+        "reason": "scoring failed: RuntimeError: kernel failure",
+    }
     # the batch twice (max_retries=1), then halves, each once, down to the one trace
     assert calls == [5, 5, 2, 3, 1, 2]
     stored = pq_.read_table(cache.cache_files(str(tmp_path))).to_pylist()
-    assert len(stored) == 4 and out[2]["trace_id"] not in {r["trace_id"] for r in stored}
+    poisoned = prepared["trace_id"][2].as_py()
+    assert len(stored) == 4 and poisoned not in {r["trace_id"] for r in stored}
 
 
 def test_a_prompt_that_fills_the_global_cap_is_rejected(tiny_student_dir, tmp_path):
@@ -240,8 +237,8 @@ def test_a_prompt_that_fills_the_global_cap_is_rejected(tiny_student_dir, tmp_pa
     cap = prepared["prefix_len"][0].as_py()
     stage = ScoreStage(student, ScoringConfig(max_tokens=cap), ComputeConfig(), str(tmp_path))
     (row,) = stage(prepared).to_pylist()
-    assert row["reject_reason"] == f"prompt longer than scoring.max_tokens ({cap} tokens)"
-    assert row["lalp"] is None and not cache.cache_files(str(tmp_path))
+    assert row["reason"] == f"prompt longer than scoring.max_tokens ({cap} tokens)"
+    assert not cache.cache_files(str(tmp_path))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -295,7 +292,7 @@ def test_folding_keeps_one_row_per_trace_in_its_bucket(tmp_path):
 
 
 def test_progress_lines_say_how_far_and_how_long():
-    from ln_ray.pipeline.passes import progress_line
+    from ln_ray.pipeline.progress import progress_line
 
     line = progress_line(250, 1000, 50_000, 100.0)
     assert line == (

@@ -73,6 +73,13 @@ def cached_trace_ids(url: str) -> np.ndarray:
     return np.unique(np.asarray(table["trace_id"].to_pylist(), dtype="S32"))
 
 
+def stored_rows(url: str) -> int:
+    """Rows in the cache's files, from their footers (once folded, one row per trace)."""
+    fs, _ = storage.filesystem(url)
+    arrow_fs = storage.arrow_filesystem(fs)
+    return sum(pq.read_metadata(path, filesystem=arrow_fs).num_rows for path in cache_files(url))
+
+
 def contains(sorted_ids: np.ndarray, trace_ids: list[str]) -> np.ndarray:
     """Boolean mask: which ``trace_ids`` are in ``sorted_ids``."""
     if len(sorted_ids) == 0 or not trace_ids:
@@ -109,8 +116,9 @@ def bucket_of(trace_ids: pa.Array, buckets: int) -> pa.Array:
     return pa.array([int(t[:12], 16) % buckets for t in trace_ids.to_pylist()], pa.int64())
 
 
-def fold_bucket(url: str, bucket: int, buckets: int, new: pa.Table) -> int:
-    """Merge ``new`` cache rows into one bucket's file, one row per trace; returns its rows.
+def fold_bucket(url: str, bucket: int, buckets: int, new: pa.Table) -> tuple[int, int]:
+    """Merge ``new`` cache rows into one bucket's file, one row per trace; returns the rows in
+    the bucket and how many of them are new to it.
 
     The bucket's file is replaced in one step (a rename, or a single object PUT), so a reader
     sees the old bucket or the new one. Rows already in the bucket win over new copies (a trace's
@@ -121,13 +129,15 @@ def fold_bucket(url: str, bucket: int, buckets: int, new: pa.Table) -> int:
     fs, root = storage.filesystem(url)
     path = storage.join(root, bucket_name(bucket, buckets))
     new = new.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
+    before = 0
     if fs.exists(path):
         old = pq.read_table(path, filesystem=storage.arrow_filesystem(fs), schema=CACHE_SCHEMA)
+        before = old.num_rows
         new = pa.concat_tables([old, new])
     merged = pl.from_arrow(new).unique(subset="trace_id", keep="first", maintain_order=True)
     table = merged.to_arrow().cast(CACHE_SCHEMA)
     _write_atomically(fs, path, table)
-    return table.num_rows
+    return table.num_rows, table.num_rows - before
 
 
 def _write_atomically(fs: Any, final: str, table: pa.Table) -> None:

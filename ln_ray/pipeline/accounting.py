@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ln_ray.io import cache
+from ln_ray.io.shards import count_source_rows
 from ln_ray.pipeline.assemble import is_unscored
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
@@ -23,6 +24,38 @@ _COUNTERS = (*PER_FILE, "unscored")  # per block, by (file, reject reason kind)
 
 class AccountingError(RuntimeError):
     """Rows went missing, or an accepted row has no scores."""
+
+
+def start_counting(sources: list[tuple[str, str]]) -> list[Any]:
+    """Count the rows of every input file in the background, apart from the pipeline.
+
+    A few tasks each count a contiguous slice of the files (about one task per two CPUs of the
+    cluster): one task per file would start a worker process for every concurrent count.
+
+    Args:
+        sources: ``(url, format)`` of each input file, in order.
+
+    Returns:
+        Object refs; ``counted`` turns them into one ``count_source_rows`` result per file.
+    """
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    tasks = max(1, min(len(sources), cpus // 2))
+    per_task = -(-len(sources) // tasks) if sources else 1
+    count = ray.remote(num_cpus=0.1)(_count_files)
+    return [count.remote(sources[i : i + per_task]) for i in range(0, len(sources), per_task)]
+
+
+def counted(refs: list[Any]) -> list[dict[str, Any]]:
+    """The per-file row counts of ``start_counting``, in the order of its files."""
+    import ray
+
+    return [entry for chunk in ray.get(refs) for entry in chunk]
+
+
+def _count_files(sources: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    return [count_source_rows(url, fmt) for url, fmt in sources]
 
 
 def count_rows(rows: Any, cached: np.ndarray) -> tuple[dict[str, dict[str, int]], dict[str, int]]:

@@ -2,9 +2,9 @@
 
 Only narrow columns travel here (provenance, ids, scores); the rows' text stays in ``_valid/``.
 
-Rows scored by this run come from ``_scored/`` with their scores. Rows whose trace was in the
-cache come from ``_valid/`` and are joined with the cache; rows rejected at validation pass as
-they are. Then later copies of a (prompt_id, teacher, response) are marked duplicates.
+Every accepted row of ``_valid/`` is joined with the score cache (this run's scores were folded
+into it); rows rejected at validation pass as they are, and rows the scoring pass rejected take
+its reason. Then later copies of a (prompt_id, teacher, response) are marked duplicates.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import pyarrow.compute as pc
 
 from ln_ray.io import cache, storage
 from ln_ray.pipeline import outputs
-from ln_ray.pipeline.outputs import ROWS_DIR, RunPaths
-from ln_ray.pipeline.passes import SCORED_DIR, read_valid
+from ln_ray.pipeline.outputs import ROWS_DIR, RunPaths, write_dataset
+from ln_ray.pipeline.passes import read_valid
 from ln_ray.pipeline.reduce import cast_to, collect, reduce_partitions
 from ln_ray.schema import (
     CACHE_SCHEMA,
+    LATE_REJECTS_SCHEMA,
     REJECTS_SCHEMA,
     ROW_META_SCHEMA,
     SCORED_ROWS_SCHEMA,
@@ -30,53 +31,45 @@ from ln_ray.schema import (
 )
 
 
-def assemble_rows(paths: RunPaths, cache_url: str, in_cache: int, scored: bool) -> tuple[Any, int]:
+def assemble_rows(
+    paths: RunPaths, cache_url: str, late_rejects: pa.Table, deduplicate: bool
+) -> tuple[Any, int]:
     """Complete every row with its scores (not its text, which stays in ``_valid/``), mark
-    duplicates, write ``_rows/``, ``scores/`` and ``rejects/``, and remove ``_scored/``.
+    duplicates, and write ``_rows/``, ``scores/`` and ``rejects/``.
+
+    ``_valid/`` is read once, without its text, in a few large blocks (one shard per block would
+    make every shuffle below cost the square of the number of input files). Every accepted row
+    takes its scores from the cache, where this run's scoring put them too.
 
     Args:
         paths: The run's paths.
         cache_url: The score cache.
-        in_cache: The number of distinct traces in the cache now.
-        scored: Whether this run scored anything (``_scored/`` exists).
+        late_rejects: Rows the scoring pass rejected (``LATE_REJECTS_SCHEMA``).
+        deduplicate: Whether the cache may hold a trace twice (it was not folded).
 
     Returns:
         The finished rows (materialized) and the number of duplicate rows rejected.
     """
-    import ray
-
     partitions = reduce_partitions()
-    valid = read_valid(paths)
-    rows = valid.map_batches(_not_cached, batch_format="pyarrow")
-    hits = valid.map_batches(_cached, batch_format="pyarrow").materialize()
-    if hits.count():
-        rows = rows.union(_join_cache(hits, cache_url, in_cache, partitions))
-    if scored:
-        rows = rows.union(
-            ray.data.read_parquet(
-                paths.staged(SCORED_DIR), filesystem=paths.arrow_fs, schema=SCORED_ROWS_SCHEMA
-            )
-        )
-    keys = read_valid(paths, columns=["dup_key", "source_file", "row_number"])
-    duplicates = _find_duplicates(keys)
-    rows = rows.map_batches(
-        _finish_rows, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow"
-    ).materialize()
-    rows.write_parquet(paths.staged(ROWS_DIR), filesystem=paths.arrow_fs)
-    rows.map_batches(_scores_part, batch_format="pyarrow").write_parquet(
-        paths.staged("scores"), filesystem=paths.arrow_fs
-    )
-    rows.map_batches(_rejects_part, batch_format="pyarrow").write_parquet(
-        paths.staged("rejects"), filesystem=paths.arrow_fs
-    )
+    meta = read_valid(paths, columns=ROW_META_SCHEMA.names, blocks=partitions).materialize()
+    rows = meta.map_batches(_rejected, batch_format="pyarrow")
+    accepted = meta.map_batches(_accepted, batch_format="pyarrow")
+    rows = rows.union(_join_cache(accepted, cache_url, deduplicate, partitions))
+    duplicates = _find_duplicates(meta.select_columns(["dup_key", "source_file", "row_number"]))
+    late = pa.concat_tables([late_rejects.cast(LATE_REJECTS_SCHEMA), duplicates])
+    rows = rows.map_batches(_finish_rows, fn_kwargs={"late": late}, batch_format="pyarrow")
+    rows = rows.materialize()
+    write_dataset(rows, paths.staged(ROWS_DIR), paths.arrow_fs)
+    scores = rows.map_batches(_scores_part, batch_format="pyarrow")
+    write_dataset(scores, paths.staged("scores"), paths.arrow_fs)
+    rejects = rows.map_batches(_rejects_part, batch_format="pyarrow")
+    write_dataset(rejects, paths.staged("rejects"), paths.arrow_fs)
     for name, schema in (
         (ROWS_DIR, SCORED_ROWS_SCHEMA),
         ("scores", SCORES_SCHEMA),
         ("rejects", REJECTS_SCHEMA),
     ):
         outputs.ensure_table(paths.fs, paths.staged(name), schema)
-    if paths.fs.exists(paths.staged(SCORED_DIR)):
-        paths.fs.rm(paths.staged(SCORED_DIR), recursive=True)
     return rows, duplicates.num_rows
 
 
@@ -85,34 +78,39 @@ def is_unscored(table: pa.Table) -> pa.Array:
     return pc.and_(pc.is_null(table["reject_reason"]), pc.is_null(table["n_tokens"]))
 
 
-def _cached(table: pa.Table) -> pa.Table:
+def _accepted(table: pa.Table) -> pa.Table:
     """Validated rows to complete from the cache."""
-    hit = pc.and_(pc.is_null(table["reject_reason"]), table["cached"])
-    return table.filter(hit).select(ROW_META_SCHEMA.names)
+    return table.filter(pc.is_null(table["reject_reason"]))
 
 
-def _not_cached(table: pa.Table) -> pa.Table:
+def _rejected(table: pa.Table) -> pa.Table:
     """Rows rejected at validation, in ``SCORED_ROWS_SCHEMA`` (no scores)."""
-    rejected = table.filter(pc.is_valid(table["reject_reason"]))
+    return _without_scores(table.filter(pc.is_valid(table["reject_reason"])))
+
+
+def _without_scores(rows: pa.Table) -> pa.Table:
+    """Rows of ``ROW_META_SCHEMA`` in ``SCORED_ROWS_SCHEMA``, their scores null."""
+    rejected = rows
     for field in SCORED_ROWS_SCHEMA:
         if field.name not in rejected.column_names:
             rejected = rejected.append_column(field, pa.nulls(rejected.num_rows, field.type))
     return rejected.select(SCORED_ROWS_SCHEMA.names).cast(SCORED_ROWS_SCHEMA)
 
 
-def _join_cache(rows: Any, cache_url: str, in_cache: int, partitions: int) -> Any:
+def _join_cache(rows: Any, cache_url: str, deduplicate: bool, partitions: int) -> Any:
     """Rows (``ROW_META_SCHEMA``) with their scores from the cache, in ``SCORED_ROWS_SCHEMA``."""
     import ray
 
+    files = cache.cache_files(cache_url)
+    if not files:  # nothing scored yet: every accepted row must be a late reject
+        return rows.map_batches(_without_scores, batch_format="pyarrow")
     cache_fs, _ = storage.filesystem(cache_url)
     scores = ray.data.read_parquet(
-        cache.cache_files(cache_url),
-        filesystem=storage.arrow_filesystem(cache_fs),
-        schema=CACHE_SCHEMA,
+        files, filesystem=storage.arrow_filesystem(cache_fs), schema=CACHE_SCHEMA
     )
-    if scores.count() > in_cache:
-        # The cache was not folded (a failed fold), and a retried batch or a duplicate row
-        # stored a trace twice (with equal values): keep one.
+    if deduplicate:
+        # The cache was not folded, and a retried batch or a duplicate row may have stored a
+        # trace twice (with equal values): keep one.
         scores = scores.groupby("trace_id", num_partitions=partitions).map_groups(
             lambda group: group.slice(0, 1), batch_format="pyarrow"
         )
@@ -155,9 +153,7 @@ _FIRSTS = pa.schema(
         ("copies", pa.int64()),
     ]
 )
-_DUPLICATES = pa.schema(
-    [("source_file", pa.string()), ("row_number", pa.int64()), ("reason", pa.string())]
-)
+_DUPLICATES = LATE_REJECTS_SCHEMA
 
 
 def _firsts(frame: pl.DataFrame) -> pl.DataFrame:
@@ -209,11 +205,11 @@ def _later_copies(block: pa.Table, firsts: pa.Table) -> pa.Table:
     return table.filter(pc.fill_null(later, False)).cast(_DUPLICATES)
 
 
-def _finish_rows(table: pa.Table, duplicates: pa.Table) -> pa.Table:
+def _finish_rows(table: pa.Table, late: pa.Table) -> pa.Table:
     reasons = table["reject_reason"]
-    if duplicates.num_rows:
-        where = pc.index_in(row_keys(table), value_set=row_keys(duplicates))
-        reasons = pc.coalesce(reasons, pc.take(duplicates["reason"], where))
+    if late.num_rows:
+        where = pc.index_in(row_keys(table), value_set=row_keys(late))
+        reasons = pc.coalesce(reasons, pc.take(late["reason"], where))
     # A shard's read error may quote its URL.
     reasons = pc.replace_substring_regex(reasons, storage.USERINFO, storage.MASKED)
     index = table.schema.get_field_index("reject_reason")

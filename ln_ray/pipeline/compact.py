@@ -25,14 +25,15 @@ def compact_cache(cache_url: str, buckets: int) -> dict[str, Any]:
     """Fold every unfolded cache file into the buckets, then remove it.
 
     Returns:
-        What was done: files folded, buckets written, rows in them, seconds.
+        What was done: files folded, buckets written, rows in them, traces new to the buckets
+        (scored by this run, or by a run killed before it folded), seconds.
     """
     import ray
 
     started = time.time()
     files = cache.unfolded_files(cache_url, buckets)
     if not files:
-        return {"files_folded": 0, "buckets_written": 0, "seconds": 0.0}
+        return {"files_folded": 0, "buckets_written": 0, "traces_added": 0, "seconds": 0.0}
     fs, _ = storage.filesystem(cache_url)
     written = (
         ray.data.read_parquet(files, filesystem=storage.arrow_filesystem(fs), schema=CACHE_SCHEMA)
@@ -49,6 +50,7 @@ def compact_cache(cache_url: str, buckets: int) -> dict[str, Any]:
         "files_folded": len(files),
         "buckets_written": len(written),
         "rows_in_written_buckets": sum(row["rows"] for row in written),
+        "traces_added": sum(row["added"] for row in written),
         "seconds": round(time.time() - started, 3),
     }
     log.info("score cache: folded %d files into %d buckets", len(files), len(written))
@@ -61,5 +63,5 @@ def _with_bucket(table: pa.Table, buckets: int) -> pa.Table:
 
 def _fold(group: pa.Table, cache_url: str, buckets: int) -> pa.Table:
     bucket = group["bucket"][0].as_py()
-    rows = cache.fold_bucket(cache_url, bucket, buckets, group.drop_columns(["bucket"]))
-    return pa.table({"bucket": [bucket], "rows": [rows]})
+    rows, added = cache.fold_bucket(cache_url, bucket, buckets, group.drop_columns(["bucket"]))
+    return pa.table({"bucket": [bucket], "rows": [rows], "added": [added]})

@@ -28,9 +28,15 @@ import pandas as pd
 import ln_ray
 from ln_ray.config import ComputeConfig, LnRayConfig, to_dict
 from ln_ray.io import cache, storage
-from ln_ray.io.shards import count_source_rows
 from ln_ray.pipeline import outputs
-from ln_ray.pipeline.accounting import COUNTS, AccountingError, check_inputs, count_rows
+from ln_ray.pipeline.accounting import (
+    COUNTS,
+    AccountingError,
+    check_inputs,
+    count_rows,
+    counted,
+    start_counting,
+)
 from ln_ray.pipeline.assemble import assemble_rows
 from ln_ray.pipeline.compact import compact_cache
 from ln_ray.pipeline.outputs import (
@@ -43,6 +49,7 @@ from ln_ray.pipeline.outputs import (
 )
 from ln_ray.pipeline.passes import score_new_rows, validate_rows
 from ln_ray.pipeline.reduce import reduce_scores
+from ln_ray.schema import LATE_REJECTS_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +99,6 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         JobError: A problem with the whole run (found before any scoring starts), or rows that
             went missing between reading and writing.
     """
-    import ray
 
     from ln_ray.score.student import StudentError, check_student
 
@@ -124,25 +130,29 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     urls = {path: storage.full_url(in_fs, path) for path, _ in files}  # to open files
     shown = {path: storage.redact_url(url) for path, url in urls.items()}  # to record or show
     # Rows per file, counted independently of the pipeline (and in parallel with it).
-    counter = ray.remote(num_cpus=0.1)(count_source_rows)
-    expected_rows = [counter.remote(urls[path], fmt) for path, fmt in files]
+    expected_rows = start_counting([(urls[path], fmt) for path, fmt in files])
     try:
         new_rows = validate_rows(cfg, files, shown, in_fs, paths, cached)
         validated_at = time.time()
         log.info("%d rows to tokenize and score (the rest are cached or rejected)", new_rows)
+        late_rejects = LATE_REJECTS_SCHEMA.empty_table()
         if new_rows:
-            score_new_rows(cfg, paths, cache_url, new_rows)
+            late_rejects = score_new_rows(cfg, paths, cache_url, new_rows)
         scored_at = time.time()
         compaction = _compact(cache_url, cfg.output.cache_buckets)
         compacted_at = time.time()
-        in_cache = len(cache.cached_trace_ids(cache_url))
-        scored_now = in_cache - len(cached)
+        if "error" in compaction:  # parts left unfolded: count the distinct traces
+            scored_now = len(cache.cached_trace_ids(cache_url)) - len(cached)
+        else:  # folded: one row per trace, counted from the files' footers
+            scored_now = cache.stored_rows(cache_url) - len(cached)
         log.info(
             "scored %d new traces in %.1fs; assembling outputs", scored_now, scored_at - started
         )
-        rows, duplicates = assemble_rows(paths, cache_url, in_cache, scored=new_rows > 0)
+        rows, duplicates = assemble_rows(
+            paths, cache_url, late_rejects, deduplicate="error" in compaction
+        )
         per_file, reasons = count_rows(rows, cached)
-        inputs = check_inputs(files, shown, per_file, ray.get(expected_rows))
+        inputs = check_inputs(files, shown, per_file, counted(expected_rows))
         assembled_at = time.time()
         log.info("selecting per prompt and ranking teachers")
         selection = reduce_scores(

@@ -31,6 +31,7 @@ from ln_ray.io.storage import redact_url
 
 log = logging.getLogger(__name__)
 
+FILE_BYTES = 128 * 2**20  # in-memory bytes of rows per written file (Parquet compresses them)
 ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected, without its text
 VALID_DIR = "_valid"  # every input row after validation, with its text (the one copy of it)
 RUNS_DIR = "_runs"
@@ -166,6 +167,15 @@ def text_output(manifest: dict[str, Any]) -> str:
 def is_finished(fs: Any, run_folder: str) -> bool:
     """Whether a run's folder holds a finished run (its own manifest)."""
     return fs.exists(storage.join(run_folder, MANIFEST))
+
+
+def write_dataset(ds: Any, path: str, arrow_fs: Any) -> None:
+    """Write a Ray dataset as Parquet under ``path``, in files of about ``FILE_BYTES`` of rows.
+
+    Ray Data writes one file per block; a run over thousands of small shards would write (and
+    every later stage read, task by task) thousands of small files.
+    """
+    ds.write_parquet(path, filesystem=arrow_fs, min_bytes_per_file=FILE_BYTES)
 
 
 def ensure_table(fs: Any, folder: str, schema: Any) -> None:

@@ -3,8 +3,9 @@
 1. ``validate_rows``: every row is read, validated and looked up in the score cache (CPU tasks;
    no tokenizer, no student) and written once to the run's ``_valid/``.
 2. ``score_new_rows``: only the rows whose trace is not in the cache are read back, tokenized
-   (CPU tasks) and scored by an actor pool that grows with the work, into ``_scored/``. A run
-   with nothing new never starts it, so a refresh over a scored corpus loads no student.
+   (CPU tasks) and scored by an actor pool that grows with the work, into the score cache; only
+   the rows it rejects come back. A run with nothing new never starts it, so a refresh over a
+   scored corpus loads no student.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import pyarrow.compute as pc
 from ln_ray.config import LnRayConfig
 from ln_ray.io import storage
 from ln_ray.io.shards import TraceShardDatasource
-from ln_ray.pipeline.outputs import VALID_DIR, RunPaths, ensure_table
+from ln_ray.pipeline.outputs import VALID_DIR, RunPaths, ensure_table, write_dataset
+from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
+from ln_ray.pipeline.reduce import collect, reduce_partitions
 from ln_ray.pipeline.stages import ScoreStage, is_new, tokenize_batch, validate_batch
-from ln_ray.schema import SCORED_ROWS_SCHEMA, VALIDATED_SCHEMA
+from ln_ray.schema import LATE_REJECTS_SCHEMA, VALIDATED_SCHEMA
 
 log = logging.getLogger(__name__)
-
-SCORED_DIR = "_scored"  # the new rows after tokenizing and scoring (or their rejects)
 
 
 def validate_rows(
@@ -62,38 +63,42 @@ def validate_rows(
         filesystem=storage.arrow_filesystem(in_fs),
     )
     compute = cfg.compute
-    (
-        ray.data.read_datasource(
-            datasource, num_cpus=compute.prepare_cpus, ray_remote_args=_task_retries(cfg)
-        )
-        .map_batches(
-            validate_batch,
-            fn_kwargs={
-                "segment": cfg.segment,
-                "scoring": cfg.scoring,
-                "student": cfg.student,
-                "cached": cached,
-            },
-            batch_format="pyarrow",
-            batch_size=256,
-            num_cpus=compute.prepare_cpus,
-            **_task_retries(cfg),
-        )
-        .write_parquet(paths.staged(VALID_DIR), filesystem=paths.arrow_fs)
-    )
-    ensure_table(paths.fs, paths.staged(VALID_DIR), VALIDATED_SCHEMA)
-    counts = read_valid(paths, columns=["reject_reason", "cached"]).map_batches(
-        lambda t: pa.table({"new": [pc.sum(pc.cast(is_new(t), pa.int64())).as_py() or 0]}),
+    validated = ray.data.read_datasource(
+        datasource, num_cpus=compute.prepare_cpus, ray_remote_args=_task_retries(cfg)
+    ).map_batches(
+        validate_batch,
+        fn_kwargs={
+            "segment": cfg.segment,
+            "scoring": cfg.scoring,
+            "student": cfg.student,
+            "cached": cached,
+        },
         batch_format="pyarrow",
+        batch_size=256,
+        num_cpus=compute.prepare_cpus,
+        **_task_retries(cfg),
     )
+    write_dataset(validated, paths.staged(VALID_DIR), paths.arrow_fs)
+    ensure_table(paths.fs, paths.staged(VALID_DIR), VALIDATED_SCHEMA)
+    counts = read_valid(
+        paths, columns=["reject_reason", "cached"], blocks=reduce_partitions()
+    ).map_batches(_count_new, batch_format="pyarrow")
     return int(counts.sum("new") or 0)
 
 
-def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: int) -> None:
-    """Tokenize and score the rows ``validate_rows`` found new, into ``_scored/``.
+def _count_new(table: pa.Table) -> pa.Table:
+    return pa.table({"new": [pc.sum(pc.cast(is_new(table), pa.int64())).as_py() or 0]})
+
+
+def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: int) -> pa.Table:
+    """Tokenize and score the rows ``validate_rows`` found new, into the score cache.
 
     The actor pool starts with one actor and grows to ``compute.actors`` while there is work
     for more (never past one actor per batch of new rows).
+
+    Returns:
+        The rows that could not be tokenized or scored, with the reason
+        (``LATE_REJECTS_SCHEMA``).
     """
     import ray
 
@@ -102,37 +107,41 @@ def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: 
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     done, started = threading.Event(), time.time()
     reporter = threading.Thread(
-        target=_report_progress,
+        target=report_progress,
         args=(counter, new_rows, started, done, compute.progress_s),
         daemon=True,
     )
     reporter.start()
     try:
-        _tokenize_and_score(cfg, paths, cache_url, actors, ProgressReport(counter))
+        rejects = _tokenize_and_score(cfg, paths, cache_url, actors, ProgressReport(counter))
     finally:
         done.set()
         reporter.join()
     traces, tokens = ray.get(counter.snapshot.remote())
     log.info(progress_line(traces, new_rows, tokens, time.time() - started))
     ray.kill(counter)
+    return rejects
 
 
 def _tokenize_and_score(
     cfg: LnRayConfig, paths: RunPaths, cache_url: str, actors: int, progress: ProgressReport
-) -> None:
+) -> pa.Table:
     import ray
 
     compute = cfg.compute
-    (
-        read_valid(paths)
-        .map_batches(lambda t: t.filter(is_new(t)), batch_format="pyarrow")
+    # Reading, filtering and tokenizing share their resources, so Ray Data runs them as one task
+    # beside the actors: a read task waiting on a busy pool while holding a CPU of its own could
+    # leave no CPU for the tasks that would let it go on (a 2-CPU machine hangs).
+    task = {"num_cpus": compute.prepare_cpus, **_task_retries(cfg)}
+    rejects = (
+        read_valid(paths, num_cpus=task["num_cpus"], ray_remote_args=_task_retries(cfg))
+        .map_batches(_new_only, batch_format="pyarrow", **task)
         .map_batches(
             tokenize_batch,
             fn_kwargs={"student": cfg.student, "segment": cfg.segment, "scoring": cfg.scoring},
             batch_format="pyarrow",
             batch_size=64,
-            num_cpus=compute.prepare_cpus,
-            **_task_retries(cfg),
+            **task,
         )
         .map_batches(
             ScoreStage,
@@ -152,69 +161,21 @@ def _tokenize_and_score(
             max_restarts=compute.max_retries,
             max_task_retries=compute.max_retries,
         )
-        .write_parquet(paths.staged(SCORED_DIR), filesystem=paths.arrow_fs)
     )
-    ensure_table(paths.fs, paths.staged(SCORED_DIR), SCORED_ROWS_SCHEMA)
+    # The actors hand on only their rejects (the scores are in the cache), so the driver takes
+    # them directly: no write task needs a CPU while the pool holds its own.
+    return collect(rejects, LATE_REJECTS_SCHEMA)
 
 
-class ProgressCounter:
-    """Traces and tokens scored so far: a Ray actor in the job, the scoring actors add to it."""
-
-    def __init__(self) -> None:
-        self.traces = 0
-        self.tokens = 0
-
-    def add(self, traces: int, tokens: int) -> None:
-        self.traces += traces
-        self.tokens += tokens
-
-    def snapshot(self) -> tuple[int, int]:
-        return self.traces, self.tokens
+def _new_only(table: pa.Table) -> pa.Table:
+    return table.filter(is_new(table))
 
 
-class ProgressReport:
-    """What a scoring actor holds to report its batches: ``add(traces, tokens)``."""
-
-    def __init__(self, counter: Any) -> None:
-        self._counter = counter
-
-    def add(self, traces: int, tokens: int) -> None:
-        self._counter.add.remote(traces, tokens)
-
-
-def progress_line(traces: int, total: int, tokens: int, seconds: float) -> str:
-    """One progress line: traces done of the total, tokens, tokens/s and the time left."""
-    rate = traces / seconds if seconds > 0 else 0.0
-    left = f"ETA {_duration((total - traces) / rate)}" if rate and traces < total else "ETA -"
-    share = traces / total if total else 1.0
-    return (
-        f"scoring: {traces:,} of {total:,} traces ({share:.0%}), {tokens:,} tokens, "
-        f"{tokens / max(seconds, 1e-9):,.0f} tokens/s, {_duration(seconds)} elapsed, {left}"
-    )
-
-
-def _report_progress(
-    counter: Any, total: int, started: float, done: threading.Event, interval: float
-) -> None:
-    import ray
-
-    while not done.wait(interval):
-        try:
-            traces, tokens = ray.get(counter.snapshot.remote(), timeout=interval)
-        except Exception as exc:  # a missed report is no reason to stop the run
-            log.debug("no progress report: %s", exc)
-            continue
-        log.info(progress_line(traces, total, tokens, time.time() - started))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def read_valid(paths: RunPaths, columns: list[str] | None = None) -> Any:
-    """The run's validated rows (``_valid/``) as a dataset."""
+def read_valid(
+    paths: RunPaths, columns: list[str] | None = None, blocks: int | None = None, **read_args: Any
+) -> Any:
+    """The run's validated rows (``_valid/``) as a dataset: ``columns`` only (default: all), in
+    about ``blocks`` blocks (default: Ray Data's choice); ``read_args`` go to ``read_parquet``."""
     import ray
 
     schema = (
@@ -223,7 +184,12 @@ def read_valid(paths: RunPaths, columns: list[str] | None = None) -> Any:
         else pa.schema([VALIDATED_SCHEMA.field(name) for name in columns])
     )
     return ray.data.read_parquet(
-        paths.staged(VALID_DIR), filesystem=paths.arrow_fs, columns=columns, schema=schema
+        paths.staged(VALID_DIR),
+        filesystem=paths.arrow_fs,
+        columns=columns,
+        schema=schema,
+        override_num_blocks=blocks,
+        **read_args,
     )
 
 

@@ -27,7 +27,7 @@ from ln_ray.aggregate.select import CANDIDATE_COLUMNS, merge_selections, partial
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import SelectionConfig
 from ln_ray.io import storage
-from ln_ray.pipeline.outputs import ensure_table
+from ln_ray.pipeline.outputs import ensure_table, write_dataset
 from ln_ray.schema import (
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
@@ -147,9 +147,11 @@ def reduce_scores(
     )
     kinds = subset.map_batches(extra_types, batch_format="pyarrow").take_all()
     schema = curated_schema(extra_schema([(k["column"], k["kind"]) for k in kinds]))
-    subset.map_batches(
-        curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"
-    ).write_parquet(storage.join(target, "curated"), filesystem=arrow_fs)
+    write_dataset(
+        subset.map_batches(curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"),
+        storage.join(target, "curated"),
+        arrow_fs,
+    )
     ensure_table(fs, storage.join(target, "curated"), schema)
     return {
         **summary,

@@ -3,9 +3,9 @@
 ``validate_batch`` runs as a CPU task over every row: validate, present the reasoning, compute
 the trace's id and look it up in the score cache. Only new traces go on: ``tokenize_batch`` (CPU
 tasks: segment, render, tokenize) and ``ScoreStage``, which runs in an actor pool: built once per
-actor (loads the student), then ``__call__(batch) -> batch``, writing the scores to the score
-cache and handing them on with the rows. Each can be unit-tested on a table without a cluster.
-Rejected rows pass through with their reason, so nothing is dropped on the way to ``rejects/``.
+actor (loads the student), then ``__call__(batch) -> rejects``, writing the scores to the score
+cache and handing on only the rows it rejects. Each can be unit-tested on a table without a
+cluster. Rejected rows keep their reason, so nothing is dropped on the way to ``rejects/``.
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ from ln_ray.prepare.rows import (
 )
 from ln_ray.schema import (
     CACHE_SCHEMA,
+    LATE_REJECTS_SCHEMA,
     METRIC_COLUMNS,
     PREPARED_SCHEMA,
     RAW_SCHEMA,
-    ROW_META_SCHEMA,
-    SCORED_ROWS_SCHEMA,
     VALIDATED_SCHEMA,
     require_columns,
 )
@@ -188,9 +187,9 @@ def tokenize_batch(
 class ScoreStage:
     """Actor-side scoring: one student per actor, ``__call__`` scores a batch of new traces.
 
-    Each batch's scores go to the score cache at once (so an interrupted run loses nothing) and
-    out with their rows. Which traces are new was decided before tokenizing (``validate_batch``);
-    the actor reads nothing from the cache.
+    Each batch's scores go to the score cache at once (so an interrupted run loses nothing);
+    only the rows that could not be scored leave the actor. Which traces are new was decided
+    before tokenizing (``validate_batch``); the actor reads nothing from the cache.
 
     Args:
         student: The student to load.
@@ -251,8 +250,9 @@ class ScoreStage:
         down to single traces; a trace that still fails leaves as a reject with the error.
 
         Returns:
-            Rows in ``SCORED_ROWS_SCHEMA``, one per input row, in order; the score columns are
-            null for rejected rows.
+            The batch's rejected rows (``LATE_REJECTS_SCHEMA``): those the template could not
+            render, and those that could not be scored. The scored rows' scores are in the
+            cache, where the assemble stage finds them.
         """
         require_columns(batch.column_names, PREPARED_SCHEMA.names, "score")
         rows = batch.to_pylist()
@@ -271,17 +271,16 @@ class ScoreStage:
         if self.progress is not None:
             tokens = sum(record["n_tokens"] for record in scored.values())
             self.progress.add(len(rows), tokens)
-        return pa.Table.from_pylist(
-            [
-                {
-                    **{name: row.get(name) for name in ROW_META_SCHEMA.names},
-                    **_without_id(scored.get(row["trace_id"], {})),
-                    "reject_reason": row["reject_reason"] or failed.get(row["trace_id"]),
-                }
-                for row in rows
-            ],
-            schema=SCORED_ROWS_SCHEMA,
-        )
+        rejected = [
+            {
+                "source_file": row["source_file"],
+                "row_number": row["row_number"],
+                "reason": row["reject_reason"] or failed[row["trace_id"]],
+            }
+            for row in rows
+            if row["reject_reason"] or row["trace_id"] in failed
+        ]
+        return pa.Table.from_pylist(rejected, schema=LATE_REJECTS_SCHEMA)
 
     def _score(
         self, rows: list[dict[str, Any]], retries: int
@@ -368,10 +367,6 @@ def _cpu_threads(compute: ComputeConfig) -> int:
     if compute.actors == 1:
         return os.cpu_count() or 1
     return max(1, int(compute.cpus_per_actor))
-
-
-def _without_id(record: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in record.items() if key != "trace_id"}
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -1,0 +1,71 @@
+"""Progress of the scoring pass: traces and tokens done out of the total, tokens/s and an ETA.
+
+The scoring actors add to a ``ProgressCounter`` actor after each batch; a thread in the driver
+logs a line from it every ``compute.progress_s`` seconds. This module imports nothing heavy: the
+counter actor's process loads only Ray and this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ProgressCounter:
+    """Traces and tokens scored so far: a Ray actor in the job, the scoring actors add to it."""
+
+    def __init__(self) -> None:
+        self.traces = 0
+        self.tokens = 0
+
+    def add(self, traces: int, tokens: int) -> None:
+        self.traces += traces
+        self.tokens += tokens
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.traces, self.tokens
+
+
+class ProgressReport:
+    """What a scoring actor holds to report its batches: ``add(traces, tokens)``."""
+
+    def __init__(self, counter: Any) -> None:
+        self._counter = counter
+
+    def add(self, traces: int, tokens: int) -> None:
+        self._counter.add.remote(traces, tokens)
+
+
+def progress_line(traces: int, total: int, tokens: int, seconds: float) -> str:
+    """One progress line: traces done of the total, tokens, tokens/s and the time left."""
+    rate = traces / seconds if seconds > 0 else 0.0
+    left = f"ETA {_duration((total - traces) / rate)}" if rate and traces < total else "ETA -"
+    share = traces / total if total else 1.0
+    return (
+        f"scoring: {traces:,} of {total:,} traces ({share:.0%}), {tokens:,} tokens, "
+        f"{tokens / max(seconds, 1e-9):,.0f} tokens/s, {_duration(seconds)} elapsed, {left}"
+    )
+
+
+def report_progress(
+    counter: Any, total: int, started: float, done: threading.Event, interval: float
+) -> None:
+    import ray
+
+    while not done.wait(interval):
+        try:
+            traces, tokens = ray.get(counter.snapshot.remote(), timeout=interval)
+        except Exception as exc:  # a missed report is no reason to stop the run
+            log.debug("no progress report: %s", exc)
+            continue
+        log.info(progress_line(traces, total, tokens, time.time() - started))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

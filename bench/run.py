@@ -278,7 +278,8 @@ def _time_job(corpus: Corpus, args) -> float:
             f"compute.gpus_per_actor={1 if args.device.startswith('cuda') else 0}",
         ],
     )
-    ray.init(include_dashboard=False, logging_level="WARNING")  # a running cluster, as in prod
+    # a running cluster, as in prod (its own, never one that `ray start` left on this node)
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
     manifest = run_score(cfg)

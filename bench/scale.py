@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -253,20 +252,33 @@ def _one_run(spec: dict[str, Any]) -> dict[str, Any]:
             *spec["settings"],
         ],
     )
-    ray.init(num_cpus=os.cpu_count(), object_store_memory=2 * 1024**3, include_dashboard=False)
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        object_store_memory=2 * 1024**3,
+        include_dashboard=False,
+    )
     DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
     manifest = run_score(cfg)
     job_s = round(time.perf_counter() - started, 2)
     spilled = _spilled_bytes()
     ray.shutdown()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "manifest": manifest,
         "job_s": job_s,
-        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "peak_rss_mb": _peak_rss_mb(),
         "spilled_bytes": spilled,
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss, which Linux keeps
+    across fork and exec: it would report the rehearsal's own peak (its corpus in memory)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _spilled_bytes() -> int:

@@ -19,7 +19,8 @@ from ln_ray.prepare.reasoning import REASONING_MODES
 from ln_ray.prepare.render import VIEWS
 from ln_ray.prepare.segment import SEGMENT_MODES
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# conf/ at the top of the checkout; ln_ray/conf links to it, and a wheel carries a copy.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 INPUT_FORMATS = ("auto", "parquet", "jsonl")
 METRICS = ("lalp", "galp", "rsr")

@@ -78,6 +78,6 @@ def ray_cluster(s3_server):
     """A real local Ray cluster of 2 CPUs (workers inherit the S3 endpoint settings)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()

@@ -109,3 +109,20 @@ def test_varlen_call_keeps_a_sliding_window(tiny_tokenizer, monkeypatch):
 def test_varlen_runs_only_where_flash_attention_does():
     assert attention.varlen_kernel(torch.zeros(1, 4, 8, 16)) is None  # CPU, fp32
     assert attention.varlen_kernel(torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16)) is None
+
+
+def test_the_kernel_that_scores_is_named_with_its_dtype(monkeypatch):
+    model = make_tiny_causal_lm("llama", 64)
+    assert attention.attention_kernel(model) == "sdpa per segment, float32"
+    # where the varlen kernel can run the student's queries, it is the one named
+    seen = []
+
+    def capable(query):
+        seen.append(tuple(query.shape))
+        return object()
+
+    monkeypatch.setattr(attention, "varlen_kernel", capable)
+    assert attention.attention_kernel(model.to(torch.bfloat16)) == (
+        "flash varlen (torch.nn.attention.varlen), bfloat16"
+    )
+    assert seen == [(1, 1, model.config.head_dim)]

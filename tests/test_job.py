@@ -165,6 +165,7 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     stages = manifest["stages"]
     assert stages["tokenize_score"]["traces_scored_now"] == len(rows)
     assert stages["tokenize_score"]["tokens_scored_now"] == counts["tokens_scored"] > 0
+    assert stages["tokenize_score"]["attention"] == ["sdpa per segment, float32"]
     assert stages["assemble"]["rows_rejected"] == 2 and stages["reduce"]["prompts"] == 6
     assert all(stage["seconds"] > 0 for stage in stages.values())
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())

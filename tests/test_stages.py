@@ -300,3 +300,28 @@ def test_progress_lines_say_how_far_and_how_long():
     )
     assert progress_line(0, 10, 0, 5.0).endswith("ETA -")
     assert "ETA 2h46m" in progress_line(1, 10_000, 10, 1.0)
+
+
+def test_row_counts_match_the_reader_whatever_the_chunks(monkeypatch):
+    """The accounting's independent count (C regex over chunks) agrees with the lines that
+    iter_jsonl numbers: blank and whitespace-only lines, CRLF, a byte order mark, no final
+    newline, and lines cut across chunk edges."""
+    import codecs
+    import random
+
+    from ln_ray.io import shards
+
+    rng = random.Random(0)
+    for _ in range(200):
+        parts = [
+            rng.choice([b"", b"  ", b"\t", b"\r", b" \r", b"\x0b"])
+            if rng.random() < 0.2
+            else b'{"a": "' + bytes(rng.choices(b"xyz \t", k=rng.randrange(3000))) + b'"}\r'
+            for _ in range(rng.randrange(30))
+        ]
+        data = (codecs.BOM_UTF8 if rng.random() < 0.3 else b"") + b"\n".join(parts)
+        data += rng.choice([b"", b"\n", b"\n\n"])
+        expected = sum(1 for line in shards._lines(io.BytesIO(data)) if line.strip())
+        for chunk in (1, 2, 7, 64, 1 << 20):
+            monkeypatch.setattr(shards, "_READ_CHUNK", chunk)
+            assert shards.count_lines(io.BytesIO(data)) == expected

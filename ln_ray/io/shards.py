@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,7 +138,7 @@ def count_source_rows(url: str, fmt: str) -> dict[str, Any]:
         with fs.open(path, "rb") as handle:
             if fmt == "parquet":
                 return {"rows_in_file": pq.ParquetFile(handle).metadata.num_rows}
-            return {"rows_in_file": sum(1 for line in _lines(handle) if line.strip())}
+            return {"rows_in_file": count_lines(handle)}
     except Exception as exc:
         return {"rows_in_file": None, "unreadable": f"{type(exc).__name__}: {exc}"}
 
@@ -277,6 +278,25 @@ def _lines(f: Any) -> Iterator[bytes]:
     if first is not None:
         yield first.removeprefix(codecs.BOM_UTF8)
         yield from lines
+
+
+_TEXT_LINE = re.compile(rb"^[ \t\r\f\v]*\S", re.MULTILINE)  # a line with some text
+
+
+def count_lines(f: Any) -> int:
+    """Non-blank lines in a binary stream (as ``iter_jsonl`` numbers them), counted in C over
+    chunks: no line becomes a Python object."""
+    count, rest, start = 0, b"", True
+    while True:
+        chunk = f.read(_READ_CHUNK)
+        data = rest + chunk
+        if start and (len(data) >= len(codecs.BOM_UTF8) or not chunk):
+            data, start = data.removeprefix(codecs.BOM_UTF8), False
+        if not chunk:
+            return count + len(_TEXT_LINE.findall(data))
+        end = data.rfind(b"\n") + 1 if not start else 0  # whole lines; the rest waits
+        count += len(_TEXT_LINE.findall(data, 0, end))
+        rest = data[end:]
 
 
 def _split_lines(f: Any) -> Iterator[bytes]:

@@ -70,7 +70,8 @@ def connect_ray(compute: ComputeConfig) -> None:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            # "local": a new Ray of its own, never a cluster that `ray start` left on this node
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     # The reduce stage's groupbys move small tables; a sort shuffle runs them as plain tasks,
     # where the hash shuffle first starts aggregator actors (seconds each on a small cluster).
     context = DataContext.get_current()
@@ -84,6 +85,10 @@ def connect_ray(compute: ComputeConfig) -> None:
     # the V1 reader lists in the driver (7 s less per run). RAY_DATA_USE_DATASOURCE_V2 overrides.
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         context.use_datasource_v2 = False
+    # Ray Data splits every read into at least 200 blocks; the job's reads of its own staged
+    # Parquet would then run as hundreds of tiny tasks. Blocks of the default size (128 MB), and
+    # at least two per CPU, keep every CPU busy with a fraction of the tasks.
+    context.read_op_min_num_blocks = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def run_score(cfg: LnRayConfig) -> dict[str, Any]:
@@ -135,9 +140,9 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         new_rows = validate_rows(cfg, files, shown, in_fs, paths, cached)
         validated_at = time.time()
         log.info("%d rows to tokenize and score (the rest are cached or rejected)", new_rows)
-        late_rejects = LATE_REJECTS_SCHEMA.empty_table()
+        late_rejects, kernels = LATE_REJECTS_SCHEMA.empty_table(), []
         if new_rows:
-            late_rejects = score_new_rows(cfg, paths, cache_url, new_rows)
+            late_rejects, kernels = score_new_rows(cfg, paths, cache_url, new_rows)
         scored_at = time.time()
         compaction = _compact(cache_url, cfg.output.cache_buckets)
         compacted_at = time.time()
@@ -198,6 +203,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
                 "traces_scored_now": scored_now,
                 "tokens_scored_now": new_tokens,
                 "model_tokens_now": new_model_tokens,
+                "attention": kernels,  # the kernel each scoring actor ran, and its dtype
             },
             "assemble": {
                 "seconds": round(assembled_at - compacted_at, 3),

@@ -14,11 +14,13 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ln_ray.config import LnRayConfig
 from ln_ray.io import storage
@@ -26,7 +28,13 @@ from ln_ray.io.shards import TraceShardDatasource
 from ln_ray.pipeline.outputs import VALID_DIR, RunPaths, ensure_table, write_dataset
 from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
 from ln_ray.pipeline.reduce import collect, reduce_partitions
-from ln_ray.pipeline.stages import ScoreStage, is_new, tokenize_batch, validate_batch
+from ln_ray.pipeline.stages import (
+    TOKENIZE_INPUT,
+    ScoreStage,
+    is_new,
+    tokenize_batch,
+    validate_batch,
+)
 from ln_ray.schema import LATE_REJECTS_SCHEMA, VALIDATED_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -63,8 +71,14 @@ def validate_rows(
         filesystem=storage.arrow_filesystem(in_fs),
     )
     compute = cfg.compute
+    # Ray Data runs reading and validating as one task only when no file is split across read
+    # tasks; a read task left waiting on its consumer while holding a CPU could leave none for
+    # the write (a 2-CPU machine hangs). Small shards are grouped, a few to a task.
     validated = ray.data.read_datasource(
-        datasource, num_cpus=compute.prepare_cpus, ray_remote_args=_task_retries(cfg)
+        datasource,
+        num_cpus=compute.prepare_cpus,
+        override_num_blocks=read_tasks(len(files), datasource.estimate_inmemory_data_size()),
+        ray_remote_args=_task_retries(cfg),
     ).map_batches(
         validate_batch,
         fn_kwargs={
@@ -74,7 +88,7 @@ def validate_rows(
             "cached": cached,
         },
         batch_format="pyarrow",
-        batch_size=256,
+        batch_size=None,  # whole read blocks (of BLOCK_ROWS): a batch size would stop the fusion
         num_cpus=compute.prepare_cpus,
         **_task_retries(cfg),
     )
@@ -86,11 +100,26 @@ def validate_rows(
     return int(counts.sum("new") or 0)
 
 
+def read_tasks(files: int, input_bytes: int | None) -> int:
+    """Read tasks for the validation pass: about ``TASK_BYTES`` of input each, at least two per
+    CPU of the cluster, at most one per file (a file is never split, whole files are grouped)."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    by_size = math.ceil((input_bytes or 0) / TASK_BYTES)
+    return max(1, min(files, max(2 * cpus, by_size)))
+
+
+TASK_BYTES = 64 * 2**20  # under Ray Data's block target (128 MB), so no read is split
+
+
 def _count_new(table: pa.Table) -> pa.Table:
     return pa.table({"new": [pc.sum(pc.cast(is_new(table), pa.int64())).as_py() or 0]})
 
 
-def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: int) -> pa.Table:
+def score_new_rows(
+    cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: int
+) -> tuple[pa.Table, list[str]]:
     """Tokenize and score the rows ``validate_rows`` found new, into the score cache.
 
     The actor pool starts with one actor and grows to ``compute.actors`` while there is work
@@ -98,7 +127,7 @@ def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: 
 
     Returns:
         The rows that could not be tokenized or scored, with the reason
-        (``LATE_REJECTS_SCHEMA``).
+        (``LATE_REJECTS_SCHEMA``), and the attention kernels the actors ran.
     """
     import ray
 
@@ -118,9 +147,10 @@ def score_new_rows(cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: 
         done.set()
         reporter.join()
     traces, tokens = ray.get(counter.snapshot.remote())
+    kernels = ray.get(counter.attention.remote())
     log.info(progress_line(traces, new_rows, tokens, time.time() - started))
     ray.kill(counter)
-    return rejects
+    return rejects, kernels
 
 
 def _tokenize_and_score(
@@ -129,13 +159,18 @@ def _tokenize_and_score(
     import ray
 
     compute = cfg.compute
-    # Reading, filtering and tokenizing share their resources, so Ray Data runs them as one task
-    # beside the actors: a read task waiting on a busy pool while holding a CPU of its own could
-    # leave no CPU for the tasks that would let it go on (a 2-CPU machine hangs).
+    # Reading (a task per file of _valid/), filtering and tokenizing run as one task beside the
+    # actors. Ray Data's Parquet reader would split large files into read tasks of their own,
+    # and a read task waiting on a busy pool while holding a CPU could leave none for the tasks
+    # that would let it go on (a 2-CPU machine hangs).
     task = {"num_cpus": compute.prepare_cpus, **_task_retries(cfg)}
+    files = sorted(paths.fs.glob(storage.join(paths.staged(VALID_DIR), "*.parquet")))
     rejects = (
-        read_valid(paths, num_cpus=task["num_cpus"], ray_remote_args=_task_retries(cfg))
-        .map_batches(_new_only, batch_format="pyarrow", **task)
+        ray.data.from_items(
+            [{"url": storage.full_url(paths.fs, path)} for path in files],
+            override_num_blocks=max(1, len(files)),
+        )
+        .map_batches(_new_rows, batch_format="pyarrow", batch_size=1, **task)
         .map_batches(
             tokenize_batch,
             fn_kwargs={"student": cfg.student, "segment": cfg.segment, "scoring": cfg.scoring},
@@ -167,8 +202,17 @@ def _tokenize_and_score(
     return collect(rejects, LATE_REJECTS_SCHEMA)
 
 
-def _new_only(table: pa.Table) -> pa.Table:
-    return table.filter(is_new(table))
+def _new_rows(files: pa.Table) -> Iterator[pa.Table]:
+    """The rows of the named ``_valid/`` files that need tokenizing and scoring, streamed."""
+    for url in files["url"].to_pylist():
+        fs, path = storage.filesystem(url)
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            for batch in parquet.iter_batches(batch_size=256, columns=TOKENIZE_INPUT.names):
+                table = pa.Table.from_batches([batch]).cast(TOKENIZE_INPUT)
+                new = table.filter(is_new(table))
+                if new.num_rows:
+                    yield new
 
 
 def read_valid(

@@ -21,6 +21,7 @@ class ProgressCounter:
     def __init__(self) -> None:
         self.traces = 0
         self.tokens = 0
+        self.kernels: set[str] = set()
 
     def add(self, traces: int, tokens: int) -> None:
         self.traces += traces
@@ -29,15 +30,26 @@ class ProgressCounter:
     def snapshot(self) -> tuple[int, int]:
         return self.traces, self.tokens
 
+    def add_kernel(self, kernel: str) -> None:
+        self.kernels.add(kernel)
+
+    def attention(self) -> list[str]:
+        """The attention kernels the scoring actors run (one, unless the nodes differ)."""
+        return sorted(self.kernels)
+
 
 class ProgressReport:
-    """What a scoring actor holds to report its batches: ``add(traces, tokens)``."""
+    """What a scoring actor holds to report its batches (``add(traces, tokens)``) and its
+    attention kernel (``kernel(name)``)."""
 
     def __init__(self, counter: Any) -> None:
         self._counter = counter
 
     def add(self, traces: int, tokens: int) -> None:
         self._counter.add.remote(traces, tokens)
+
+    def kernel(self, kernel: str) -> None:
+        self._counter.add_kernel.remote(kernel)
 
 
 def progress_line(traces: int, total: int, tokens: int, seconds: float) -> str:

@@ -86,7 +86,9 @@ def validate_batch(
     require_columns(batch.column_names, RAW_SCHEMA.names, "validate")
     fmt = reasoning_format(student, scoring)
     out = []
-    for raw in batch.to_pylist():
+    # The other input columns (``extra``, often the widest) pass through as Arrow, never as
+    # Python strings.
+    for raw in batch.drop_columns(["extra"]).to_pylist():
         row: dict[str, Any] = {
             "source_file": raw["source_file"],
             "row_number": raw["row_number"],
@@ -108,10 +110,13 @@ def validate_batch(
             messages=json.dumps(trace.messages, ensure_ascii=False),
             dup_key=duplicate_key(trace),
             step_chars=None if trace.steps is None else [len(step) for step in trace.steps],
-            extra=raw["extra"],
         )
         out.append(row)
-    table = pa.Table.from_pylist(out, schema=VALIDATED_SCHEMA)
+    index = VALIDATED_SCHEMA.get_field_index("extra")
+    table = pa.Table.from_pylist(out, schema=VALIDATED_SCHEMA.remove(index))
+    accepted = pc.is_null(table["reject_reason"])
+    extra = pc.if_else(accepted, batch["extra"], pa.scalar(None, pa.string()))
+    table = table.add_column(index, VALIDATED_SCHEMA.field(index), extra)
     hits = cache.contains(cached, pc.fill_null(table["trace_id"], "").to_pylist())
     return table.set_column(
         table.schema.get_field_index("cached"), "cached", pa.array(hits, pa.bool_())
@@ -121,6 +126,10 @@ def validate_batch(
 def is_new(table: pa.Table) -> pa.Array:
     """Validated rows that go on to tokenizing and scoring: accepted, and not in the cache."""
     return pc.and_(pc.is_null(table["reject_reason"]), pc.invert(table["cached"]))
+
+
+# What tokenizing reads of a validated row: all of it but the other input columns (``extra``).
+TOKENIZE_INPUT = pa.schema([field for field in VALIDATED_SCHEMA if field.name != "extra"])
 
 
 def tokenize_batch(
@@ -134,7 +143,7 @@ def tokenize_batch(
     cannot render becomes a reject.
 
     Args:
-        batch: Rows in ``VALIDATED_SCHEMA``, accepted and not cached.
+        batch: Rows in ``TOKENIZE_INPUT`` (or ``VALIDATED_SCHEMA``), accepted and not cached.
         student: Whose tokenizer, chat template and template arguments to use (the tokenizer is
             loaded once per worker process).
         segment: Segmenter settings for rows without ``steps``.
@@ -143,7 +152,7 @@ def tokenize_batch(
     Returns:
         Rows in ``PREPARED_SCHEMA``, one per input row, in order.
     """
-    require_columns(batch.column_names, VALIDATED_SCHEMA.names, "tokenize")
+    require_columns(batch.column_names, TOKENIZE_INPUT.names, "tokenize")
     tokenizer = _tokenizer(student)
     render = render_options(student, scoring)
     out = []
@@ -210,6 +219,7 @@ class ScoreStage:
         started = time.perf_counter()
         import torch
 
+        from ln_ray.score.attention import attention_kernel
         from ln_ray.score.scorer import StudentScorer
         from ln_ray.score.student import load_student, pick_device
 
@@ -235,12 +245,16 @@ class ScoreStage:
         self.cache_url = cache_url
         self.max_retries = compute.max_retries
         self.progress = progress
+        self.kernel = attention_kernel(self.student.model)
+        if progress is not None:
+            progress.kernel(self.kernel)
         log.info(
-            "scoring actor ready in %.1fs: %s on %s (%d threads)",
+            "scoring actor ready in %.1fs: %s on %s (%d threads), attention: %s",
             time.perf_counter() - started,
             self.student.identity,
             device,
             torch.get_num_threads(),
+            self.kernel,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

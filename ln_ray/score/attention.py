@@ -162,6 +162,21 @@ def varlen_kernel(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
     return _torch_varlen()
 
 
+def attention_kernel(model: torch.nn.Module) -> str:
+    """Which kernel scores this student's packed rows, in words (logged, and recorded in the
+    manifest): the varlen kernel, or one SDPA call per segment, and the dtype they run in."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    param = next(model.parameters())
+    probe = torch.empty((1, 1, head_dim), dtype=param.dtype, device=param.device)
+    dtype = str(param.dtype).removeprefix("torch.")
+    if varlen_kernel(probe) is not None:
+        return f"flash varlen (torch.nn.attention.varlen), {dtype}"
+    return f"sdpa per segment, {dtype}"
+
+
 @functools.cache
 def _flash_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # Ampere or newer

@@ -15,7 +15,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip "setuptools>=77" wheel  # the wheel test builds without isolation
 ifeq ($(HAS_GPU),1)
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
 else

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from ln_ray.io import cache
 from ln_ray.io.shards import count_source_rows
 from ln_ray.pipeline.assemble import is_unscored
+from ln_ray.pipeline.reduce import cluster_cpus
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
@@ -40,8 +41,7 @@ def start_counting(sources: list[tuple[str, str]]) -> list[Any]:
     """
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    tasks = max(1, min(len(sources), cpus // 2))
+    tasks = max(1, min(len(sources), cluster_cpus() // 2))
     per_task = -(-len(sources) // tasks) if sources else 1
     count = ray.remote(num_cpus=0.1)(_count_files)
     return [count.remote(sources[i : i + per_task]) for i in range(0, len(sources), per_task)]

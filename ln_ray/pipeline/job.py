@@ -48,7 +48,7 @@ from ln_ray.pipeline.outputs import (
     text_output,
 )
 from ln_ray.pipeline.passes import score_new_rows, validate_rows
-from ln_ray.pipeline.reduce import reduce_scores
+from ln_ray.pipeline.reduce import cluster_cpus, reduce_scores
 from ln_ray.schema import LATE_REJECTS_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def connect_ray(compute: ComputeConfig) -> None:
     # Ray Data splits every read into at least 200 blocks; the job's reads of its own staged
     # Parquet would then run as hundreds of tiny tasks. Blocks of the default size (128 MB), and
     # at least two per CPU, keep every CPU busy with a fraction of the tasks.
-    context.read_op_min_num_blocks = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    context.read_op_min_num_blocks = 2 * cluster_cpus()
 
 
 def run_score(cfg: LnRayConfig) -> dict[str, Any]:

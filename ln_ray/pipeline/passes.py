@@ -27,7 +27,7 @@ from ln_ray.io import storage
 from ln_ray.io.shards import TraceShardDatasource
 from ln_ray.pipeline.outputs import VALID_DIR, RunPaths, ensure_table, write_dataset
 from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
-from ln_ray.pipeline.reduce import collect, reduce_partitions
+from ln_ray.pipeline.reduce import cluster_cpus, collect, reduce_partitions
 from ln_ray.pipeline.stages import (
     TOKENIZE_INPUT,
     ScoreStage,
@@ -103,11 +103,8 @@ def validate_rows(
 def read_tasks(files: int, input_bytes: int | None) -> int:
     """Read tasks for the validation pass: about ``TASK_BYTES`` of input each, at least two per
     CPU of the cluster, at most one per file (a file is never split, whole files are grouped)."""
-    import ray
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     by_size = math.ceil((input_bytes or 0) / TASK_BYTES)
-    return max(1, min(files, max(2 * cpus, by_size)))
+    return max(1, min(files, max(2 * cluster_cpus(), by_size)))
 
 
 TASK_BYTES = 64 * 2**20  # under Ray Data's block target (128 MB), so no read is split

@@ -182,6 +182,11 @@ def count_valid(ds: Any, column: str) -> int:
 
 def reduce_partitions() -> int:
     """Shuffle partitions for groupbys: one per cluster CPU (Ray defaults to 200, for big data)."""
+    return cluster_cpus()
+
+
+def cluster_cpus() -> int:
+    """CPUs of the connected Ray cluster (at least 1)."""
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -8,8 +8,10 @@ the figures measure the data flow, not the model.
 
 Runs, each in a fresh process with its own local Ray (``object_store_memory`` 2 GB): the first
 run; a refresh after adding 5% new rows; a re-run with nothing new; the first run at a quarter of
-the rows (growth); the first run on the few-shard copy (per-shard overhead). Prints the figures
-side by side against their targets and writes them to ``bench/scale.json``.
+the rows (growth); the first run on the few-shard copy (per-shard overhead). Then two small runs
+write to moto's S3 server on loopback, which counts the bytes it copies (publishing should copy
+none). Prints the figures side by side against their targets and writes them to
+``bench/scale.json``.
 
     python -m bench.scale                                   # what `make bench-scale` runs
     python -m bench.scale --rows 8000 --shards 80 --few-shards 8 --out /tmp/scale.json
@@ -50,6 +52,7 @@ TARGETS = {  # figure: (comparison, target)
     "driver_rss_growth": ("<=", 1.5),
     "spilled_bytes": ("<=", 0),
     "cache_files_over_buckets": ("<=", 10),
+    "publish_copied_bytes": ("<=", 0),
     "max_growth_full_over_quarter": ("<=", 4.4),  # 4x the rows: at most 1.1x linear
 }
 
@@ -110,7 +113,9 @@ def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runs["rerun_few_shards"] = job("re-run on few shards", few, "out")
     runs["quarter"] = job("first run at a quarter of the rows", small, "out-quarter")
     floor = measure_floor(many, work / "floor")
-    return figures(runs, floor, cache_files, args)
+    print("[bench-scale] two runs onto the moto S3 server ...", flush=True)
+    copied = measure_s3_copies(small, student, settings)
+    return figures(runs, floor, cache_files, copied, args)
 
 
 def make_rows(n: int, seed: int, offset: int = 0) -> list[dict[str, Any]]:
@@ -161,7 +166,63 @@ def measure_floor(folder: Path, target: Path) -> float:
     return time.perf_counter() - started
 
 
-def figures(runs: dict, floor: float, cache_files: int, args: argparse.Namespace) -> dict:
+def measure_s3_copies(folder: Path, student: str, settings: list[str]) -> int:
+    """Bytes the moto S3 server copied (CopyObject, UploadPartCopy) while two runs over the
+    first shards of ``folder`` wrote to it and published, the second over the first's results:
+    publishing should copy nothing."""
+    import boto3
+    from moto.s3.models import S3Backend
+    from moto.server import ThreadedMotoServer
+
+    copied = [0]
+    copy_object, upload_part_copy = S3Backend.copy_object, S3Backend.upload_part_copy
+
+    def counted_copy(self, src_key, *args, **kwargs):
+        copied[0] += src_key.size
+        return copy_object(self, src_key, *args, **kwargs)
+
+    def counted_part_copy(self, *args, **kwargs):
+        part = upload_part_copy(self, *args, **kwargs)
+        copied[0] += part.size
+        return part
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    S3Backend.copy_object, S3Backend.upload_part_copy = counted_copy, counted_part_copy
+    try:
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+        shards = folder.parent / "s3-input"
+        shards.mkdir(exist_ok=True)
+        for path in sorted(folder.glob("*.jsonl"))[:5]:
+            shutil.copy(path, shards / path.name)
+        for _ in range(2):
+            _run_in_process(shards, "s3://bench/out", student, settings)
+    finally:
+        S3Backend.copy_object, S3Backend.upload_part_copy = copy_object, upload_part_copy
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return copied[0]
+
+
+def figures(
+    runs: dict, floor: float, cache_files: int, copied: int, args: argparse.Namespace
+) -> dict:
     first, refresh, rerun, quarter = (runs[k] for k in ("first", "refresh", "rerun", "quarter"))
     refresh_rows = refresh["manifest"]["stages"]["read_validate"]["rows"]
     tokenized = refresh["manifest"]["stages"]["tokenize_score"]["rows"]
@@ -206,6 +267,7 @@ def figures(runs: dict, floor: float, cache_files: int, args: argparse.Namespace
         "spilled_bytes": sum(run["spilled_bytes"] for run in runs.values()),
         "cache_files": cache_files,
         "cache_files_over_buckets": cache_files - args.buckets,
+        "publish_copied_bytes": copied,
         "growth_full_over_quarter": growth,
         "max_growth_full_over_quarter": max((g for g in growth.values() if g), default=None),
         "rows_per_shard_overhead_ms": round(
@@ -221,7 +283,7 @@ def figures(runs: dict, floor: float, cache_files: int, args: argparse.Namespace
     return result
 
 
-def _run_in_process(folder: Path, out: Path, student: str, settings: list[str]) -> dict:
+def _run_in_process(folder: Path, out: Path | str, student: str, settings: list[str]) -> dict:
     spec = {"input": str(folder), "output": str(out), "student": student, "settings": settings}
     started = time.perf_counter()
     done = subprocess.run(

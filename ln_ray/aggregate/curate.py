@@ -8,12 +8,12 @@ column named like one of the curated set's own columns comes back with an ``inpu
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ln_ray.io import jsontext
 from ln_ray.schema import row_keys
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -69,7 +69,7 @@ def extra_types(table: pa.Table) -> pa.Table:
     """Distinct (curated column, Python type name) pairs among the rows' extra columns."""
     seen = set()
     for text in table["extra"].to_pylist():
-        for key, value in (json.loads(text) if text else {}).items():
+        for key, value in (jsontext.loads(text) if text else {}).items():
             seen.add((curated_column(key), type(value).__name__))
     keys, kinds = zip(*sorted(seen)) if seen else ((), ())
     return pa.table({"column": pa.array(keys, pa.string()), "kind": pa.array(kinds, pa.string())})
@@ -102,15 +102,15 @@ def curate_batch(table: pa.Table, *, schema: pa.Schema) -> pa.Table:
     out: dict[str, list[Any]] = {name: [] for name in schema.names}
     for row in table.select([*CURATED_BASE.names, "extra"]).to_pylist():
         for name in CURATED_BASE.names:
-            out[name].append(json.loads(row[name]) if name == "messages" else row[name])
+            out[name].append(jsontext.loads(row[name]) if name == "messages" else row[name])
         values = {
             curated_column(key): value
-            for key, value in (json.loads(row["extra"]) if row["extra"] else {}).items()
+            for key, value in (jsontext.loads(row["extra"]) if row["extra"] else {}).items()
         }
         for field in extras:
             value = values.get(field.name)
             if pa.types.is_string(field.type) and value is not None and not isinstance(value, str):
-                value = json.dumps(value, ensure_ascii=False)
+                value = jsontext.dumps(value)
             out[field.name].append(value)
     return pa.table(out, schema=schema)
 

@@ -116,6 +116,20 @@ def bucket_of(trace_ids: pa.Array, buckets: int) -> pa.Array:
     return pa.array([int(t[:12], 16) % buckets for t in trace_ids.to_pylist()], pa.int64())
 
 
+def with_bucket(table: pa.Table, buckets: int) -> pa.Table:
+    """``table`` (with trace_id) and each row's bucket."""
+    return table.append_column("bucket", bucket_of(table["trace_id"], buckets))
+
+
+def read_bucket(url: str, bucket: int, buckets: int) -> pa.Table:
+    """One bucket's rows (none when it has no file yet)."""
+    fs, root = storage.filesystem(url)
+    path = storage.join(root, bucket_name(bucket, buckets))
+    if not fs.exists(path):
+        return CACHE_SCHEMA.empty_table()
+    return pq.read_table(path, filesystem=storage.arrow_filesystem(fs), schema=CACHE_SCHEMA)
+
+
 def fold_bucket(url: str, bucket: int, buckets: int, new: pa.Table) -> tuple[int, int]:
     """Merge ``new`` cache rows into one bucket's file, one row per trace; returns the rows in
     the bucket and how many of them are new to it.
@@ -128,12 +142,9 @@ def fold_bucket(url: str, bucket: int, buckets: int, new: pa.Table) -> tuple[int
 
     fs, root = storage.filesystem(url)
     path = storage.join(root, bucket_name(bucket, buckets))
-    new = new.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
-    before = 0
-    if fs.exists(path):
-        old = pq.read_table(path, filesystem=storage.arrow_filesystem(fs), schema=CACHE_SCHEMA)
-        before = old.num_rows
-        new = pa.concat_tables([old, new])
+    old = read_bucket(url, bucket, buckets)
+    before = old.num_rows
+    new = pa.concat_tables([old, new.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)])
     merged = pl.from_arrow(new).unique(subset="trace_id", keep="first", maintain_order=True)
     table = merged.to_arrow().cast(CACHE_SCHEMA)
     _write_atomically(fs, path, table)

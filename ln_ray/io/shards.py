@@ -12,15 +12,16 @@ from __future__ import annotations
 import codecs
 import json
 import math
-import re
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
 from ln_ray.config import ColumnsConfig
+from ln_ray.io import jsontext
 from ln_ray.schema import RAW_SCHEMA
 
 BLOCK_ROWS = 256
@@ -65,11 +66,19 @@ class TraceShardDatasource(FileBasedDatasource):
 
 
 def iter_jsonl(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
-    """Canonical rows of a JSONL stream; line numbers are 1-based, blank lines are skipped."""
+    """Canonical rows of a JSONL stream; line numbers are 1-based, blank lines are skipped.
+
+    A line is parsed by orjson where it gives what the standard library gives (``jsontext``);
+    any other line goes to ``json``, which also says what is wrong with a bad one.
+    """
     number = 0
     for line in _lines(f):
         number += 1
         if not line.strip():
+            continue
+        record = jsontext.loads_native(line)
+        if isinstance(record, dict):
+            yield canonical_row(record, columns, number, native=True)
             continue
         try:
             text = line.decode("utf-8")
@@ -143,8 +152,14 @@ def count_source_rows(url: str, fmt: str) -> dict[str, Any]:
         return {"rows_in_file": None, "unreadable": f"{type(exc).__name__}: {exc}"}
 
 
-def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -> dict[str, Any]:
-    """Map a user record onto the canonical columns; a value of the wrong type sets read_error."""
+def canonical_row(
+    record: dict[str, Any], columns: ColumnsConfig, number: int, native: bool = False
+) -> dict[str, Any]:
+    """Map a user record onto the canonical columns; a value of the wrong type sets read_error.
+
+    ``native``: the record came from ``jsontext.loads_native`` (its text is valid Unicode, and
+    orjson writes its values back).
+    """
     names = {
         "prompt_id": columns.prompt_id,
         "prompt": columns.prompt,
@@ -190,23 +205,15 @@ def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -
         row["correct"] = None
     messages = row["messages"]
     if messages is not None and not isinstance(messages, str):
-        row["messages"] = _json_text(messages)
+        row["messages"] = _json_text(messages, native)
         if row["messages"] is None:
             problems.append("messages nests too deeply")
-    extra = {k: v for k, v in record.items() if k not in set(names.values())}
-    row["extra"] = _json_text(extra) if extra else None
+    named = set(names.values())
+    extra = {k: v for k, v in record.items() if k not in named}
+    row["extra"] = _json_text(extra, native) if extra else None
     if extra and row["extra"] is None:
         problems.append("a column nests too deeply")
-    for key in (
-        "prompt_id",
-        "prompt",
-        "teacher",
-        "response",
-        "reasoning",
-        "steps",
-        "messages",
-        "extra",
-    ):
+    for key in () if native else _TEXT_KEYS:  # orjson refuses text that is not Unicode
         if not _is_utf8(row[key]):
             # JSON can escape a lone surrogate ("\ud800"), which no UTF-8 text can hold.
             problems.append(f"{'a column' if key == 'extra' else key} is not valid Unicode")
@@ -216,14 +223,20 @@ def canonical_row(record: dict[str, Any], columns: ColumnsConfig, number: int) -
     return row
 
 
+_TEXT_KEYS = (
+    *("prompt_id", "prompt", "teacher", "response", "reasoning"),
+    *("steps", "messages", "extra"),
+)
+
+
 def _error_row(number: int | None, reason: str) -> dict[str, Any]:
     return {"row_number": number, "read_error": reason}
 
 
-def _json_text(value: Any) -> str | None:
+def _json_text(value: Any, native: bool) -> str | None:
     """``value`` as JSON text, or None when it nests deeper than the encoder recurses."""
     try:
-        return json.dumps(value, ensure_ascii=False, default=str)
+        return jsontext.dumps(value, native)
     except (RecursionError, ValueError):
         return None
 
@@ -280,12 +293,13 @@ def _lines(f: Any) -> Iterator[bytes]:
         yield from lines
 
 
-_TEXT_LINE = re.compile(rb"^[ \t\r\f\v]*\S", re.MULTILINE)  # a line with some text
+_SPACE = np.zeros(256, dtype=bool)  # the bytes bytes.strip() strips
+_SPACE[list(b" \t\n\r\f\v")] = True
 
 
 def count_lines(f: Any) -> int:
-    """Non-blank lines in a binary stream (as ``iter_jsonl`` numbers them), counted in C over
-    chunks: no line becomes a Python object."""
+    """Non-blank lines in a binary stream (as ``iter_jsonl`` numbers them), counted over chunks
+    with NumPy: a line becomes a Python object only when it starts with white space."""
     count, rest, start = 0, b"", True
     while True:
         chunk = f.read(_READ_CHUNK)
@@ -293,10 +307,28 @@ def count_lines(f: Any) -> int:
         if start and (len(data) >= len(codecs.BOM_UTF8) or not chunk):
             data, start = data.removeprefix(codecs.BOM_UTF8), False
         if not chunk:
-            return count + len(_TEXT_LINE.findall(data))
+            return count + _text_lines(data)
         end = data.rfind(b"\n") + 1 if not start else 0  # whole lines; the rest waits
-        count += len(_TEXT_LINE.findall(data, 0, end))
+        count += _text_lines(data[:end])
         rest = data[end:]
+
+
+def _text_lines(data: bytes) -> int:
+    """Non-blank lines in ``data``, which starts at a line's start.
+
+    A line that starts with text counts as it is; only the few that start with white space (or
+    are empty) are looked at one by one.
+    """
+    if not data:
+        return 0
+    codes = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(codes == ord("\n"))
+    starts = np.concatenate([[0], newlines + 1])
+    starts = starts[starts < len(data)]
+    spaced = _SPACE[codes[starts]]
+    ends = np.append(newlines, len(data))[np.searchsorted(newlines, starts[spaced])]
+    rest = sum(1 for a, b in zip(starts[spaced].tolist(), ends.tolist()) if data[a:b].strip())
+    return int(np.count_nonzero(~spaced)) + rest
 
 
 def _split_lines(f: Any) -> Iterator[bytes]:

@@ -56,9 +56,12 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> Any:
-    """Wrap an fsspec filesystem for Ray Data and pyarrow."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    """The filesystem for Ray Data and pyarrow: Arrow's own for local files (its reads and
+    writes run in C++, without Python's lock), else the fsspec filesystem wrapped."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
+    if protocol(fs) == "file":
+        return LocalFileSystem()
     return PyFileSystem(FSSpecHandler(fs))
 
 

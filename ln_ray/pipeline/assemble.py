@@ -32,7 +32,7 @@ from ln_ray.schema import (
 
 
 def assemble_rows(
-    paths: RunPaths, cache_url: str, late_rejects: pa.Table, deduplicate: bool
+    paths: RunPaths, cache_url: str, late_rejects: pa.Table, buckets: int | None
 ) -> tuple[Any, int]:
     """Complete every row with its scores (not its text, which stays in ``_valid/``), mark
     duplicates, and write ``_rows/``, ``scores/`` and ``rejects/``.
@@ -45,7 +45,8 @@ def assemble_rows(
         paths: The run's paths.
         cache_url: The score cache.
         late_rejects: Rows the scoring pass rejected (``LATE_REJECTS_SCHEMA``).
-        deduplicate: Whether the cache may hold a trace twice (it was not folded).
+        buckets: The cache's bucket count when every file of it is a bucket (it was folded);
+            None when it may hold parts, and a trace twice.
 
     Returns:
         The finished rows (materialized) and the number of duplicate rows rejected.
@@ -54,16 +55,18 @@ def assemble_rows(
     meta = read_valid(paths, columns=ROW_META_SCHEMA.names, blocks=partitions).materialize()
     rows = meta.map_batches(_rejected, batch_format="pyarrow")
     accepted = meta.map_batches(_accepted, batch_format="pyarrow")
-    rows = rows.union(_join_cache(accepted, cache_url, deduplicate, partitions))
+    rows = rows.union(_join_cache(accepted, cache_url, buckets, partitions))
     duplicates = _find_duplicates(meta.select_columns(["dup_key", "source_file", "row_number"]))
     late = pa.concat_tables([late_rejects.cast(LATE_REJECTS_SCHEMA), duplicates])
     rows = rows.map_batches(_finish_rows, fn_kwargs={"late": late}, batch_format="pyarrow")
     rows = rows.materialize()
-    write_dataset(rows, paths.staged(ROWS_DIR), paths.arrow_fs)
+    # A few large blocks (about two per CPU): each is written as one file by the task that
+    # makes it.
+    write_dataset(rows, paths.staged(ROWS_DIR), paths.arrow_fs, task_args={})
     scores = rows.map_batches(_scores_part, batch_format="pyarrow")
-    write_dataset(scores, paths.staged("scores"), paths.arrow_fs)
+    write_dataset(scores, paths.staged("scores"), paths.arrow_fs, task_args={})
     rejects = rows.map_batches(_rejects_part, batch_format="pyarrow")
-    write_dataset(rejects, paths.staged("rejects"), paths.arrow_fs)
+    write_dataset(rejects, paths.staged("rejects"), paths.arrow_fs, task_args={})
     for name, schema in (
         (ROWS_DIR, SCORED_ROWS_SCHEMA),
         ("scores", SCORES_SCHEMA),
@@ -97,25 +100,49 @@ def _without_scores(rows: pa.Table) -> pa.Table:
     return rejected.select(SCORED_ROWS_SCHEMA.names).cast(SCORED_ROWS_SCHEMA)
 
 
-def _join_cache(rows: Any, cache_url: str, deduplicate: bool, partitions: int) -> Any:
-    """Rows (``ROW_META_SCHEMA``) with their scores from the cache, in ``SCORED_ROWS_SCHEMA``."""
+def _join_cache(rows: Any, cache_url: str, buckets: int | None, partitions: int) -> Any:
+    """Rows (``ROW_META_SCHEMA``) with their scores from the cache, in ``SCORED_ROWS_SCHEMA``.
+
+    A folded cache is joined bucket by bucket: the rows (narrow) are grouped by their trace's
+    bucket, and each group reads its bucket's file alone, so the scores never go through a
+    shuffle. A cache with parts goes through Ray Data's join, one copy of each trace kept.
+    """
     import ray
 
     files = cache.cache_files(cache_url)
     if not files:  # nothing scored yet: every accepted row must be a late reject
         return rows.map_batches(_without_scores, batch_format="pyarrow")
+    if buckets is not None:
+        return (
+            rows.map_batches(
+                cache.with_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow"
+            )
+            .groupby("bucket", num_partitions=partitions)
+            .map_groups(
+                _join_bucket,
+                fn_kwargs={"cache_url": cache_url, "buckets": buckets},
+                batch_format="pyarrow",
+            )
+        )
     cache_fs, _ = storage.filesystem(cache_url)
     scores = ray.data.read_parquet(
         files, filesystem=storage.arrow_filesystem(cache_fs), schema=CACHE_SCHEMA
     )
-    if deduplicate:
-        # The cache was not folded, and a retried batch or a duplicate row may have stored a
-        # trace twice (with equal values): keep one.
-        scores = scores.groupby("trace_id", num_partitions=partitions).map_groups(
-            lambda group: group.slice(0, 1), batch_format="pyarrow"
-        )
+    # A retried batch or a duplicate row may have stored a trace twice (with equal values).
+    scores = scores.groupby("trace_id", num_partitions=partitions).map_groups(
+        lambda group: group.slice(0, 1), batch_format="pyarrow"
+    )
     joined = rows.join(scores, "left_outer", num_partitions=partitions, on=("trace_id",))
     return joined.map_batches(cast_to(SCORED_ROWS_SCHEMA), batch_format="pyarrow")
+
+
+def _join_bucket(group: pa.Table, cache_url: str, buckets: int) -> pa.Table:
+    """Rows of one cache bucket with their scores from its file (null where it has none)."""
+    stored = cache.read_bucket(cache_url, group["bucket"][0].as_py(), buckets)
+    found = stored.take(pc.index_in(group["trace_id"], value_set=stored["trace_id"]))
+    columns = {name: group[name] for name in ROW_META_SCHEMA.names}
+    columns.update({name: found[name] for name in CACHE_SCHEMA.names if name != "trace_id"})
+    return pa.table(columns).select(SCORED_ROWS_SCHEMA.names).cast(SCORED_ROWS_SCHEMA)
 
 
 def _find_duplicates(keys: Any) -> pa.Table:

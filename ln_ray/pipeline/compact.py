@@ -37,7 +37,7 @@ def compact_cache(cache_url: str, buckets: int) -> dict[str, Any]:
     fs, _ = storage.filesystem(cache_url)
     written = (
         ray.data.read_parquet(files, filesystem=storage.arrow_filesystem(fs), schema=CACHE_SCHEMA)
-        .map_batches(_with_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
+        .map_batches(cache.with_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
         .groupby("bucket", num_partitions=reduce_partitions())
         .map_groups(
             _fold, fn_kwargs={"cache_url": cache_url, "buckets": buckets}, batch_format="pyarrow"
@@ -55,10 +55,6 @@ def compact_cache(cache_url: str, buckets: int) -> dict[str, Any]:
     }
     log.info("score cache: folded %d files into %d buckets", len(files), len(written))
     return summary
-
-
-def _with_bucket(table: pa.Table, buckets: int) -> pa.Table:
-    return table.append_column("bucket", cache.bucket_of(table["trace_id"], buckets))
 
 
 def _fold(group: pa.Table, cache_url: str, buckets: int) -> pa.Table:

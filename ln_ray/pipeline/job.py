@@ -146,15 +146,16 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         scored_at = time.time()
         compaction = _compact(cache_url, cfg.output.cache_buckets)
         compacted_at = time.time()
-        if "error" in compaction:  # parts left unfolded: count the distinct traces
-            scored_now = len(cache.cached_trace_ids(cache_url)) - len(cached)
-        else:  # folded: one row per trace, counted from the files' footers
+        folded = "error" not in compaction  # else parts are left, perhaps a trace twice
+        if folded:  # one row per trace, counted from the files' footers
             scored_now = cache.stored_rows(cache_url) - len(cached)
+        else:
+            scored_now = len(cache.cached_trace_ids(cache_url)) - len(cached)
         log.info(
             "scored %d new traces in %.1fs; assembling outputs", scored_now, scored_at - started
         )
         rows, duplicates = assemble_rows(
-            paths, cache_url, late_rejects, deduplicate="error" in compaction
+            paths, cache_url, late_rejects, cfg.output.cache_buckets if folded else None
         )
         per_file, reasons = count_rows(rows, cached)
         inputs = check_inputs(files, shown, per_file, counted(expected_rows))

@@ -70,15 +70,15 @@ def validate_rows(
         cfg.input.columns,
         filesystem=storage.arrow_filesystem(in_fs),
     )
-    compute = cfg.compute
-    # Ray Data runs reading and validating as one task only when no file is split across read
-    # tasks; a read task left waiting on its consumer while holding a CPU could leave none for
-    # the write (a 2-CPU machine hangs). Small shards are grouped, a few to a task.
+    # Ray Data runs reading, validating and writing as one task only when no file is split
+    # across read tasks; a read task left waiting on its consumer while holding a CPU could
+    # leave none for the write (a 2-CPU machine hangs). Small shards are grouped, a few to a
+    # task, and each task writes its rows as one file.
+    task = {"num_cpus": cfg.compute.prepare_cpus, **_task_retries(cfg)}
     validated = ray.data.read_datasource(
         datasource,
-        num_cpus=compute.prepare_cpus,
         override_num_blocks=read_tasks(len(files), datasource.estimate_inmemory_data_size()),
-        ray_remote_args=_task_retries(cfg),
+        ray_remote_args=task,
     ).map_batches(
         validate_batch,
         fn_kwargs={
@@ -89,10 +89,9 @@ def validate_rows(
         },
         batch_format="pyarrow",
         batch_size=None,  # whole read blocks (of BLOCK_ROWS): a batch size would stop the fusion
-        num_cpus=compute.prepare_cpus,
-        **_task_retries(cfg),
+        **task,
     )
-    write_dataset(validated, paths.staged(VALID_DIR), paths.arrow_fs)
+    write_dataset(validated, paths.staged(VALID_DIR), paths.arrow_fs, task_args=task)
     ensure_table(paths.fs, paths.staged(VALID_DIR), VALIDATED_SCHEMA)
     counts = read_valid(
         paths, columns=["reject_reason", "cached"], blocks=reduce_partitions()

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ln_ray.config import ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
-from ln_ray.io import cache
+from ln_ray.io import cache, jsontext
 from ln_ray.prepare.reasoning import ReasoningFormat
 from ln_ray.prepare.render import RenderOptions, TokenizedTrace
 from ln_ray.prepare.rows import (
@@ -107,7 +107,7 @@ def validate_batch(
             trace_id=trace_id(trace, segment.mode, segment.min_chars),
             prompt_id=trace.prompt_id,
             correct=trace.correct,
-            messages=json.dumps(trace.messages, ensure_ascii=False),
+            messages=jsontext.dumps(trace.messages, native=True),
             dup_key=duplicate_key(trace),
             step_chars=None if trace.steps is None else [len(step) for step in trace.steps],
         )
@@ -157,7 +157,7 @@ def tokenize_batch(
     render = render_options(student, scoring)
     out = []
     for row in batch.to_pylist():
-        messages = json.loads(row["messages"])
+        messages = jsontext.loads(row["messages"])
         response = messages[-1]["content"]
         cuts = np.cumsum([0, *row["step_chars"]]) if row["step_chars"] is not None else None
         trace = TraceRow(
@@ -370,7 +370,7 @@ def reasoning_format(student: StudentConfig, scoring: ScoringConfig) -> Reasonin
 
 def duplicate_key(row: TraceRow) -> str:
     """Rows with equal (prompt_id, teacher, response) are duplicates of each other."""
-    payload = json.dumps([row.prompt_id, row.teacher, row.response], ensure_ascii=False)
+    payload = jsontext.dumps([row.prompt_id, row.teacher, row.response], native=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 

@@ -70,21 +70,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _score(cfg: LnRayConfig) -> int:
-    from ln_ray.pipeline.job import read_teacher_table, run_score
-    from ln_ray.pipeline.summary import format_summary
+    from ln_ray.pipeline.job import run_score
 
     manifest = run_score(cfg)
-    print(format_summary(manifest, read_teacher_table(cfg.output.path)))
+    print(_summary_of(manifest, cfg.output.path))
     return 0
 
 
 def _select(output_path: str, overrides: list[str]) -> int:
-    from ln_ray.pipeline.job import read_teacher_table, run_select
-    from ln_ray.pipeline.summary import format_summary
+    from ln_ray.pipeline.job import run_select
 
     cfg = finished_run_config(_read_manifest(output_path)["config"], output_path, overrides)
     manifest = run_select(cfg)
-    print(format_summary(manifest, read_teacher_table(output_path)))
+    print(_summary_of(manifest, output_path))
     return 0
 
 
@@ -97,11 +95,16 @@ def finished_run_config(stored: dict, output_path: str, overrides: list[str]) ->
 
 
 def _summary(output_path: str) -> int:
+    print(_summary_of(_read_manifest(output_path), output_path))
+    return 0
+
+
+def _summary_of(manifest: dict, output_path: str) -> str:
     from ln_ray.pipeline.job import read_teacher_table
     from ln_ray.pipeline.summary import format_summary
 
-    print(format_summary(_read_manifest(output_path), read_teacher_table(output_path)))
-    return 0
+    teachers = read_teacher_table(output_path)
+    return format_summary(manifest, teachers, read_teacher_table(output_path, "teacher_pairs"))
 
 
 def _report(output_path: str) -> int:

@@ -133,6 +133,7 @@ class SelectionConfig:
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    stability_replicates: int = 100
 
 
 @dataclass
@@ -238,6 +239,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cap is None or cap >= 1, "scoring.max_tokens must be >= 1 or null")
     need(cfg.scoring.max_response_chars >= 1, "scoring.max_response_chars must be >= 1")
     need(cfg.selection.bootstrap_samples >= 0, "selection.bootstrap_samples must be >= 0")
+    need(cfg.selection.stability_replicates >= 1, "selection.stability_replicates must be >= 1")
     need(0.0 < cfg.selection.confidence < 1.0, "selection.confidence must be in (0, 1)")
     need(cfg.selection.seed >= 0, "selection.seed must be >= 0")
     need(cfg.compute.actors >= 1, "compute.actors must be >= 1")

@@ -1,6 +1,8 @@
 """``ln-ray report``: one self-contained HTML page (PNG figures inlined) about a finished run.
 
-It shows the teacher table per metric with confidence intervals, each teacher's distribution of
+It shows the teacher table per metric with confidence intervals, the paired comparison of every
+two teachers (mean difference and win rate over shared prompts, pairs told apart marked), how
+many prompts the ranking needs (its stability on random subsets), each teacher's distribution of
 lalp, galp and rsr, how often each teacher wins per metric, how often the metrics agree on the
 selected trace, and the traces whose local and global scores disagree most, with their least
 natural steps highlighted.
@@ -52,6 +54,10 @@ def load_run(output_path: str) -> dict[str, Any]:
         raise FileNotFoundError(str(exc)) from None
 
     def table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        if name in ("teacher_pairs", "teacher_stability") and name not in manifest.get(
+            "outputs", {}
+        ):
+            return pd.DataFrame()  # a run published before they existed
         fs, path = storage.filesystem(output_url(output_path, manifest, name))
         return pq.read_table(
             path, columns=columns, filesystem=storage.arrow_filesystem(fs)
@@ -62,6 +68,8 @@ def load_run(output_path: str) -> dict[str, Any]:
         "scores": table("scores"),
         "selections": table("selections"),
         "teachers": table("teachers"),
+        "pairs": table("teacher_pairs"),
+        "stability": table("teacher_stability"),
         "rows": table(ROWS_DIR, ["trace_id", "step_chars"]).merge(
             table(text_output(manifest), ["trace_id", "messages"]).drop_duplicates("trace_id"),
             on="trace_id",
@@ -99,6 +107,14 @@ def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
             "Teachers",
             _teacher_tables(teachers)
             + _figure(_plot_teachers(teachers, order), "Mean per teacher with its bootstrap CI"),
+        ),
+        _section(
+            "Is one teacher better than another?",
+            _pair_matrices(run["pairs"], order, run["manifest"]),
+        ),
+        _section(
+            "How many prompts the ranking needs",
+            _stability(run["stability"], run["manifest"]),
         ),
         _section(
             "Score distributions",
@@ -151,14 +167,93 @@ def _teacher_tables(teachers: pd.DataFrame) -> str:
         part = teachers[teachers["metric"] == metric]
         rows = "".join(
             f"<tr><td>{r.rank}</td><td>{_e(r.teacher)}</td><td>{r.mean:.4f}</td>"
-            f"<td>[{r.ci_low:.4f}, {r.ci_high:.4f}]</td><td>{r.count}</td><td>{r.wins}</td></tr>"
+            f"<td>[{r.ci_low:.4f}, {r.ci_high:.4f}]</td><td>{r.count}</td>"
+            f"<td>{'-' if pd.isna(r.wins) else int(r.wins)}</td>"
+            f"<td>{_yes_no(getattr(r, 'separated_from_next', None))}</td></tr>"
             for r in part.sort_values("rank").itertuples()
         )
+        better = part["better"].iloc[0] if "better" in part and len(part) else ""
         parts.append(
-            f"<h3>{_e(metric)}</h3><table><tr><th>rank</th><th>teacher</th><th>mean</th>"
-            f"<th>CI</th><th>traces</th><th>wins</th></tr>{rows}</table>"
+            f"<h3>{_e(metric)} <small>({_e(better)} is better)</small></h3><table><tr>"
+            f"<th>rank</th><th>teacher</th><th>mean</th><th>CI</th><th>traces</th><th>wins</th>"
+            f"<th>apart from next</th></tr>{rows}</table>"
         )
     return "".join(parts)
+
+
+def _yes_no(value: Any) -> str:
+    return "" if value is None or pd.isna(value) else ("yes" if value else "no")
+
+
+def _pair_matrices(pairs: pd.DataFrame, order: list[str], manifest: dict[str, Any]) -> str:
+    """Per metric, a teachers x teachers matrix: the row teacher's mean difference from the
+    column teacher and its win rate over their shared prompts; pairs told apart in bold."""
+    if pairs.empty:
+        return "<p>No paired comparisons in this run (fewer than two teachers).</p>"
+    confidence = manifest.get("selection", {}).get("confidence", 0.95)
+    parts = [
+        f"<p>Each cell compares the row teacher with the column teacher on the prompts both "
+        f"answered: the mean difference of their per-prompt values (row minus column, in the "
+        f"metric's own direction) and the share of those prompts where the row teacher is "
+        f"better. <b>Bold</b>: the paired {confidence:.0%} interval of the difference excludes "
+        f"zero, so the two are told apart.</p>"
+    ]
+    for metric in pairs["metric"].drop_duplicates():
+        part = pairs[pairs["metric"] == metric].set_index(["teacher_a", "teacher_b"])
+        cells = []
+        for a in order:
+            row = [f"<th>{_e(a)}</th>"]
+            for b in order:
+                if (a, b) not in part.index:
+                    row.append("<td></td>")
+                    continue
+                pair = part.loc[(a, b)]
+                text = (
+                    f"{pair['mean_diff']:+.4f}<br><small>[{pair['ci_low']:+.4f}, "
+                    f"{pair['ci_high']:+.4f}]</small><br>wins {pair['win_rate']:.0%} of "
+                    f"{int(pair['n_prompts'])}"
+                )
+                row.append(f"<td>{f'<b>{text}</b>' if pair['separated'] else text}</td>")
+            cells.append(f"<tr>{''.join(row)}</tr>")
+        head = "".join(f"<th>{_e(b)}</th>" for b in order)
+        parts.append(
+            f"<h3>{_e(metric)}</h3><table><tr><th></th>{head}</tr>{''.join(cells)}</table>"
+        )
+    return "".join(parts)
+
+
+def _stability(curve: pd.DataFrame, manifest: dict[str, Any]) -> str:
+    if curve.empty:
+        return "<p>No stability curve in this run.</p>"
+    statements = manifest.get("selection", {}).get("stability", {})
+    items = "".join(
+        f"<li>{_e(entry['statement'])}</li>"
+        for entry in statements.values()
+        if entry.get("statement")
+    )
+    return (
+        "<p>How often the teachers' ranking on random subsets of n prompts equals the ranking "
+        "on all of them. Where the curve reaches the top well before your number of prompts, "
+        "more prompts would not change the order; where it reaches it only at the end, they "
+        f"might.</p><ul>{items}</ul>"
+        + _figure(_plot_stability(curve), "Share of random prompt subsets giving the full ranking")
+    )
+
+
+def _plot_stability(curve: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for metric, part in curve.groupby("metric", sort=False):
+        ax.plot(part["n_prompts"], part["agreement"], marker="o", label=metric)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("prompts in the subset")
+    ax.set_ylabel("share giving the full ranking")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    return fig
 
 
 def _agreement_table(shares: pd.DataFrame) -> str:

@@ -137,16 +137,60 @@ SELECTIONS_SCHEMA = pa.schema(
     ]
 )
 
+# The metrics the teacher table ranks, and whether higher is better for each. rsr_dataset is
+# sum(avg_rank) / sum(avg_surprisal) over a teacher's traces; the others are per-trace means.
+TEACHER_METRICS = {
+    "lalp": True,
+    "galp": True,
+    "lalp_token": True,
+    "rsr": False,
+    "rsr_dataset": False,
+    "avg_rank": False,
+    "avg_surprisal": False,
+}
+
+# ``wins`` is null for a metric no selection is made on; ``separated_from_next`` says whether
+# the paired comparison with the next teacher in rank excludes a tie (teacher_pairs/), null for
+# the last teacher.
 TEACHERS_SCHEMA = pa.schema(
     [
         ("teacher", pa.string()),
         ("metric", pa.string()),
+        ("better", pa.string()),
         ("mean", pa.float64()),
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
         ("count", pa.int64()),
         ("wins", pa.int64()),
         ("rank", pa.int64()),
+        ("separated_from_next", pa.bool_()),
+    ]
+)
+
+# teacher_pairs/: every ordered pair of teachers on every metric, over the prompts both
+# answered (ln_ray/aggregate/pairs.py).
+TEACHER_PAIRS_SCHEMA = pa.schema(
+    [
+        ("teacher_a", pa.string()),
+        ("teacher_b", pa.string()),
+        ("metric", pa.string()),
+        ("mean_diff", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("win_rate", pa.float64()),
+        ("n_prompts", pa.int64()),
+        ("separated", pa.bool_()),
+    ]
+)
+
+# teacher_stability/: how often the ranking on random subsets of n prompts equals the full
+# ranking, and the mean Kendall's tau between them (ln_ray/aggregate/stability.py).
+TEACHER_STABILITY_SCHEMA = pa.schema(
+    [
+        ("metric", pa.string()),
+        ("n_prompts", pa.int64()),
+        ("agreement", pa.float64()),
+        ("kendall_tau", pa.float64()),
     ]
 )
 

@@ -135,6 +135,7 @@ def _teacher(name, lalp, rank=None, surprisal=None):
             "teacher": [name] * n,
             "lalp": lalp,
             "galp": lalp,
+            "lalp_token": lalp,
             "rsr": np.asarray(rank or [2.0] * n) / np.asarray(surprisal or [1.0] * n),
             "avg_rank": rank or [2.0] * n,
             "avg_surprisal": surprisal or [1.0] * n,

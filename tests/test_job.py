@@ -15,6 +15,7 @@ from ln_ray.config import ComputeConfig, load_config
 from ln_ray.io import storage
 from ln_ray.pipeline.job import connect_ray, read_teacher_table, run_score, run_select
 from ln_ray.pipeline.outputs import output_url, published_manifest
+from ln_ray.pipeline.summary import format_summary
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +122,32 @@ def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> No
     dataset_rsr = by_teacher["avg_rank"].sum() / by_teacher["avg_surprisal"].sum()
     for teacher in TEACHERS:
         assert teachers.loc[("rsr_dataset", teacher), "mean"] == pytest.approx(dataset_rsr[teacher])
+    for metric in ("lalp_token", "avg_rank", "avg_surprisal"):  # every per-trace metric
+        means = scores.groupby("teacher")[metric].mean()
+        for teacher in TEACHERS:
+            assert teachers.loc[(metric, teacher), "mean"] == pytest.approx(means[teacher])
+            assert pd.isna(teachers.loc[(metric, teacher), "wins"])
+
+    # paired comparisons over the prompts both teachers answered (one trace each here)
+    pairs = read_output(url, "teacher_pairs").set_index(["metric", "teacher_a", "teacher_b"])
+    assert len(pairs) == 7 * len(TEACHERS) * (len(TEACHERS) - 1)
+    wide = scores.pivot(index="prompt_id", columns="teacher", values="lalp")
+    first, second = TEACHERS[0], TEACHERS[1]
+    shared = wide[[first, second]].dropna()
+    row = pairs.loc[("lalp", first, second)]
+    assert row["n_prompts"] == len(shared)
+    assert row["mean_diff"] == pytest.approx((shared[first] - shared[second]).mean())
+    assert row["win_rate"] == pytest.approx(
+        ((shared[first] > shared[second]) + 0.5 * (shared[first] == shared[second])).mean()
+    )
+    ranked = teachers.xs("lalp").sort_values("rank")
+    top, runner_up = ranked.index[0], ranked.index[1]
+    assert (
+        ranked.loc[top, "separated_from_next"] == pairs.loc[("lalp", top, runner_up), "separated"]
+    )
+    curve = read_output(url, "teacher_stability")
+    assert set(curve["metric"]) == set(pairs.index.get_level_values("metric"))
+    assert (curve.groupby("metric")["agreement"].last() == 1.0).all()  # all prompts: the ranking
 
     curated = read_output(url, "curated")
     lalp_ids = set(selections[selections["metric"] == "lalp"]["trace_id"])
@@ -190,6 +217,13 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     assert selected["outputs"]["selections"] == f"_runs/{selected['run_id']}/selections"
     assert selected["run_id"] != on_disk["run_id"]
     assert not read_teacher_table(out).empty
+    assert selected["outputs"]["teacher_pairs"] == f"_runs/{selected['run_id']}/teacher_pairs"
+    summary = format_summary(
+        selected, read_teacher_table(out), read_teacher_table(out, "teacher_pairs")
+    )
+    assert "Pairs told apart" in summary or "Pairs not told apart" in summary
+    statement = selected["selection"]["stability"]["lalp"]["statement"]
+    assert f"{statement[0].upper()}{statement[1:]}." in summary
 
 
 def test_connect_ray_reads_parquet_with_v1_unless_told(ray_cluster, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 from pathlib import Path
@@ -10,7 +11,13 @@ import pytest
 
 from ln_ray.config import load_config
 from ln_ray.pipeline.job import run_score
-from ln_ray.report import disagreeing_traces, load_run, metric_agreement, write_report
+from ln_ray.report import (
+    disagreeing_traces,
+    load_run,
+    metric_agreement,
+    render_report,
+    write_report,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +50,29 @@ def test_report_content(demo_run):
     )
     worst = disagreeing_traces(run["scores"], 5)
     assert len(worst) == 5 and worst["gap"].abs().is_monotonic_decreasing
+    # the paired comparisons and the stability curve are in the run and on the page
+    teachers = sorted(run["scores"]["teacher"].unique())
+    pairs = run["pairs"]
+    assert len(pairs) == len(teachers) * (len(teachers) - 1) * 7
+    assert set(run["stability"]["metric"]) == set(pairs["metric"])
+    page = render_report(run)
+    assert page.count("<h3>lalp</h3><table><tr><th></th>") == 1  # the lalp pair matrix
+    for entry in run["manifest"]["selection"]["stability"].values():
+        assert html.escape(entry["statement"], quote=True) in page
+    separated = pairs[(pairs["metric"] == "lalp") & pairs["separated"]]
+    for row in separated.itertuples():
+        assert f"<b>{row.mean_diff:+.4f}<br>" in page
+
+
+HEADINGS = (
+    "Teachers",
+    "Is one teacher better than another?",
+    "How many prompts the ranking needs",
+    "Score distributions",
+    "Wins",
+    "Do the metrics agree?",
+    "Where local and global disagree most",
+)
 
 
 def _chromium():
@@ -77,11 +107,10 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])"
         )
-        assert len(images) == 4
+        assert len(images) == 5
         assert all(complete and width > 0 for complete, width, _ in images), images
         text = driver.find_element("tag name", "body").text
-        for heading in ("Teachers", "Score distributions", "Wins", "Do the metrics agree?",
-                        "Where local and global disagree most"):  # fmt: skip
+        for heading in HEADINGS:
             assert heading in text
         assert "teacher-scrambled" in text
         assert len(driver.find_elements("tag name", "mark")) >= 5  # least natural steps

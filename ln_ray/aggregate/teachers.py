@@ -1,4 +1,9 @@
-"""Per-teacher statistics: means with bootstrap confidence intervals, wins and ranks."""
+"""Per-teacher statistics: means with bootstrap confidence intervals, wins and ranks.
+
+Each teacher's interval resamples its own traces; whether two teachers are told apart is the
+paired comparison's business (``pairs.py``), and the table's ``separated_from_next`` comes from
+there.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,10 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from ln_ray.aggregate.select import HIGHER_IS_BETTER
-from ln_ray.schema import TEACHERS_SCHEMA
+from ln_ray.aggregate.pairs import RSR_DATASET, TRACE_METRICS
+from ln_ray.aggregate.select import HIGHER_IS_BETTER as SELECTED_ON
+from ln_ray.schema import TEACHER_METRICS, TEACHERS_SCHEMA
 
-# Dataset-level RSR: sum(avg_rank) / sum(avg_surprisal) over a teacher's traces.
-RSR_DATASET = "rsr_dataset"
 _BOOTSTRAP_CELLS = 4_000_000  # resample indices drawn per chunk (bounds memory)
 
 
@@ -32,24 +36,21 @@ def teacher_stats(
         seed: Base seed.
 
     Returns:
-        One row per metric (lalp, galp, rsr, rsr_dataset): teacher, metric, mean, ci_low,
-        ci_high, count.
+        One row per metric (``TEACHER_METRICS``): teacher, metric, mean, ci_low, ci_high, count.
     """
     teacher = str(group["teacher"].iloc[0])
     rng = np.random.default_rng([seed, _stable_hash(teacher)])
     # The resamples index rows: put them in an order that does not depend on the shuffle.
-    group = group.sort_values(
-        [*HIGHER_IS_BETTER, "avg_rank", "avg_surprisal"], kind="stable", ignore_index=True
-    )
+    group = group.sort_values(TRACE_METRICS, kind="stable", ignore_index=True)
     statistics = {
-        metric: _finite(group, [metric], lambda v: v[0].mean(axis=-1))
-        for metric in HIGHER_IS_BETTER
+        metric: _finite(group, [metric], lambda v: v[0].mean(axis=-1)) for metric in TRACE_METRICS
     }
     statistics[RSR_DATASET] = _finite(
         group, ["avg_rank", "avg_surprisal"], lambda v: v[0].sum(axis=-1) / v[1].sum(axis=-1)
     )
     rows = []
-    for metric, (values, statistic) in statistics.items():
+    for metric in TEACHER_METRICS:
+        values, statistic = statistics[metric]
         n = values.shape[1]
         low = high = mean = float("nan")
         if n:
@@ -76,31 +77,55 @@ def count_wins(selections: pd.DataFrame) -> pd.DataFrame:
     return selections.groupby(["metric", "teacher"]).size().rename("wins").reset_index()
 
 
-def rank_teachers(stats: pd.DataFrame, wins: pd.DataFrame) -> pd.DataFrame:
-    """Add wins (prompts where the teacher was selected) and rank (1 = best) per metric.
+def rank_teachers(
+    stats: pd.DataFrame, wins: pd.DataFrame, pairs: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Add the direction, wins (prompts where the teacher was selected), rank (1 = best) and
+    whether each teacher is told apart from the next in rank, per metric.
 
     Args:
         stats: Output rows of ``teacher_stats`` for every teacher.
         wins: Columns metric, teacher, wins (see ``count_wins``).
+        pairs: The paired comparisons (``pairs.paired_comparisons``), if any.
 
     Returns:
         The teacher table in ``TEACHERS_SCHEMA`` columns, sorted by metric then rank.
     """
     won = {(m, t): int(n) for m, t, n in zip(wins["metric"], wins["teacher"], wins["wins"])}
-    # rsr_dataset ranks teachers on the same selections as rsr: the wins are rsr's.
+
+    def wins_of(metric: str, teacher: str) -> int | None:
+        # rsr_dataset ranks teachers on the same selections as rsr: the wins are rsr's.
+        selected_on = "rsr" if metric == RSR_DATASET else metric
+        return won.get((selected_on, teacher), 0) if selected_on in SELECTED_ON else None
+
     table = stats.assign(
-        wins=[
-            won.get(("rsr" if m == RSR_DATASET else m, t), 0)
-            for m, t in zip(stats["metric"], stats["teacher"])
-        ]
+        better=["higher" if TEACHER_METRICS.get(m, False) else "lower" for m in stats["metric"]],
+        wins=pd.array(
+            [wins_of(m, t) for m, t in zip(stats["metric"], stats["teacher"])], dtype="Int64"
+        ),
     )
     ranked = []
     for metric, part in table.groupby("metric", sort=True):
-        higher = HIGHER_IS_BETTER.get(metric, False)
-        key = -part["mean"] if higher else part["mean"]
+        key = -part["mean"] if TEACHER_METRICS.get(metric, False) else part["mean"]
         part = part.assign(_key=key.fillna(np.inf)).sort_values(["_key", "teacher"])
         ranked.append(part.assign(rank=np.arange(1, len(part) + 1)).drop(columns="_key"))
     result = pd.concat(ranked, ignore_index=True) if ranked else table.assign(rank=[])
+    separated = {}
+    if pairs is not None:
+        separated = {
+            (m, a, b): bool(s)
+            for m, a, b, s in zip(
+                pairs["metric"], pairs["teacher_a"], pairs["teacher_b"], pairs["separated"]
+            )
+        }
+    at_rank = {(m, r): t for m, t, r in zip(result["metric"], result["teacher"], result["rank"])}
+    result["separated_from_next"] = pd.array(
+        [
+            separated.get((m, t, at_rank.get((m, r + 1))))
+            for m, t, r in zip(result["metric"], result["teacher"], result["rank"])
+        ],
+        dtype="boolean",
+    )
     return result[TEACHERS_SCHEMA.names].reset_index(drop=True)
 
 

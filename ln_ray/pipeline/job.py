@@ -281,12 +281,15 @@ def read_manifest(output_path: str) -> dict[str, Any]:
         raise JobError(str(exc)) from None
 
 
-def read_teacher_table(output_path: str) -> pd.DataFrame:
-    """The teacher table of the run published under ``output_path``."""
+def read_teacher_table(output_path: str, name: str = "teachers") -> pd.DataFrame:
+    """The teacher table of the run published under ``output_path`` (or ``teacher_pairs``,
+    ``teacher_stability``: empty for a run published before they existed)."""
     import pyarrow.parquet as pq
 
-    url = outputs.output_url(output_path, read_manifest(output_path), "teachers")
-    fs, path = storage.filesystem(url)
+    manifest = read_manifest(output_path)
+    if name != "teachers" and name not in manifest.get("outputs", {}):
+        return pd.DataFrame()
+    fs, path = storage.filesystem(outputs.output_url(output_path, manifest, name))
     return pq.read_table(path, filesystem=storage.arrow_filesystem(fs)).to_pandas()
 
 

@@ -23,7 +23,15 @@ from ln_ray.aggregate.curate import (
     keep_selected,
     with_text,
 )
+from ln_ray.aggregate.pairs import (
+    PROMPT_SUMS_SCHEMA,
+    TRACE_METRICS,
+    merge_prompt_sums,
+    paired_comparisons,
+    prompt_sums,
+)
 from ln_ray.aggregate.select import CANDIDATE_COLUMNS, merge_selections, partial_selections
+from ln_ray.aggregate.stability import ranking_stability, stability_statement, stable_from
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import SelectionConfig
 from ln_ray.io import storage
@@ -32,15 +40,23 @@ from ln_ray.schema import (
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
     SELECTIONS_SCHEMA,
+    TEACHER_METRICS,
+    TEACHER_PAIRS_SCHEMA,
+    TEACHER_STABILITY_SCHEMA,
     TEACHERS_SCHEMA,
     TEXT_COLUMNS,
 )
 
 _CHOSEN = ["metric", "teacher", "trace_id"]  # what wins and the curated set need of selections
-_STATS = [name for name in TEACHERS_SCHEMA.names if name not in ("wins", "rank")]
+_STATS = ["teacher", "metric", "mean", "ci_low", "ci_high", "count"]  # of teacher_stats
 # What the curated set needs of each selected row, besides its text.
 _SELECTED_ROWS = pa.schema(
     [SCORED_ROWS_SCHEMA.field(name) for name in ("source_file", "row_number", *CURATED_KEYS)]
+)
+
+# What the curated set reads of _rows/ to find them (not the scores).
+_ROW_KEYS = pa.schema(
+    [SCORED_ROWS_SCHEMA.field(name) for name in (*_SELECTED_ROWS.names, "reject_reason")]
 )
 
 
@@ -52,7 +68,8 @@ def reduce_scores(
     target: str,
     selection: SelectionConfig,
 ) -> dict[str, Any]:
-    """Write selections/, teachers/ and curated/ under ``target`` from a run's scores.
+    """Write selections/, teachers/, teacher_pairs/, teacher_stability/ and curated/ under
+    ``target`` from a run's scores.
 
     Args:
         fs: The output filesystem (fsspec).
@@ -83,32 +100,39 @@ def reduce_scores(
         for name, schema in (
             ("selections", SELECTIONS_SCHEMA),
             ("teachers", TEACHERS_SCHEMA),
+            ("teacher_pairs", TEACHER_PAIRS_SCHEMA),
+            ("teacher_stability", TEACHER_STABILITY_SCHEMA),
             ("curated", curated_schema(extra_schema([]))),
         ):
             ensure_table(fs, storage.join(target, name), schema)
         return {**summary, "prompts": 0, "prompts_selected": 0, "reduce_s": _since(started)}
     partitions = reduce_partitions()
     # A sort keeps each prompt's rows in one block (but at blocks' edges); each block's winners
-    # are selected at once, and the driver merges the blocks' winners (a few rows per prompt).
-    partials = (
-        scores.select_columns(CANDIDATE_COLUMNS)
+    # and per-(prompt, teacher) sums are computed at once, and the driver merges the blocks'
+    # (a few rows per prompt).
+    ordered = (
+        scores.select_columns(sorted({*CANDIDATE_COLUMNS, *TRACE_METRICS}))
         .sort("prompt_id")
-        .map_batches(
-            partial_selections,
-            fn_kwargs={"filter_correct": filter_correct},
-            batch_format="pyarrow",
-            batch_size=None,
-        )
+        .materialize()
+    )
+    partials = ordered.map_batches(
+        partial_selections,
+        fn_kwargs={"filter_correct": filter_correct},
+        batch_format="pyarrow",
+        batch_size=None,
     )
     selections = merge_selections(collect(partials, SELECTIONS_SCHEMA))
-    fs.makedirs(storage.join(target, "selections"), exist_ok=True)
-    pq.write_table(
-        selections, storage.join(target, "selections", "part-0.parquet"), filesystem=arrow_fs
+    _write_table(selections, target, "selections", arrow_fs)
+    prompts = merge_prompt_sums(
+        collect(
+            ordered.map_batches(prompt_sums, batch_format="pyarrow", batch_size=None),
+            PROMPT_SUMS_SCHEMA,
+        )
     )
     # No rows when no prompt has an eligible candidate (e.g. none is marked correct).
     chosen = selections.select(_CHOSEN).to_pandas()
     stats = (
-        scores.select_columns(["teacher", "lalp", "galp", "rsr", "avg_rank", "avg_surprisal"])
+        scores.select_columns(["teacher", *TRACE_METRICS])
         .groupby("teacher", num_partitions=partitions)
         .map_groups(
             teacher_stats,
@@ -120,18 +144,37 @@ def reduce_scores(
             batch_format="pandas",
         )
     )
-    table = rank_teachers(_to_pandas(stats, _STATS), count_wins(chosen))
-    fs.makedirs(storage.join(target, "teachers"), exist_ok=True)
-    pq.write_table(
-        pa.Table.from_pandas(table, schema=TEACHERS_SCHEMA, preserve_index=False),
-        storage.join(target, "teachers", "part-0.parquet"),
-        filesystem=arrow_fs,
+    pairs = paired_comparisons(
+        prompts,
+        samples=selection.bootstrap_samples,
+        confidence=selection.confidence,
+        seed=selection.seed,
     )
+    _write_table(pairs, target, "teacher_pairs", arrow_fs)
+    curve = ranking_stability(
+        prompts, replicates=selection.stability_replicates, seed=selection.seed
+    )
+    _write_table(curve, target, "teacher_stability", arrow_fs)
+    table = rank_teachers(_to_pandas(stats, _STATS), count_wins(chosen), pairs.to_pandas())
+    _write_table(
+        pa.Table.from_pandas(table, schema=TEACHERS_SCHEMA, preserve_index=False),
+        target,
+        "teachers",
+        arrow_fs,
+    )
+    summary["stability"] = {
+        metric: {
+            "stable_from": stable_from(curve, metric),
+            "prompts": len(prompts.prompts),
+            "statement": stability_statement(curve, metric, len(prompts.teachers)),
+        }
+        for metric in TEACHER_METRICS
+    }
 
     picked = chosen[chosen["metric"] == "lalp"]
     # The rows holding the selected traces (one a prompt), then their text, read once.
     chosen_rows = ray.data.read_parquet(
-        rows_dir, filesystem=arrow_fs, schema=SCORED_ROWS_SCHEMA
+        rows_dir, filesystem=arrow_fs, columns=_ROW_KEYS.names, schema=_ROW_KEYS
     ).map_batches(
         keep_selected,
         fn_kwargs={"selected": pa.array(sorted(set(picked["trace_id"])), pa.string())},
@@ -155,10 +198,17 @@ def reduce_scores(
     ensure_table(fs, storage.join(target, "curated"), schema)
     return {
         **summary,
-        "prompts": len(scores.unique("prompt_id")),
+        "prompts": len(prompts.prompts),
         "prompts_selected": len(picked),
         "reduce_s": _since(started),
     }
+
+
+def _write_table(table: pa.Table, target: str, name: str, arrow_fs: Any) -> None:
+    """A small output, as one file."""
+    path = storage.join(target, name)
+    arrow_fs.create_dir(path, recursive=True)
+    pq.write_table(table, storage.join(path, "part-0.parquet"), filesystem=arrow_fs)
 
 
 def _to_pandas(ds: Any, columns: list[str]) -> pd.DataFrame:

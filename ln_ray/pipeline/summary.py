@@ -9,13 +9,23 @@ import pandas as pd
 _METRIC_TITLES = {
     "lalp": "lalp (local naturalness, higher is better)",
     "galp": "galp (global log-prob, higher is better)",
+    "lalp_token": "lalp_token (local log-prob per token, higher is better)",
     "rsr": "rsr (rank-surprisal ratio, per-trace mean, lower is better)",
     "rsr_dataset": "rsr_dataset (sum of ranks / sum of surprisals, lower is better)",
+    "avg_rank": "avg_rank (mean token rank, lower is better)",
+    "avg_surprisal": "avg_surprisal (mean token surprisal, lower is better)",
 }
 
 
-def format_teacher_table(table: pd.DataFrame, confidence: float = 0.95) -> str:
-    """The teacher table, one block per metric, best first."""
+def format_teacher_table(
+    table: pd.DataFrame,
+    confidence: float = 0.95,
+    pairs: pd.DataFrame | None = None,
+    stability: dict[str, Any] | None = None,
+) -> str:
+    """The teacher table, one block per metric, best first; under each, the pairs of teachers
+    the paired comparison tells apart and those it does not, and whether the prompts settle the
+    ranking."""
     lines = []
     for metric in [m for m in _METRIC_TITLES if m in set(table["metric"])]:
         part = table[table["metric"] == metric].sort_values("rank")
@@ -23,20 +33,54 @@ def format_teacher_table(table: pd.DataFrame, confidence: float = 0.95) -> str:
         lines.append(f"Teachers by {_METRIC_TITLES[metric]}")
         lines.append(
             f"  {'rank':>4}  {'teacher':<{width}}  {'mean':>9}  "
-            f"{f'{confidence:.0%} CI':^21}  {'traces':>6}  {'wins':>5}"
+            f"{f'{confidence:.0%} CI':^21}  {'traces':>6}  {'wins':>5}  apart from next"
         )
         for row in part.itertuples():
             ci = f"[{row.ci_low:9.4f}, {row.ci_high:9.4f}]"
+            wins = "-" if pd.isna(row.wins) else f"{int(row.wins)}"
+            apart = getattr(row, "separated_from_next", None)
+            apart = "" if apart is None or pd.isna(apart) else ("yes" if apart else "no")
             lines.append(
                 f"  {row.rank:>4}  {row.teacher:<{width}}  {row.mean:9.4f}  {ci:>21}  "
-                f"{row.count:>6}  {row.wins:>5}"
+                f"{row.count:>6}  {wins:>5}  {apart}"
             )
+        if pairs is not None and len(pairs):
+            lines.extend(_pair_lines(part, pairs[pairs["metric"] == metric], confidence))
+        statement = (stability or {}).get(metric, {}).get("statement")
+        if statement:
+            lines.append(f"  {statement[0].upper()}{statement[1:]}.")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def format_summary(manifest: dict[str, Any], table: pd.DataFrame) -> str:
-    """Counts, throughput and the teacher table of a finished run."""
+def _pair_lines(ranked: pd.DataFrame, pairs: pd.DataFrame, confidence: float) -> list[str]:
+    """Each pair once, the better-ranked teacher first: separated pairs, then the rest."""
+    rank = dict(zip(ranked["teacher"], ranked["rank"]))
+    shown = pairs[
+        pairs["teacher_a"].map(rank).fillna(1e9) < pairs["teacher_b"].map(rank).fillna(1e9)
+    ].sort_values(["teacher_a", "teacher_b"], key=lambda s: s.map(rank))
+
+    def describe(row) -> str:
+        return (
+            f"{row.teacher_a} vs {row.teacher_b}: {row.mean_diff:+.4f} "
+            f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}], {row.teacher_a} better on "
+            f"{row.win_rate:.0%} of {row.n_prompts} shared prompts"
+        )
+
+    lines = []
+    for separated, title in ((True, "told apart"), (False, "not told apart")):
+        chosen = shown[shown["separated"] == separated]
+        if len(chosen):
+            lines.append(f"  Pairs {title} (paired {confidence:.0%} CI of the difference):")
+            lines.extend(f"    {describe(row)}" for row in chosen.itertuples())
+    return lines
+
+
+def format_summary(
+    manifest: dict[str, Any], table: pd.DataFrame, pairs: pd.DataFrame | None = None
+) -> str:
+    """Counts, throughput and the teacher table of a finished run (with its paired
+    comparisons, ``teacher_pairs/``, when given)."""
     counts = manifest.get("counts", {})
     timings = manifest.get("timings", {})
     speed = manifest.get("throughput", {})
@@ -60,6 +104,8 @@ def format_summary(manifest: dict[str, Any], table: pd.DataFrame) -> str:
         f"  time: scoring {timings.get('score_s', 0):.1f}s, "
         f"reduce {timings.get('reduce_s', 0):.1f}s, total {timings.get('total_s', 0):.1f}s",
         "",
-        format_teacher_table(table, selection.get("confidence", 0.95)),
+        format_teacher_table(
+            table, selection.get("confidence", 0.95), pairs, selection.get("stability")
+        ),
     ]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from ln_ray.prepare.reasoning import REASONING_MODES
@@ -194,7 +194,7 @@ def load_config(
         if base is not None:
             layers.append(OmegaConf.create(base))
         if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.extend(_override_layers(schema, list(overrides)))
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
         raise ConfigError(_explain(exc)) from None
@@ -203,6 +203,33 @@ def load_config(
     cfg: LnRayConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate_config(cfg)
     return cfg
+
+
+def _override_layers(schema: Any, overrides: list[str]) -> list[Any]:
+    """Dotlist overrides as config layers, in order. A value for a string key is kept as typed
+    (YAML would read ``teacher=yes`` as true and ``prompt_id=007`` as 7); ``null`` still unsets
+    an optional one. Other values are parsed as YAML, so numbers, booleans and lists work."""
+    layers = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        node = _schema_node(schema, key.strip()) if sep else None
+        if isinstance(node, StringNode) and not (value == "null" and node._is_optional()):
+            layer = OmegaConf.create()
+            OmegaConf.update(layer, key.strip(), value, force_add=True)
+            layers.append(layer)
+        else:
+            layers.append(OmegaConf.from_dotlist([item]))
+    return layers
+
+
+def _schema_node(schema: Any, key: str) -> Any:
+    """The schema's node for a dotted key (None when there is none)."""
+    node = schema
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    return node
 
 
 def validate_config(cfg: LnRayConfig) -> None:

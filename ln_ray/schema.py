@@ -195,6 +195,21 @@ TEACHER_STABILITY_SCHEMA = pa.schema(
 )
 
 
+# curated/: each prompt's selected trace as chat messages, then every other input column (their
+# types are unified over the selected rows: ln_ray/aggregate/curate.py).
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+CURATED_BASE = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("teacher", pa.string()),
+        ("trace_id", pa.string()),
+        ("correct", pa.bool_()),
+        ("lalp", pa.float64()),
+        ("messages", MESSAGE_TYPE),
+    ]
+)
+
+
 def row_keys(table: pa.Table) -> pa.Array:
     """``source_file`` and ``row_number`` as one text key (null where the row number is)."""
     return pc.binary_join_element_wise(

@@ -31,6 +31,24 @@ def test_dotlist_overrides():
     assert cfg.input.columns.prompt == "question"
 
 
+def test_string_overrides_keep_the_text_as_typed():
+    cfg = load_config(
+        "default",
+        [
+            "input.columns.teacher=yes",  # YAML would read true, then 'True'
+            "input.columns.prompt_id=007",  # and 7
+            "input.columns.response=1e3",
+            "student.chat_template=null",  # null still unsets an optional string
+            "selection.require_correct=no",  # a boolean key still reads YAML
+            "student.template_kwargs.enable_thinking=false",
+        ],
+    )
+    columns = cfg.input.columns
+    assert (columns.teacher, columns.prompt_id, columns.response) == ("yes", "007", "1e3")
+    assert cfg.student.chat_template is None and cfg.selection.require_correct is False
+    assert cfg.student.template_kwargs == {"enable_thinking": False}
+
+
 def test_global_cap_defaults_to_the_students_context():
     assert load_config("default").scoring.max_tokens is None
     assert load_config("default", ["scoring.max_tokens=2048"]).scoring.max_tokens == 2048
@@ -86,6 +104,6 @@ def test_a_finished_runs_config_comes_back_as_stored(tmp_path):
 
 
 def test_commands_on_a_folder_without_a_run_say_so(tmp_path, capsys):
-    for command in ("summary", "select"):
+    for command in ("summary", "select", "report"):  # one check, outputs.published_manifest
         assert main([command, str(tmp_path / "nothing")]) == 2
         assert "manifest.json is missing" in capsys.readouterr().err

@@ -113,6 +113,10 @@ def test_input_steps_win_over_the_segmenter(tiny_tokenizer):
     segmented = prepare_row(ROW, tiny_tokenizer)
     assert segmented.tokens.n_steps == 3
     assert segmented.trace_id != prepared.trace_id  # different steps, different scores
+    # steps without a response (step-annotated datasets): the response is their concatenation
+    steps_only = prepare_row({**ROW, "response": None, "steps": steps}, tiny_tokenizer)
+    assert steps_only.row.response == "".join(steps) and steps_only.tokens.n_steps == 2
+    assert steps_only.trace_id == prepared.trace_id
 
 
 @pytest.mark.parametrize(

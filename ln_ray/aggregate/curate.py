@@ -14,19 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ln_ray.io import jsontext
-from ln_ray.schema import row_keys
+from ln_ray.schema import CURATED_BASE, row_keys
 
-MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-CURATED_BASE = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("teacher", pa.string()),
-        ("trace_id", pa.string()),
-        ("correct", pa.bool_()),
-        ("lalp", pa.float64()),
-        ("messages", MESSAGE_TYPE),
-    ]
-)
 # The curated set's columns that come from the selected row itself (the rest is its text).
 CURATED_KEYS = [name for name in CURATED_BASE.names if name != "messages"]
 _SCALARS = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}

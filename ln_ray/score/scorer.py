@@ -439,7 +439,8 @@ def check_scorable(config: Any, max_tokens: int) -> int | None:
         None. Longer windows run alone (``plan_windows``), so nothing else sees their factors.
 
     Raises:
-        StudentError: The student softcaps attention logits (Gemma-2); its RoPE is dynamic NTK
+        StudentError: The student softcaps attention logits (Gemma-2); its value heads differ in
+            size from its query heads (multi-head latent attention); its RoPE is dynamic NTK
             (transformers rescales it with a call's length and keeps the new frequencies for
             later calls, so scores would depend on batch order); or it is longrope with
             ``max_tokens`` past the switch, where one long global sequence would change the
@@ -451,6 +452,13 @@ def check_scorable(config: Any, max_tokens: int) -> int | None:
         raise StudentError(
             f"the student softcaps attention logits (attn_logit_softcapping={softcap}), "
             "which ln-ray's packed attention does not reproduce: choose another student"
+        )
+    value_size, query_size = _head_sizes(config)
+    if value_size is not None and value_size != query_size:
+        raise StudentError(
+            f"the student's attention has value heads of size {value_size} and query heads of "
+            f"size {query_size} (multi-head latent attention, as in DeepSeek-V2/V3 and "
+            "MiniCPM3), which ln-ray's packed attention does not support: choose another student"
         )
     limits = []
     for rope in _rope_settings(config):
@@ -475,6 +483,19 @@ def check_scorable(config: Any, max_tokens: int) -> int | None:
             f"scoring.max_tokens <= {limit} (the global cap is {max_tokens})"
         )
     return limit
+
+
+def _head_sizes(config: Any) -> tuple[int | None, int | None]:
+    """The value head size a config declares apart from its query heads, and the query head
+    size (MLA configs split it into a part with RoPE and one without); (None, None) where the
+    config declares no value head size of its own."""
+    value = getattr(config, "v_head_dim", None)
+    if value is None:
+        return None, None
+    query = (getattr(config, "qk_nope_head_dim", 0) or 0) + (
+        getattr(config, "qk_rope_head_dim", 0) or 0
+    )
+    return value, query or getattr(config, "head_dim", None)
 
 
 def _rope_settings(config: Any) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.corpus import first_steps, load_rows, sized_trace
-from ln_ray.config import StudentConfig
+from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig
 from ln_ray.score.scorer import StudentScorer
 from ln_ray.score.student import load_student
 
@@ -35,8 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, required=True)
     parser.add_argument("--data", default=None)
-    parser.add_argument("--window", type=int, default=4)
-    parser.add_argument("--token-budget", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=ScoringConfig.window)
+    parser.add_argument("--token-budget", type=int, default=ComputeConfig.token_budget)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 

@@ -29,7 +29,7 @@ import torch
 
 from bench.baselines import NaiveScorer, dense_forward
 from bench.corpus import REPO, Corpus, first_steps, load_rows, pick_corpus
-from ln_ray.config import StudentConfig, load_config
+from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig, load_config
 from ln_ray.score.scorer import StudentScorer
 from ln_ray.score.student import load_student
 
@@ -50,9 +50,9 @@ def main() -> None:
     parser.add_argument("--traces", type=int, default=8, help="traces in the corpus")
     parser.add_argument("--min-tokens", type=int, default=1500)
     parser.add_argument("--max-tokens", type=int, default=3500)
-    parser.add_argument("--window", type=int, default=4)
-    parser.add_argument("--token-budget", type=int, default=4096)
-    parser.add_argument("--batch-traces", type=int, default=16)
+    parser.add_argument("--window", type=int, default=ScoringConfig.window)
+    parser.add_argument("--token-budget", type=int, default=ComputeConfig.token_budget)
+    parser.add_argument("--batch-traces", type=int, default=ComputeConfig.batch_traces)
     parser.add_argument("--naive-batch", type=int, default=8, help="windows per padded batch")
     parser.add_argument("--long-tokens", type=int, default=32768)
     parser.add_argument("--short-tokens", type=int, default=1024)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from ln_ray.config import ScoringConfig
+
 
 def _forward_logprobs(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary fp32 logits and log-softmax of one unpadded sequence."""
@@ -19,7 +21,15 @@ def _forward_logprobs(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor
     return logits, torch.log_softmax(logits, dim=-1)
 
 
-def reference_scores(model, trace, *, window=4, fraction=None, max_tokens=10**9, rank_clip=100):
+def reference_scores(
+    model,
+    trace,
+    *,
+    window=ScoringConfig.window,
+    fraction=None,
+    max_tokens=10**9,
+    rank_clip=ScoringConfig.rank_clip,
+):
     """Score one TokenizedTrace by brute force; returns a dict like TraceScores' fields."""
     ids = trace.input_ids.tolist()
     p = trace.prefix_len

@@ -81,8 +81,8 @@ def connect_ray(compute: ComputeConfig) -> None:
         else ShuffleStrategy.SHUFFLE_V2
     )
     # The job reads back its own staged Parquet several times. Ray Data's V2 Parquet reader plans
-    # each read as a file-listing task, then read tasks (1-2 s per read on a small cluster);
-    # the V1 reader lists in the driver (7 s less per run). RAY_DATA_USE_DATASOURCE_V2 overrides.
+    # each read as a file-listing task before its read tasks, a task's start-up at every read;
+    # the V1 reader lists in the driver. RAY_DATA_USE_DATASOURCE_V2 overrides.
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         context.use_datasource_v2 = False
     # Ray Data splits every read into at least 200 blocks; the job's reads of its own staged

@@ -10,9 +10,10 @@ from run to run (docs/BENCHMARKS.md has the measurements). Fixed thresholds (32 
 
 That reuse suits rows of at most ``token_budget`` tokens, whose blocks have the same few sizes row
 after row. A longer row (one long global sequence) allocates blocks that grow with its length, and
-keeping those in the heap fragments it: a 32K-token trace then peaked at 1.46 GB over the loaded
-student, against 0.59 GB now. Such rows run under ``map_large_blocks``, where every block of 1 MB
-or more is mapped on its own and unmapped when freed, as glibc's default does for large blocks.
+keeping those in the heap fragments it, so a long trace's peak memory grows well past what its
+blocks need (docs/BENCHMARKS.md). Such rows run under ``map_large_blocks``, where every block of
+1 MB or more is mapped on its own and unmapped when freed, as glibc's default does for large
+blocks.
 
 The settings are per process and only change how freed memory is reused, never what is computed.
 """

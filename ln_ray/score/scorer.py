@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ln_ray.config import ComputeConfig, ScoringConfig
 from ln_ray.prepare.render import TokenizedTrace
 from ln_ray.score.allocator import keep_freed_memory, map_large_blocks
 from ln_ray.score.attention import (
@@ -145,12 +146,12 @@ class StudentScorer:
         self,
         model: torch.nn.Module,
         *,
-        window: int = 4,
-        window_fraction: float | None = None,
-        rank_clip: int = 100,
+        window: int = ScoringConfig.window,
+        window_fraction: float | None = ScoringConfig.window_fraction,
+        rank_clip: int = ScoringConfig.rank_clip,
         max_tokens: int | None = None,
-        token_budget: int = 4096,
-        head_chunk: int = 0,
+        token_budget: int = ComputeConfig.token_budget,
+        head_chunk: int = ComputeConfig.head_chunk,
     ) -> None:
         settle_vector_math()  # before the first multi-threaded cos of RoPE: see vector_math
         self.max_tokens = _global_cap(declared_context(model), max_tokens)

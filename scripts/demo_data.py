@@ -1,6 +1,7 @@
-"""Write the embedded demo dataset, ``traces.jsonl`` next to this file, deterministically.
+"""Write the embedded demo dataset, ``ln_ray/demo/traces.jsonl``, deterministically.
 
-Run ``python -m ln_ray.demo.generate`` to rewrite it (``--check`` only verifies it is up to date).
+A build-time script: only the data ships in the package. Run ``python scripts/demo_data.py`` to
+rewrite it (``--check`` only verifies it is up to date; the tests run that).
 The sample is built from hand-written problem templates (shopping totals, average speeds, ages,
 fractions, percentages, unit conversions, a river crossing, race ordering, heads and legs, test
 averages) whose numbers are drawn with a fixed seed, so every prompt is different and every run
@@ -35,7 +36,7 @@ from pathlib import Path
 
 SEED = 20250611
 PROMPTS_PER_KIND = 3
-DATA_PATH = Path(__file__).with_name("traces.jsonl")
+DATA_PATH = Path(__file__).resolve().parent.parent / "ln_ray" / "demo" / "traces.jsonl"
 TEACHERS = ("teacher-clear", "teacher-scrambled", "teacher-terse", "teacher-verbose")
 _NUMBER = re.compile(r"\d+")
 
@@ -715,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.out.read_text(encoding="utf-8") if args.out.exists() else None
         if current != text:
-            print(f"{args.out} is out of date: run python -m ln_ray.demo.generate", file=sys.stderr)
+            print(f"{args.out} is out of date: run python scripts/demo_data.py", file=sys.stderr)
             return 1
         return 0
     args.out.write_text(text, encoding="utf-8", newline="\n")

@@ -261,6 +261,29 @@ def _cache_rows(ids: list[str], lalp: float) -> pa.Table:
     )
 
 
+def test_every_scoring_setting_but_the_row_filter_is_in_the_cache_key():
+    """The key is derived from the scoring config's fields: a new field changes it unless it is
+    listed as deciding only which rows are scored."""
+    import dataclasses
+
+    base = ScoringConfig()
+    key = cache.cache_key("student", base)
+    changed = {
+        "render": "conversation",
+        "reasoning": "student",
+        "window": 2,
+        "window_fraction": 0.5,
+        "rank_clip": 10,
+        "max_tokens": 512,
+        "max_response_chars": 10,
+    }
+    assert set(changed) == {f.name for f in dataclasses.fields(ScoringConfig)}
+    for name, value in changed.items():
+        other = cache.cache_key("student", dataclasses.replace(base, **{name: value}))
+        assert (other == key) == (name in cache._NOT_IN_KEY), name
+    assert cache.cache_key("another student", base) != key
+
+
 def test_folding_keeps_one_row_per_trace_in_its_bucket(tmp_path):
     url = str(tmp_path / "cache")
     ids = [hashlib.sha256(str(n).encode()).hexdigest()[:32] for n in range(32)]

@@ -198,7 +198,12 @@ def test_paired_comparisons_match_loops_with_partly_disjoint_prompts():
 
 
 def test_results_do_not_depend_on_input_order():
-    scores = difficulty_corpus(20)
+    rng = np.random.default_rng(0)
+    rows = difficulty_corpus(20).to_pylist()
+    for p in range(20):  # several traces of a teacher on a prompt, of very different sizes
+        for _ in range(5):
+            rows.append(trace(f"p{p:03d}", "c", float(rng.normal() * 10.0 ** rng.integers(-5, 16))))
+    scores = scores_table(rows)
     shuffled = scores.take(np.random.default_rng(1).permutation(scores.num_rows))
     one = paired_comparisons(prompt_table(scores), samples=100, confidence=0.95, seed=2)
     two = paired_comparisons(prompt_table(shuffled), samples=100, confidence=0.95, seed=2)

@@ -71,11 +71,16 @@ class PromptTable:
 
 def prompt_sums(scores: pa.Table) -> pa.Table:
     """Per (prompt_id, teacher) in ``scores``: each metric's sum and count of finite values (the
-    sums of any split of the traces add up, so blocks can be summed apart and merged)."""
+    sums of any split of the traces add up, so blocks can be summed apart and merged).
+
+    Traces are summed in trace_id order: a float sum depends on the order of its terms, and a
+    group's sum must not depend on the order its rows arrived in.
+    """
     import polars as pl
 
-    frame = pl.from_arrow(scores.select(["prompt_id", "teacher", *TRACE_METRICS]))
+    frame = pl.from_arrow(scores.select(["prompt_id", "teacher", "trace_id", *TRACE_METRICS]))
     assert isinstance(frame, pl.DataFrame)
+    frame = frame.sort(["prompt_id", "teacher", "trace_id"])
     both = pl.col("avg_rank").is_finite() & pl.col("avg_surprisal").is_finite()
     columns = {name: pl.col(name).cast(pl.Float64) for name in TRACE_METRICS}
     columns["rsr_rank"] = pl.when(both).then(pl.col("avg_rank")).cast(pl.Float64)
@@ -85,7 +90,7 @@ def prompt_sums(scores: pa.Table) -> pa.Table:
         finite = column.is_finite().fill_null(False)
         aggregations.append(pl.when(finite).then(column).otherwise(0.0).sum().alias(f"{name}_sum"))
         aggregations.append(finite.cast(pl.Int64).sum().alias(f"{name}_n"))
-    summed = frame.group_by(["prompt_id", "teacher"]).agg(aggregations)
+    summed = frame.group_by(["prompt_id", "teacher"], maintain_order=True).agg(aggregations)
     return (
         summed.sort(["prompt_id", "teacher"])
         .to_arrow()

@@ -121,7 +121,7 @@ def _report(output_path: str) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from ln_ray.io.storage import InputError
     from ln_ray.plan import format_plan, plan_run
-    from ln_ray.score.student import StudentError
+    from ln_ray.score.vetting import StudentError
 
     cfg = load_config(args.config_name, [f"input.path={args.input_path}", *args.overrides])
     try:

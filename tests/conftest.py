@@ -6,8 +6,9 @@ import copy
 import os
 
 import pytest
+from helpers import make_tiny_llama
 
-from bench.tiny import make_tiny_causal_lm, train_tiny_tokenizer
+from bench.tiny import train_tiny_tokenizer
 from ln_ray.config import StudentConfig
 
 
@@ -15,11 +16,6 @@ from ln_ray.config import StudentConfig
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in-process, with a ChatML template."""
     return train_tiny_tokenizer()
-
-
-def make_tiny_llama(vocab_size: int, seed: int = 0, attn: str = "eager"):
-    """A 2-layer random Llama with grouped-query attention (fp32, CPU)."""
-    return make_tiny_causal_lm("llama", vocab_size, seed, attn_implementation=attn)
 
 
 @pytest.fixture

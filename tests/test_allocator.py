@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from test_scorer import make_traces
+from helpers import make_traces
 
 from ln_ray.score import scorer as scorer_module
 from ln_ray.score.allocator import keep_freed_memory, on_glibc

@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_causal_lm
-from test_scorer import make_traces
+from helpers import make_tiny_causal_lm, make_traces
 
 from ln_ray.score import attention
 from ln_ray.score.attention import Segment, varlen_index

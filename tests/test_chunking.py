@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from ln_ray.score.chunking import chunk_mlps
 

@@ -13,9 +13,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_causal_lm
+from helpers import make_tiny_causal_lm, make_traces
 from reference import reference_scores
-from test_scorer import make_traces
 
 from ln_ray.score import attention
 from ln_ray.score.packing import pack_by_budget

@@ -10,44 +10,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import TEACHERS, make_rows, read_output
 
 from ln_ray.config import ComputeConfig, load_config
-from ln_ray.io import storage
 from ln_ray.pipeline.job import connect_ray, read_teacher_table, run_score, run_select
-from ln_ray.pipeline.outputs import output_url, published_manifest
 from ln_ray.pipeline.summary import format_summary
 
 pytestmark = pytest.mark.slow
-
-TEACHERS = ("alpha", "beta", "gamma")
-SENTENCES = [
-    "First, compute the total cost.",
-    "3 apples at $2 each is 6 dollars.",
-    "Then add the 4 dollar sandwich.",
-    "Wait, let me double-check the arithmetic.",
-    "3 * 2 = 6 and 6 + 4 = 10.",
-    "So the answer is 10.",
-    "The train travels 120 km in 2 hours, so its speed is 60 km/h.",
-]
-
-
-def make_rows(n_prompts: int = 6, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for p in range(n_prompts):
-        for t, teacher in enumerate(TEACHERS):
-            steps = rng.sample(SENTENCES, rng.randint(2, 5))
-            rows.append(
-                {
-                    "prompt_id": f"q{p}",
-                    "prompt": f"Puzzle {p}: what is the total?",
-                    "teacher": teacher,
-                    "response": " ".join(steps),
-                    "correct": not (p % 3 == 0 and t == 0),
-                    "source": f"batch-{p % 2}",
-                }
-            )
-    return rows
 
 
 def write_shards(fs, root: str, rows: list[dict]) -> list[str]:
@@ -62,12 +31,6 @@ def write_shards(fs, root: str, rows: list[dict]) -> list[str]:
     with fs.open(f"{root}/part-1.parquet", "wb") as handle:
         pq.write_table(pa.Table.from_pylist(rows[half:]), handle)
     return [f"{root}/part-0.jsonl", f"{root}/part-1.parquet"]
-
-
-def read_output(url: str, name: str) -> pd.DataFrame:
-    """An output of the run published under ``url``, found through its manifest."""
-    fs, path = storage.filesystem(output_url(url, published_manifest(url), name))
-    return pq.read_table(path, filesystem=storage.arrow_filesystem(fs)).to_pandas()
 
 
 def expected_selections(scores: pd.DataFrame, filter_correct: bool) -> dict[tuple[str, str], str]:

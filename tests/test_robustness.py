@@ -20,8 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_job import make_rows, read_output
-from test_stages import parquet_with_a_corrupt_row_group
+from helpers import make_rows, parquet_with_a_corrupt_row_group, read_output
 
 from ln_ray.config import ConfigError, load_config
 from ln_ray.io import cache

@@ -3,46 +3,14 @@
 from __future__ import annotations
 
 import copy
-import random
 
 import numpy as np
 import pytest
-from conftest import make_tiny_causal_lm
+from helpers import make_tiny_causal_lm, make_traces
 from reference import assert_matches_reference, reference_scores
 
-from ln_ray.prepare.render import tokenize_trace
 from ln_ray.score.scorer import StudentScorer
 from ln_ray.score.vetting import StudentError
-
-_SENTENCES = [
-    "First, compute the total cost. ",
-    "3 apples at $2 each is 6 dollars. ",
-    "Then add the 4 dollar sandwich.",
-    "\nWait, let me double-check the arithmetic. ",
-    "3 * 2 = 6 and 6 + 4 = 10. ",
-    "So the answer is 10.",
-    " ",
-    "x",
-    "\n\nThe train travels 120 km in 2 hours, so its speed is 60 km/h. ",
-    "Therefore the farmer crosses the river first.",
-]
-
-
-def make_traces(tokenizer, count: int = 5, seed: int = 0):
-    """Traces of varied length and step structure (including steps too short to own a token)."""
-    rng = random.Random(seed)
-    traces = []
-    for i in range(count):
-        steps = [rng.choice(_SENTENCES) for _ in range(rng.randint(1, 12))]
-        messages = [
-            {
-                "role": "user",
-                "content": f"Puzzle {i}: " + "what is the total? " * rng.randint(1, 4),
-            },
-            {"role": "assistant", "content": "".join(steps)},
-        ]
-        traces.append(tokenize_trace(tokenizer, messages, steps))
-    return traces
 
 
 @pytest.mark.parametrize(

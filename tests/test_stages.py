@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pyarrow.parquet as pq_
 import pytest
 import torch
+from helpers import parquet_with_a_corrupt_row_group
 
 from ln_ray.config import ColumnsConfig, ComputeConfig, ScoringConfig, SegmentConfig, StudentConfig
 from ln_ray.io import cache
@@ -127,18 +128,6 @@ def test_numeric_prompt_ids_read_the_same_from_jsonl_and_parquet():
     rows = list(iter_parquet(io.BytesIO(buffer.getvalue()), ColumnsConfig()))
     assert [r["prompt_id"] for r in rows] == ["1", None, None, "2.5"]
     assert [r["read_error"] is None for r in rows] == [True, True, True, False]
-
-
-def parquet_with_a_corrupt_row_group(rows: list[dict]) -> bytes:
-    """The rows in row groups of three; the second group's response page is garbage."""
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer, row_group_size=3)
-    data = bytearray(buffer.getvalue())
-    shard = pq.ParquetFile(io.BytesIO(bytes(data)))
-    column = shard.schema_arrow.get_field_index("response")
-    page = shard.metadata.row_group(1).column(column).data_page_offset
-    data[page : page + 6] = b"\xff" * 6
-    return bytes(data)
 
 
 def test_a_corrupt_parquet_row_group_costs_only_its_rows():

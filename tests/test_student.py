@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from ln_ray.config import StudentConfig
 from ln_ray.score import student

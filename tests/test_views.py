@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from reference import assert_matches_reference, reference_scores
 from templates import END_OF_TURN, FAMILIES, REASONING, TRACES
 

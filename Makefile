@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install browser demo test bench bench-scale lint format report clean
+.PHONY: install browser demo test test-fast bench bench-scale lint format report clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ report: install
 
 test: lint browser
 	$(BIN)/pytest
+
+# The fast tier: everything but the Ray jobs and the real SmolLM2 (tests marked slow).
+test-fast: install
+	$(BIN)/pytest -m "not slow"
 
 # Figures side by side (ratios from one run) into bench/results.json; about 30 minutes on 2 CPUs.
 bench: install

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from golden.smollm2 import LOGPROB_ATOL, METRIC_ATOL, RANK_AGREEMENT, TABLE, compute
+
+pytestmark = pytest.mark.slow  # the real SmolLM2
 
 METRICS = ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
 REBLESS = (

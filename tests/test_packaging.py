@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from setuptools import find_packages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +20,7 @@ def test_every_folder_of_modules_is_a_package():
     assert folders <= found, folders - found
 
 
+@pytest.mark.slow  # builds and installs the wheel, then runs a job
 def test_the_built_wheel_scores_from_outside_the_checkout(tiny_student_dir, tmp_path):
     """The wheel alone (its configs included) runs `ln-ray score` with a local Ray, with
     neither the checkout on the path nor its folder as the working directory."""

@@ -91,6 +91,7 @@ def ray_head(tmp_path):
             current.write_text(before)
 
 
+@pytest.mark.slow  # starts a Ray head with its job server
 def test_ray_job_submit_runs_the_readme_command_and_publishes(ray_head, tiny_student_dir, tmp_path):
     address, env = ray_head
     words = readme_submit_command()

@@ -36,6 +36,7 @@ from typing import Any
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from bench.moto import moto_s3_server
 from bench.tiny import SENTENCES, make_tiny_causal_lm, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,7 +173,6 @@ def measure_s3_copies(folder: Path, student: str, settings: list[str]) -> int:
     publishing should copy nothing."""
     import boto3
     from moto.s3.models import S3Backend
-    from moto.server import ThreadedMotoServer
 
     copied = [0]
     copy_object, upload_part_copy = S3Backend.copy_object, S3Backend.upload_part_copy
@@ -186,37 +186,18 @@ def measure_s3_copies(folder: Path, student: str, settings: list[str]) -> int:
         copied[0] += part.size
         return part
 
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     S3Backend.copy_object, S3Backend.upload_part_copy = counted_copy, counted_part_copy
     try:
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
-        shards = folder.parent / "s3-input"
-        shards.mkdir(exist_ok=True)
-        for path in sorted(folder.glob("*.jsonl"))[:5]:
-            shutil.copy(path, shards / path.name)
-        for _ in range(2):
-            _run_in_process(shards, "s3://bench/out", student, settings)
+        with moto_s3_server() as endpoint:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+            shards = folder.parent / "s3-input"
+            shards.mkdir(exist_ok=True)
+            for path in sorted(folder.glob("*.jsonl"))[:5]:
+                shutil.copy(path, shards / path.name)
+            for _ in range(2):
+                _run_in_process(shards, "s3://bench/out", student, settings)
     finally:
         S3Backend.copy_object, S3Backend.upload_part_copy = copy_object, upload_part_copy
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return copied[0]
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 from helpers import make_tiny_llama
 
+from bench.moto import moto_s3_server
 from bench.tiny import train_tiny_tokenizer
 from ln_ray.config import StudentConfig
 
@@ -45,28 +45,8 @@ def tiny_student_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; s3fs finds it through AWS_ENDPOINT_URL (set before Ray)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-        AWS_ACCESS_KEY_ID="testing-key-id",
-        AWS_SECRET_ACCESS_KEY="testing-secret-key",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    yield f"http://{host}:{port}"
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")

@@ -103,8 +103,9 @@ def _summary_of(manifest: dict, output_path: str) -> str:
     from ln_ray.pipeline.job import read_teacher_table
     from ln_ray.pipeline.summary import format_summary
 
-    teachers = read_teacher_table(output_path)
-    return format_summary(manifest, teachers, read_teacher_table(output_path, "teacher_pairs"))
+    teachers = read_teacher_table(output_path, manifest=manifest)
+    pairs = read_teacher_table(output_path, "teacher_pairs", manifest)
+    return format_summary(manifest, teachers, pairs)
 
 
 def _report(output_path: str) -> int:

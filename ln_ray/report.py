@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from ln_ray.io import storage
 from ln_ray.pipeline.outputs import (
     ROWS_DIR,
     OutputError,
-    output_url,
     published_manifest,
+    read_published,
     text_output,
 )
 
@@ -54,14 +53,7 @@ def load_run(output_path: str) -> dict[str, Any]:
         raise FileNotFoundError(str(exc)) from None
 
     def table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
-        if name in ("teacher_pairs", "teacher_stability") and name not in manifest.get(
-            "outputs", {}
-        ):
-            return pd.DataFrame()  # a run published before they existed
-        fs, path = storage.filesystem(output_url(output_path, manifest, name))
-        return pq.read_table(
-            path, columns=columns, filesystem=storage.arrow_filesystem(fs)
-        ).to_pandas()
+        return read_published(output_path, manifest, name, columns)
 
     return {
         "manifest": manifest,

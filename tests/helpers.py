@@ -13,8 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.tiny import make_tiny_causal_lm
-from ln_ray.io import storage
-from ln_ray.pipeline.outputs import output_url, published_manifest
+from ln_ray.pipeline.outputs import published_manifest, read_published
 from ln_ray.prepare.render import tokenize_trace
 
 __all__ = [
@@ -98,8 +97,7 @@ def make_rows(n_prompts: int = 6, seed: int = 0) -> list[dict]:
 
 def read_output(url: str, name: str) -> pd.DataFrame:
     """An output of the run published under ``url``, found through its manifest."""
-    fs, path = storage.filesystem(output_url(url, published_manifest(url), name))
-    return pq.read_table(path, filesystem=storage.arrow_filesystem(fs)).to_pandas()
+    return read_published(url, published_manifest(url), name)
 
 
 def parquet_with_a_corrupt_row_group(rows: list[dict]) -> bytes:

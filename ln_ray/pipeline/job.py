@@ -282,16 +282,13 @@ def read_manifest(output_path: str) -> dict[str, Any]:
         raise JobError(str(exc)) from None
 
 
-def read_teacher_table(output_path: str, name: str = "teachers") -> pd.DataFrame:
+def read_teacher_table(
+    output_path: str, name: str = "teachers", manifest: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """The teacher table of the run published under ``output_path`` (or ``teacher_pairs``,
-    ``teacher_stability``: empty for a run published before they existed)."""
-    import pyarrow.parquet as pq
-
-    manifest = read_manifest(output_path)
-    if name != "teachers" and name not in manifest.get("outputs", {}):
-        return pd.DataFrame()
-    fs, path = storage.filesystem(outputs.output_url(output_path, manifest, name))
-    return pq.read_table(path, filesystem=storage.arrow_filesystem(fs)).to_pandas()
+    ``teacher_stability``: empty for a run published before they existed); ``manifest``: its
+    manifest, when the caller has read it already."""
+    return outputs.read_published(output_path, manifest or read_manifest(output_path), name)
 
 
 def _compact(cache_url: str, buckets: int) -> dict[str, Any]:

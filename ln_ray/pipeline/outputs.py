@@ -158,6 +158,24 @@ def output_url(output_url: str, manifest: dict[str, Any], name: str) -> str:
     return storage.join(output_url, located)
 
 
+# Outputs added after runs were first published: a run published before them has none.
+LATER_OUTPUTS = ("teacher_pairs", "teacher_stability")
+
+
+def read_published(
+    root: str, manifest: dict[str, Any], name: str, columns: list[str] | None = None
+) -> Any:
+    """Output ``name`` (``columns`` only, default all) of the run published under ``root`` with
+    ``manifest``, as a pandas DataFrame; empty for one of ``LATER_OUTPUTS`` the run predates."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    if name in LATER_OUTPUTS and name not in manifest.get("outputs", {}):
+        return pd.DataFrame()
+    fs, path = storage.filesystem(output_url(root, manifest, name))
+    return pq.read_table(path, columns=columns, filesystem=storage.arrow_filesystem(fs)).to_pandas()
+
+
 def text_output(manifest: dict[str, Any]) -> str:
     """The output holding the rows' text: ``_valid/``, or ``_rows/`` for a run published before
     the text was kept apart."""

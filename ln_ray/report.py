@@ -27,6 +27,7 @@ from ln_ray.pipeline.outputs import (
     read_published,
     text_output,
 )
+from ln_ray.schema import TEACHER_METRICS
 
 METRICS = ("lalp", "galp", "rsr")
 REPORT_NAME = "report.html"
@@ -304,7 +305,7 @@ def _plot_teachers(teachers: pd.DataFrame, order: list[str]):
         ax.errorbar(part["mean"], y, xerr=np.nan_to_num(err), fmt="o", capsize=4)
         ax.set_yticks(y, order)
         ax.invert_yaxis()
-        ax.set_title(f"{metric} ({'lower' if metric == 'rsr' else 'higher'} is better)")
+        ax.set_title(f"{metric} ({'higher' if TEACHER_METRICS[metric] else 'lower'} is better)")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig

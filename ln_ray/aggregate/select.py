@@ -13,10 +13,10 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from ln_ray.schema import SELECTIONS_SCHEMA
+from ln_ray.schema import SELECTIONS_SCHEMA, TEACHER_METRICS
 
-# Which way is better for each selection metric.
-HIGHER_IS_BETTER = {"lalp": True, "galp": True, "rsr": False}
+# The metrics a trace is selected by, and which way is better for each.
+HIGHER_IS_BETTER = {metric: TEACHER_METRICS[metric] for metric in ("lalp", "galp", "rsr")}
 CANDIDATE_COLUMNS = ["prompt_id", "teacher", "trace_id", "correct", "lalp", "galp", "rsr"]
 
 

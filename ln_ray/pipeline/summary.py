@@ -6,14 +6,20 @@ from typing import Any
 
 import pandas as pd
 
+from ln_ray.schema import TEACHER_METRICS
+
+_METRIC_NAMES = {
+    "lalp": "local naturalness",
+    "galp": "global log-prob",
+    "lalp_token": "local log-prob per token",
+    "rsr": "rank-surprisal ratio, per-trace mean",
+    "rsr_dataset": "sum of ranks / sum of surprisals",
+    "avg_rank": "mean token rank",
+    "avg_surprisal": "mean token surprisal",
+}
 _METRIC_TITLES = {
-    "lalp": "lalp (local naturalness, higher is better)",
-    "galp": "galp (global log-prob, higher is better)",
-    "lalp_token": "lalp_token (local log-prob per token, higher is better)",
-    "rsr": "rsr (rank-surprisal ratio, per-trace mean, lower is better)",
-    "rsr_dataset": "rsr_dataset (sum of ranks / sum of surprisals, lower is better)",
-    "avg_rank": "avg_rank (mean token rank, lower is better)",
-    "avg_surprisal": "avg_surprisal (mean token surprisal, lower is better)",
+    metric: f"{metric} ({name}, {'higher' if TEACHER_METRICS[metric] else 'lower'} is better)"
+    for metric, name in _METRIC_NAMES.items()
 }
 
 

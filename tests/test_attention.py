@@ -45,7 +45,7 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, e
 
 def test_varlen_index_gathers_each_segments_prefix_then_itself():
     segments = [
-        Segment(trace=0, start=0, length=3, records_prefix=2),  # a global sequence
+        Segment(trace=0, start=0, length=3, records_prefix_len=2),  # a global sequence
         Segment(trace=1, start=3, length=2, uses_prefix=True),
         Segment(trace=0, start=5, length=2, uses_prefix=True),
     ]

@@ -17,7 +17,7 @@ from helpers import make_tiny_causal_lm, make_traces
 from reference import reference_scores
 
 from ln_ray.score import attention
-from ln_ray.score.packing import pack_by_budget
+from ln_ray.score.planning import pack_by_budget
 from ln_ray.score.scorer import StudentScorer
 from ln_ray.score.transfer import to_device
 

@@ -1,4 +1,4 @@
-"""Packing into token budgets, position ids, and the packed attention against a dense mask."""
+"""Position ids in a pack, and the packed attention against a dense mask."""
 
 import pytest
 import torch
@@ -11,24 +11,6 @@ from ln_ray.score.attention import (
     packed_positions,
     segment_attention,
 )
-from ln_ray.score.packing import pack_by_budget
-
-
-def test_pack_longest_first_within_budget():
-    lengths = [5, 30, 12, 12, 40, 3]
-    rows = pack_by_budget(lengths, budget=45)
-    assert rows[0][0] == 4  # the longest sequence comes first
-    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in row) <= 45 for row in rows)
-
-
-def test_oversized_sequence_gets_its_own_row():
-    rows = pack_by_budget([100, 10, 10], budget=32)
-    assert rows == [[0], [1, 2]]
-
-
-def test_packing_is_deterministic_on_ties():
-    assert pack_by_budget([4, 4, 4, 4], budget=8) == [[0, 1], [2, 3]]
 
 
 def test_positions_restart_per_segment_and_continue_after_prefix():
@@ -69,8 +51,8 @@ def test_segment_attention_equals_independent_sequences():
     torch.manual_seed(0)
     heads, kv_heads, dim = 4, 2, 8
     segments = [
-        Segment(0, 0, 6, records_prefix=4),
-        Segment(1, 6, 5, records_prefix=2),
+        Segment(0, 0, 6, records_prefix_len=4),
+        Segment(1, 6, 5, records_prefix_len=2),
         Segment(0, 11, 3, uses_prefix=True),
         Segment(1, 14, 4, uses_prefix=True),
     ]
@@ -92,7 +74,7 @@ def test_segment_attention_equals_independent_sequences():
 def test_segment_attention_keeps_the_sliding_window(window):
     torch.manual_seed(2)
     segments = [
-        Segment(0, 0, 9, records_prefix=5),
+        Segment(0, 0, 9, records_prefix_len=5),
         Segment(0, 9, 4, uses_prefix=True),  # sees 5 prefix keys: more than some windows
         Segment(1, 13, 2),
     ]

@@ -1,6 +1,6 @@
 """Keep glibc's allocator from returning scoring's working memory to the kernel after every layer.
 
-A CPU forward pass allocates and frees tensors of 1-30 MB per decoder layer (a 4,096-token row
+A CPU forward pass allocates and frees tensors of 1-30 MB per decoder layer (a 4,096-token pack
 through SmolLM2's MLP: four of 25 MB). glibc serves blocks over its mmap threshold with fresh
 ``mmap`` calls and trims the heap's free top once it passes its trim threshold; either way the next
 layer's tensors land on new pages, which the kernel faults in and zeroes 4 KB at a time. Both
@@ -8,12 +8,12 @@ thresholds move with the allocation history by default, so how much a run pays f
 from run to run (docs/BENCHMARKS.md has the measurements). Fixed thresholds (32 MB for mmap,
 128 MB kept at the heap's top) make each layer reuse the memory the last one freed.
 
-That reuse suits rows of at most ``token_budget`` tokens, whose blocks have the same few sizes row
-after row. A longer row (one long global sequence) allocates blocks that grow with its length, and
-keeping those in the heap fragments it, so a long trace's peak memory grows well past what its
-blocks need (docs/BENCHMARKS.md). Such rows run under ``map_large_blocks``, where every block of
-1 MB or more is mapped on its own and unmapped when freed, as glibc's default does for large
-blocks.
+That reuse suits packs of at most ``token_budget`` tokens, whose blocks have the same few sizes
+pack after pack. A longer pack (one long global sequence) allocates blocks that grow with its
+length, and keeping those in the heap fragments it, so a long trace's peak memory grows well past
+what its blocks need (docs/BENCHMARKS.md). Such packs run under ``map_large_blocks``, where every
+block of 1 MB or more is mapped on its own and unmapped when freed, as glibc's default does for
+large blocks.
 
 The settings are per process and only change how freed memory is reused, never what is computed.
 """

@@ -1,10 +1,11 @@
 """Exact attention over packed sequences, with a shared chat prefix computed once per trace.
 
-Many short sequences (a trace's global sequence, its local windows) are packed into one row of at
-most ``token_budget`` tokens. Each is a *segment*; a segment attends only to itself (causally) and,
-for local windows, to its trace's prefix keys and values, which the trace's global segment recorded:
+Many short sequences (a trace's global sequence, its local windows) are packed into one *pack* of
+at most ``token_budget`` tokens, run as one forward call (``planning.py``). Each is a *segment*; a
+segment attends only to itself (causally) and, for local windows, to its trace's prefix keys and
+values, which the trace's global segment recorded:
 
-    packed row:   [ global(t0): prefix|r.... ][ window(t0) ][ window(t0) ][ global(t1) ... ]
+    pack:         [ global(t0): prefix|r.... ][ window(t0) ][ window(t0) ][ global(t1) ... ]
     keys seen:      itself, causal              prefix(t0) + itself, causal   ...
 
 This equals running every window as its own fresh sequence ``prefix + window`` (positions from 0):
@@ -15,7 +16,7 @@ The function plugs into transformers' ``AttentionInterface`` so the model's own 
 RoPE, norms, MLPs) run unchanged; only the attention kernel call is replaced.
 
 Two kernels run it. On a GPU in fp16/bf16, where torch has FlashAttention's varlen kernel
-(``torch.nn.attention.varlen``), the whole row is one call: each segment's keys are gathered as
+(``torch.nn.attention.varlen``), the whole pack is one call: each segment's keys are gathered as
 ``prefix + own tokens`` and the kernel's causal mask, aligned to the bottom right when a segment has
 more keys than queries, is exactly the mask above. Elsewhere (CPU, fp32) each segment is one SDPA
 call; batching them into one padded call was slower on a CPU.
@@ -45,14 +46,14 @@ ATTENTION_NAME = "ln_ray_segments"
 
 @dataclass(frozen=True)
 class Segment:
-    """One sequence inside a packed row.
+    """One sequence inside a pack.
 
     Attributes:
         trace: Index of the trace the segment belongs to.
-        start: Offset of the segment's first token in the packed row.
+        start: Offset of the segment's first token in the pack.
         length: Number of tokens.
         uses_prefix: Attend to the trace's recorded prefix keys/values before its own tokens.
-        records_prefix: Number of leading tokens whose keys/values are recorded as the trace's
+        records_prefix_len: Number of leading tokens whose keys/values are recorded as the trace's
             prefix (0 for none).
     """
 
@@ -60,7 +61,7 @@ class Segment:
     start: int
     length: int
     uses_prefix: bool = False
-    records_prefix: int = 0
+    records_prefix_len: int = 0
 
     @property
     def stop(self) -> int:
@@ -69,9 +70,10 @@ class Segment:
 
 @dataclass
 class PrefixStore:
-    """Per trace: the chat prefix's keys and values (after RoPE) per layer, and its last hidden row.
+    """Per trace: the chat prefix's keys and values (after RoPE) per layer, and the hidden state
+    of its last position.
 
-    The last hidden row predicts the first token after the prefix, which is the first token of a
+    That hidden state predicts the first token after the prefix, which is the first token of a
     window that has no context steps.
     """
 
@@ -85,13 +87,13 @@ class PrefixStore:
 
 @dataclass(frozen=True)
 class VarlenIndex:
-    """Where each segment's queries and keys lie when a packed row runs as one varlen call.
+    """Where each segment's queries and keys lie when a pack runs as one varlen call.
 
-    Keys are gathered from ``cat(prefix bank, row keys)``: the bank holds the prefixes of
-    ``traces`` end to end, then come the row's own keys.
+    Keys are gathered from ``cat(prefix bank, pack keys)``: the bank holds the prefixes of
+    ``traces`` end to end, then come the pack's own keys.
 
     Attributes:
-        traces: Traces whose prefixes the row's segments attend to, in bank order.
+        traces: Traces whose prefixes the pack's segments attend to, in bank order.
         gather: ``[total keys]`` index of each segment's keys (its prefix, then its own tokens).
         cu_q: ``[segments + 1]`` int32 offsets of each segment's queries.
         cu_k: ``[segments + 1]`` int32 offsets of each segment's keys.
@@ -110,10 +112,10 @@ class VarlenIndex:
 def varlen_index(
     segments: list[Segment], prefix_lens: dict[int, int], device: torch.device
 ) -> VarlenIndex:
-    """The varlen layout of a row whose segments tile it from offset 0, in order.
+    """The varlen layout of a pack whose segments tile it from offset 0, in order.
 
     Args:
-        segments: The row's segments.
+        segments: The pack's segments.
         prefix_lens: Recorded prefix length of every trace a segment attends to.
         device: Where the index tensors go.
     """
@@ -124,7 +126,7 @@ def varlen_index(
         bank_size += prefix_lens[trace]
     parts, cu_q, cu_k = [], [0], [0]
     for seg in segments:
-        assert seg.start == cu_q[-1], "segments must tile the row in order"
+        assert seg.start == cu_q[-1], "segments must tile the pack in order"
         keys = seg.length
         if seg.uses_prefix:
             first = bank_start[seg.trace]
@@ -145,11 +147,11 @@ def varlen_index(
 
 @dataclass
 class PackedLayout:
-    """What the attention function needs to know about a packed row (passed as a forward kwarg)."""
+    """What the attention function needs to know about a pack (passed as a forward kwarg)."""
 
     segments: list[Segment]
     store: PrefixStore
-    varlen: VarlenIndex | None = None  # built by the row's first layer, when the kernel is varlen
+    varlen: VarlenIndex | None = None  # built by the pack's first layer, when the kernel is varlen
 
 
 def varlen_kernel(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
@@ -163,7 +165,7 @@ def varlen_kernel(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
 
 
 def attention_kernel(model: torch.nn.Module) -> str:
-    """Which kernel scores this student's packed rows, in words (logged, and recorded in the
+    """Which kernel scores this student's packs, in words (logged, and recorded in the
     manifest): the varlen kernel, or one SDPA call per segment, and the dtype they run in."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or (
@@ -205,7 +207,7 @@ def segment_attention(
     sliding_window: int | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """Attention for a packed row: block-diagonal causal, plus shared prefixes.
+    """Attention for a pack: block-diagonal causal, plus shared prefixes.
 
     Shapes follow transformers' attention interface: query ``[1, heads, n, d]``, key and value
     ``[1, kv_heads, n, d]``; returns ``[1, n, heads, d]``. ``sliding_window`` is the layer's
@@ -230,14 +232,14 @@ def segment_attention(
     layer = module.layer_idx
     store = ln_layout.store
     for seg in ln_layout.segments:
-        if seg.records_prefix:
-            n = seg.records_prefix
+        if seg.records_prefix_len:
+            n = seg.records_prefix_len
             k = key[:, :, seg.start : seg.start + n]
             v = value[:, :, seg.start : seg.start + n]
             store.kv[(seg.trace, layer)] = (k.clone(), v.clone())
     kernel = varlen_kernel(query)
     if kernel is not None:
-        return _varlen_row(
+        return _varlen_pack(
             kernel, query, key, value, ln_layout, layer, scaling, sliding_window
         ), None
     out = torch.empty_like(query)
@@ -279,7 +281,7 @@ def causal_mask(
     return mask
 
 
-def _varlen_row(
+def _varlen_pack(
     kernel: Callable[..., torch.Tensor],
     query: torch.Tensor,
     key: torch.Tensor,
@@ -289,7 +291,7 @@ def _varlen_row(
     scaling: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """The whole row in one varlen call; returns ``[1, n, heads, d]``."""
+    """The whole pack in one varlen call; returns ``[1, n, heads, d]``."""
     store = layout.store
     if layout.varlen is None:
         prefix_lens = {
@@ -300,10 +302,10 @@ def _varlen_row(
         layout.varlen = varlen_index(layout.segments, prefix_lens, query.device)
     index = layout.varlen
 
-    def gathered(row: torch.Tensor, part: int) -> torch.Tensor:
+    def gathered(own: torch.Tensor, part: int) -> torch.Tensor:
         # [1, kv_heads, n, d] tensors -> [keys, kv_heads, d], each segment's prefix then itself.
         bank = [store.kv[(trace, layer)][part][0].transpose(0, 1) for trace in index.traces]
-        return torch.cat([*bank, row[0].transpose(0, 1)]).index_select(0, index.gather)
+        return torch.cat([*bank, own[0].transpose(0, 1)]).index_select(0, index.gather)
 
     out = kernel(
         query[0].transpose(0, 1).contiguous(),
@@ -331,7 +333,7 @@ def install_segment_attention(model: torch.nn.Module) -> None:
 
 
 def packed_positions(segments: list[Segment], prefix_lens: list[int]) -> torch.Tensor:
-    """Position ids for a packed row: each segment restarts at 0, or at ``P`` after a prefix."""
+    """Position ids for a pack: each segment restarts at 0, or at ``P`` after a prefix."""
     parts = [
         torch.arange(seg.length) + (prefix_lens[seg.trace] if seg.uses_prefix else 0)
         for seg in segments

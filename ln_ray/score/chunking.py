@@ -1,9 +1,9 @@
-"""Run each decoder layer's MLP on a long row a chunk of tokens at a time.
+"""Run each decoder layer's MLP on a long pack a chunk of tokens at a time.
 
 A 32K-token global sequence through SmolLM2's MLP would hold four ``[32K x 1536]`` fp32 tensors at
 once (800 MB); for a 7B student it is gigabytes. The MLP is position-wise (each token's output
 depends on that token alone), so running it on slices of the token axis gives the same values and
-bounds its working memory by the chunk. Attention needs the whole row and is not chunked; its
+bounds its working memory by the chunk. Attention needs the whole pack and is not chunked; its
 kernel (flash attention on CPU and GPU) already works in tiles.
 """
 

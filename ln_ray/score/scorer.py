@@ -1,22 +1,16 @@
 """StudentScorer: global and local log-probs, ranks and metrics for a batch of traces.
 
-One call runs two phases over packed rows (see ``attention.py`` for the packing):
+The scorer runs a plan (``planning.py``: which sequences, which predictions to keep) in two passes
+over packs of sequences (``attention.py`` keeps a pack's sequences apart):
 
 1. global: one sequence per trace, ``prefix + r_1..r_g`` (``g`` response tokens, capped by
    ``max_tokens``, by default the student's declared context); yields the global log-prob and
    rank of every scored response token, the local log-probs of the first ``k + 1`` steps (their
-   windows are prefixes of this sequence), and records the chat prefix's keys/values for phase 2;
+   windows are prefixes of this sequence), and records the chat prefix's keys/values and its last
+   position's hidden state for phase 2;
 2. local: the remaining windows (``windows.py``), each attending to its trace's recorded prefix.
 
-Hidden state row ``t`` predicts token ``t + 1``. For a sequence ``x_0..x_{L-1}`` with prefix length
-``P`` the response token ``r_j = x_{P+j-1}`` is predicted by row ``P + j - 2``:
-
-    tokens:  x_0 ... x_{P-1} | r_1     r_2   ...  r_g
-    rows:    h_0 ... h_{P-1} | h_P     h_{P+1} ... (last row predicts nothing)
-    predicts:x_1 ... r_1     | r_2     r_3   ...
-
-so the scored rows are ``P-1 .. P+g-2``. A window starting at response token ``c`` (positions
-``P + c ..``) predicts its first token from the prefix's last row ``h_{P-1}``, also recorded.
+Then ``metrics.py`` turns each trace's token log-probs into GALP, LALP, RSR and the rest.
 """
 
 from __future__ import annotations
@@ -42,11 +36,10 @@ from ln_ray.score.attention import (
 from ln_ray.score.chunking import chunk_mlps
 from ln_ray.score.logprobs import TokenHead
 from ln_ray.score.metrics import trace_metrics
-from ln_ray.score.packing import pack_by_budget
+from ln_ray.score.planning import ScoredSequence, ScoringPlan, pack_sequences, plan_scoring
 from ln_ray.score.transfer import to_device
 from ln_ray.score.vector_math import settle_vector_math
 from ln_ray.score.vetting import check_scorable, declared_context, resolve_global_cap
-from ln_ray.score.windows import plan_windows
 
 log = logging.getLogger(__name__)
 
@@ -72,46 +65,12 @@ class TraceScores:
 
 
 @dataclass
-class ScoredSequence:
-    """A sequence to run through the model and which of its predictions to keep."""
-
-    trace: int
-    tokens: np.ndarray
-    uses_prefix: bool
-    records_prefix: int
-    first_row: int  # row predicting the first scored token; -1: the prefix's last row
-    targets: np.ndarray
-    target_offset: int  # response index of the first scored token
-    is_global: bool
-
-
-@dataclass
-class RowScores:
-    """A packed row's results, still on the device: its sequences' scored tokens, in order."""
+class PackScores:
+    """A pack's results, still on the device: its sequences' scored tokens, in order."""
 
     sequences: list[ScoredSequence]
     logprobs: torch.Tensor
     ranks: torch.Tensor | None
-
-
-@dataclass
-class ScoringPlan:
-    """What one ``score`` call runs: the global pass, then the local windows.
-
-    Attributes:
-        n_global: Per trace, how many leading response tokens the global pass scores.
-        reused: Per trace, how many leading response tokens take their local log-prob from the
-            global pass (their windows are prefixes of the global sequence).
-        global_sequences: One per trace, ``prefix + r_1..r_g``.
-        window_sequences: Every other window, without the prefix (it attends to the recorded one).
-        model_tokens: Per trace, the tokens it runs through the model: prefix once, every window.
-    """
-
-    n_global: list[int]
-    reused: list[int]
-    global_sequences: list[ScoredSequence]
-    window_sequences: list[ScoredSequence]
-    model_tokens: list[int]
 
 
 class StudentScorer:
@@ -238,111 +197,36 @@ class StudentScorer:
         return results
 
     def plan(self, traces: Sequence[TokenizedTrace]) -> ScoringPlan:
-        """The sequences ``score(traces)`` runs, without running them."""
-        n_global = [self._global_tokens(t) for t in traces]
-        windows = [
-            plan_windows(
-                t.step_bounds,
-                self.window,
-                self.window_fraction,
-                g,
-                None if self.rope_limit is None else self.rope_limit - t.prefix_len,
-            )
-            for t, g in zip(traces, n_global)
-        ]
-        globals_ = [
-            self._global_sequence(i, t, g, needs_prefix=bool(windows[i][1]))
-            for i, (t, g) in enumerate(zip(traces, n_global))
-        ]
-        plan = ScoringPlan(
-            n_global=n_global,
-            reused=[reused for reused, _ in windows],
-            global_sequences=globals_,
-            window_sequences=[
-                self._window_sequence(i, traces[i], span)
-                for i, (_, spans) in enumerate(windows)
-                for span in spans
-            ],
-            model_tokens=[len(seq.tokens) for seq in globals_],
-        )
-        for seq in plan.window_sequences:
-            plan.model_tokens[seq.trace] += len(seq.tokens)
-        return plan
-
-    def _global_tokens(self, trace: TokenizedTrace) -> int:
-        # The prefix always runs whole (windows need its keys/values); responses are capped.
-        return max(0, min(trace.n_response, self.max_tokens - trace.prefix_len))
-
-    def _global_sequence(
-        self, index: int, trace: TokenizedTrace, n_global: int, needs_prefix: bool
-    ) -> ScoredSequence:
-        p = trace.prefix_len
-        return ScoredSequence(
-            trace=index,
-            tokens=trace.input_ids[: p + n_global],
-            uses_prefix=False,
-            records_prefix=p if needs_prefix else 0,
-            first_row=p - 1,
-            targets=trace.input_ids[p : p + n_global],
-            target_offset=0,
-            is_global=True,
-        )
-
-    def _window_sequence(self, index: int, trace: TokenizedTrace, span) -> ScoredSequence:
-        p = trace.prefix_len
-        if self.rope_limit is not None and p + span.length > self.rope_limit:
-            # Past the limit the student's RoPE frequencies depend on the sequence's length, so
-            # this window (a single step's, see ``plan_windows``) cannot reuse a prefix run at
-            # another length: it runs as its own sequence, prefix included, in a row of its own.
-            return ScoredSequence(
-                trace=index,
-                tokens=np.concatenate(
-                    [trace.input_ids[:p], trace.input_ids[p + span.context_start : p + span.stop]]
-                ),
-                uses_prefix=False,
-                records_prefix=0,
-                first_row=p + span.score_start - span.context_start - 1,
-                targets=trace.input_ids[p + span.score_start : p + span.stop],
-                target_offset=span.score_start,
-                is_global=False,
-            )
-        return ScoredSequence(
-            trace=index,
-            tokens=trace.input_ids[p + span.context_start : p + span.stop],
-            uses_prefix=True,
-            records_prefix=0,
-            first_row=span.score_start - span.context_start - 1,
-            targets=trace.input_ids[p + span.score_start : p + span.stop],
-            target_offset=span.score_start,
-            is_global=False,
+        """The sequences ``score(traces)`` runs, without running them (``planning.py``)."""
+        return plan_scoring(
+            traces,
+            window=self.window,
+            window_fraction=self.window_fraction,
+            max_tokens=self.max_tokens,
+            rope_limit=self.rope_limit,
         )
 
     def _run(
         self, sequences: list[ScoredSequence], traces: Sequence[TokenizedTrace], store: PrefixStore
     ):
-        """Forward packed rows of ``sequences``; yield ``(sequence, logprobs, ranks)`` for each.
+        """Forward ``sequences`` in packs; yield ``(sequence, logprobs, ranks)`` for each.
 
-        Every row is queued before any result comes back to the host: on a GPU the host builds
-        the next row while the device computes the last, and waits once, for the whole pass.
+        Every pack is queued before any result comes back to the host: on a GPU the host builds
+        the next pack while the device computes the last, and waits once, for the whole pass.
         """
         prefix_lens = [t.prefix_len for t in traces]
-        lengths = [len(s.tokens) for s in sequences]
-        if self.rope_limit is not None:
-            # A sequence past the RoPE limit would change its row mates' frequencies: packing
-            # it as longer than the budget gives it a row of its own.
-            lengths = [n if n <= self.rope_limit else self.token_budget + n for n in lengths]
-        rows: list[RowScores] = []
-        for row in pack_by_budget(lengths, self.token_budget):
-            rows += self._score_row([sequences[i] for i in row], prefix_lens, store)
-        if not rows:
+        scored: list[PackScores] = []
+        for pack in pack_sequences(sequences, self.token_budget, self.rope_limit):
+            scored += self._score_pack([sequences[i] for i in pack], prefix_lens, store)
+        if not scored:
             return
-        logprobs = torch.cat([row.logprobs for row in rows]).cpu().numpy()
+        logprobs = torch.cat([s.logprobs for s in scored]).cpu().numpy()
         ranks = None
-        if rows[0].ranks is not None:
-            ranks = torch.cat([row.ranks for row in rows]).cpu().numpy()  # type: ignore[misc]
+        if scored[0].ranks is not None:
+            ranks = torch.cat([s.ranks for s in scored]).cpu().numpy()  # type: ignore[misc]
         offset = 0
-        for row in rows:
-            for seq in row.sequences:
+        for pack_scores in scored:
+            for seq in pack_scores.sequences:
                 n = len(seq.targets)
                 yield (
                     seq,
@@ -351,38 +235,38 @@ class StudentScorer:
                 )
                 offset += n
 
-    def _score_row(
-        self, batch: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore
-    ) -> list[RowScores]:
-        """One packed row; on out-of-memory, split it in halves and try again."""
+    def _score_pack(
+        self, pack: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore
+    ) -> list[PackScores]:
+        """One pack; on out-of-memory, split it in halves and try again."""
         try:
-            return [self._forward_row(batch, prefix_lens, store)]
+            return [self._forward_pack(pack, prefix_lens, store)]
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if len(batch) == 1 or not _is_out_of_memory(exc):
+            if len(pack) == 1 or not _is_out_of_memory(exc):
                 raise
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        half = len(batch) // 2
+        half = len(pack) // 2
         log.warning(
-            "out of memory on a row of %d tokens: splitting it in two",
-            sum(len(s.tokens) for s in batch),
+            "out of memory on a pack of %d tokens: splitting it in two",
+            sum(len(s.tokens) for s in pack),
         )
-        return self._score_row(batch[:half], prefix_lens, store) + self._score_row(
-            batch[half:], prefix_lens, store
+        return self._score_pack(pack[:half], prefix_lens, store) + self._score_pack(
+            pack[half:], prefix_lens, store
         )
 
-    def _forward_row(
-        self, batch: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore
-    ) -> RowScores:
+    def _forward_pack(
+        self, pack: list[ScoredSequence], prefix_lens: list[int], store: PrefixStore
+    ) -> PackScores:
         segments, start = [], 0
-        for seq in batch:
+        for seq in pack:
             segments.append(
-                Segment(seq.trace, start, len(seq.tokens), seq.uses_prefix, seq.records_prefix)
+                Segment(seq.trace, start, len(seq.tokens), seq.uses_prefix, seq.records_prefix_len)
             )
             start += len(seq.tokens)
-        ids = to_device(np.concatenate([s.tokens for s in batch]), self.device)
+        ids = to_device(np.concatenate([s.tokens for s in pack]), self.device)
         positions = to_device(packed_positions(segments, prefix_lens), self.device)
-        targets = to_device(np.concatenate([s.targets for s in batch]), self.device)
+        targets = to_device(np.concatenate([s.targets for s in pack]), self.device)
         with map_large_blocks(start > self.token_budget):  # a long sequence alone: see allocator
             hidden = self.body(
                 input_ids=ids[None],
@@ -390,24 +274,24 @@ class StudentScorer:
                 use_cache=False,
                 ln_layout=PackedLayout(segments, store),
             ).last_hidden_state[0]
-        rows = []
-        for seq, seg in zip(batch, segments):
-            if seq.records_prefix:
-                # A copy: a view would keep the whole row's hidden states alive.
-                store.hidden[seq.trace] = hidden[seg.start + seq.records_prefix - 1][None].clone()
+        predictors = []  # per sequence, the hidden states that predict its targets
+        for seq, seg in zip(pack, segments):
+            if seq.records_prefix_len:
+                # A copy: a view would keep the whole pack's hidden states alive.
+                last = seg.start + seq.records_prefix_len - 1
+                store.hidden[seq.trace] = hidden[last][None].clone()
             n = len(seq.targets)
-            if seq.first_row >= 0:
-                first = seg.start + seq.first_row
-                rows.append(hidden[first : first + n])
+            if seq.first_predictor is None:
+                own = hidden[seg.start : seg.start + n - 1]
+                predictors.append(torch.cat([store.hidden[seq.trace], own]))
             else:
-                rows.append(
-                    torch.cat([store.hidden[seq.trace], hidden[seg.start : seg.start + n - 1]])
-                )
+                first = seg.start + seq.first_predictor
+                predictors.append(hidden[first : first + n])
         lp, rank = self.head.score(
-            torch.cat(rows), targets, with_rank=batch[0].is_global, chunk=self.head_chunk
+            torch.cat(predictors), targets, with_rank=pack[0].is_global, chunk=self.head_chunk
         )
         self.model_tokens += start
-        return RowScores(batch, lp, rank)
+        return PackScores(pack, lp, rank)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -1,9 +1,9 @@
 """Host-to-device copies that do not make the host wait for the GPU.
 
 A plain ``tensor.to("cuda")`` from ordinary (pageable) host memory synchronizes: the host waits
-until the GPU has finished everything queued so far, then copies. Once per packed row, that would
-leave the GPU idle while the host builds the next row. Staged through pinned memory the copy is
-queued behind the GPU's work instead, and the host goes on building the next row.
+until the GPU has finished everything queued so far, then copies. Once per pack, that would
+leave the GPU idle while the host builds the next pack. Staged through pinned memory the copy is
+queued behind the GPU's work instead, and the host goes on building the next pack.
 """
 
 from __future__ import annotations

@@ -50,9 +50,9 @@ report: install
 test: lint browser
 	$(BIN)/pytest
 
-# The fast tier: everything but the Ray jobs and the real SmolLM2 (tests marked slow).
+# The unit tier alone (tests/unit), without its few tests that load the real SmolLM2.
 test-fast: install
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest tests/unit -m "not slow"
 
 # Figures side by side (ratios from one run) into bench/results.json; about 30 minutes on 2 CPUs.
 bench: install

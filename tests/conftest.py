@@ -5,17 +5,24 @@ from __future__ import annotations
 import copy
 
 import pytest
-from helpers import make_tiny_llama
 
 from bench.moto import moto_s3_server
 from bench.tiny import train_tiny_tokenizer
 from ln_ray.config import StudentConfig
+from tests.helpers import make_tiny_llama
+from tests.templates import with_markers
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in-process, with a ChatML template."""
     return train_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def marker_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer, knowing the template families' role markers and reasoning tags."""
+    return with_markers(tiny_tokenizer)
 
 
 @pytest.fixture

@@ -7,24 +7,40 @@ from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.tiny import make_tiny_causal_lm
+from ln_ray.config import ColumnsConfig
+from ln_ray.io.shards import _blocks, iter_jsonl
 from ln_ray.pipeline.outputs import published_manifest, read_published
 from ln_ray.prepare.render import tokenize_trace
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout: tests/ sits at its top
+
 __all__ = [
+    "GOOD_ROW",
+    "LONGROPE",
+    "REPO",
     "SENTENCES",
     "TEACHERS",
+    "TOTAL_RESPONSE",
+    "TOTAL_ROW",
+    "TRACE_METRICS",
+    "difficulty_corpus",
     "make_rows",
     "make_tiny_causal_lm",
     "make_tiny_llama",
     "make_traces",
+    "metric_trace",
     "parquet_with_a_corrupt_row_group",
+    "raw_table",
     "read_output",
+    "scores_table",
 ]
 
 
@@ -110,3 +126,73 @@ def parquet_with_a_corrupt_row_group(rows: list[dict]) -> bytes:
     page = shard.metadata.row_group(1).column(column).data_page_offset
     data[page : page + 6] = b"\xff" * 6
     return bytes(data)
+
+
+# Phi-3's longrope: long factors for any sequence longer than 80 tokens (4096 in Phi-3.5-mini).
+LONGROPE = {
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * 8,
+        "long_factor": [4.0] * 8,
+        "original_max_position_embeddings": 80,
+    },
+    "original_max_position_embeddings": 80,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+# One prompt with a two-sentence response.
+TOTAL_RESPONSE = (
+    "First, compute the total cost. 3 apples at $2 each is 6 dollars.\nSo the answer is 6."
+)
+TOTAL_ROW = {
+    "prompt_id": "q1",
+    "prompt": "What is the total?",
+    "teacher": "t1",
+    "response": TOTAL_RESPONSE,
+}
+
+# A valid input row, as a teacher shard holds it.
+GOOD_ROW = {
+    "prompt_id": 1,
+    "prompt": "Q?",
+    "teacher": "t",
+    "response": "First, add the numbers. Then we are done.",
+}
+
+
+def raw_table(lines: bytes, columns: ColumnsConfig | None = None) -> pa.Table:
+    """JSONL ``lines`` as the reader's blocks (``RAW_SCHEMA``), concatenated."""
+    rows = iter_jsonl(io.BytesIO(lines), columns or ColumnsConfig())
+    return pa.concat_tables(list(_blocks(rows, "mem://shard.jsonl")))
+
+
+TRACE_METRICS = ["lalp", "galp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"]
+
+
+def scores_table(rows: list[dict]) -> pa.Table:
+    """Score rows with trace ids ``t0, t1, ...`` in order."""
+    return pa.Table.from_pylist(
+        [{"trace_id": f"t{i}", **row} for i, row in enumerate(rows)],
+    )
+
+
+def metric_trace(prompt: str, teacher: str, value: float, **extra) -> dict:
+    """A scored trace whose every metric is ``value`` (ranks and surprisals kept positive)."""
+    row = {m: value for m in TRACE_METRICS}
+    row.update(avg_rank=abs(value) + 1.0, avg_surprisal=abs(value) + 2.0)
+    row.update(prompt_id=prompt, teacher=teacher, **extra)
+    return row
+
+
+def difficulty_corpus(prompts: int = 30, seed: int = 0) -> pa.Table:
+    """Teacher "a" is 0.3 better than "b" on every prompt, prompts differ by several units."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(prompts):
+        base = rng.normal(0, 5)
+        rows.append(metric_trace(f"p{p:03d}", "a", base + 0.3 + rng.normal(0, 0.02)))
+        rows.append(metric_trace(f"p{p:03d}", "b", base + rng.normal(0, 0.02)))
+    return scores_table(rows)

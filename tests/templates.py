@@ -14,7 +14,10 @@ Each keeps the one behaviour of its family that matters to scoring:
 
 from __future__ import annotations
 
+import copy
+
 from bench.tiny import CHATML
+from ln_ray.prepare.reasoning import ReasoningFormat
 
 R1_DISTILL = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
@@ -86,3 +89,38 @@ END_OF_TURN = {
     "llama3": "<|eot_id|>",
     "chatml": "<|im_end|>\n",
 }
+
+
+PROMPT = "A farmer must cross a river with a wolf, a goat and a cabbage. How?"
+MODES = {"as_given": ReasoningFormat(), "student": ReasoningFormat(mode="student")}
+_SPECIAL = ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"]
+_SPECIAL += ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def with_markers(tokenizer):
+    """A copy of ``tokenizer`` that knows the families' role markers and the reasoning tags as
+    added tokens, as the real students' tokenizers do."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": _SPECIAL})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
+def templated(tokenizer, family: str):
+    """A shallow copy of ``tokenizer`` with ``family``'s chat template."""
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.chat_template = FAMILIES[family]
+    return tokenizer
+
+
+def trace_row(response: str) -> dict:
+    """An input row answering ``PROMPT`` with ``response``."""
+    return {"prompt_id": "q1", "prompt": PROMPT, "teacher": "t", "response": response}
+
+
+def scored_text(family: str, response: str) -> str:
+    """The documented rule: R1-distill's generation prompt opens ``<think>\\n`` itself, so a
+    response opening with it meets it once; every other family scores the response whole."""
+    if family == "r1_distill" and response.startswith("<think>\n"):
+        return response[len("<think>\n") :]
+    return response

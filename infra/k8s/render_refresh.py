@@ -4,7 +4,7 @@
 
 The refresh's RayJob is rayjob.yaml's with a generated name and the ``refresh`` component
 label; the CronJob runs refresh.sh (overlap guard, clean-up, create) with a service account of
-its own, the only one with RBAC (on RayJobs). tests/test_infra.py renders it again and fails on
+its own, the only one with RBAC (on RayJobs). tests/e2e/test_infra.py renders it again and fails on
 any difference, so the two cannot drift.
 """
 

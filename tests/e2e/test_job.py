@@ -1,0 +1,339 @@
+"""The Ray Data job end to end on a real local Ray cluster: local files and S3 (moto, loopback)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ln_ray.config import ComputeConfig, load_config
+from ln_ray.pipeline.job import connect_ray, read_teacher_table, run_score, run_select
+from ln_ray.pipeline.summary import format_summary
+from tests.helpers import TEACHERS, make_rows, read_output
+
+pytestmark = pytest.mark.slow
+
+
+def write_shards(fs, root: str, rows: list[dict]) -> list[str]:
+    """Half the rows as JSONL (plus two bad lines), half as Parquet."""
+    half = len(rows) // 2
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root}/part-0.jsonl", "wb") as handle:
+        for row in rows[:half]:
+            handle.write((json.dumps(row) + "\n").encode())
+        handle.write(b"{not json\n")
+        handle.write(json.dumps({**rows[0], "response": ""}).encode() + b"\n")
+    with fs.open(f"{root}/part-1.parquet", "wb") as handle:
+        pq.write_table(pa.Table.from_pylist(rows[half:]), handle)
+    return [f"{root}/part-0.jsonl", f"{root}/part-1.parquet"]
+
+
+def expected_selections(scores: pd.DataFrame, filter_correct: bool) -> dict[tuple[str, str], str]:
+    """Independent argmax/argmin per prompt, ties by teacher then trace_id."""
+    picked = {}
+    eligible = scores[scores["correct"] == True] if filter_correct else scores  # noqa: E712
+    for metric, ascending in (("lalp", False), ("galp", False), ("rsr", True)):
+        ordered = eligible.dropna(subset=[metric]).sort_values(
+            [metric, "teacher", "trace_id"], ascending=[ascending, True, True]
+        )
+        for prompt_id, first in (
+            ordered.groupby("prompt_id").head(1).set_index("prompt_id").iterrows()
+        ):
+            picked[(prompt_id, metric)] = first["trace_id"]
+    return picked
+
+
+def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> None:
+    scores = read_output(url, "scores")
+    assert len(scores) == len(rows)
+    assert list(scores.columns) == [
+        "prompt_id", "teacher", "trace_id", "n_tokens", "n_steps", "galp", "lalp", "lalp_token",
+        "rsr", "avg_rank", "avg_surprisal", "truncated", "step_logprobs", "correct",
+    ]  # fmt: skip
+    assert scores["trace_id"].is_unique
+    assert (scores["n_tokens"] > 0).all() and scores["lalp"].notna().all()
+    rejects = read_output(url, "rejects")
+    assert sorted(rejects["reason"]) == [
+        "empty response",
+        "invalid JSON: Expecting property name enclosed in double quotes at column 2",
+    ]
+    assert set(rejects["row_number"]) == {len(rows) // 2 + 1, len(rows) // 2 + 2}
+    assert all(f.endswith("part-0.jsonl") for f in rejects["source_file"])
+
+    selections = read_output(url, "selections")
+    got = {(r.prompt_id, r.metric): r.trace_id for r in selections.itertuples()}
+    assert got == expected_selections(scores, filter_correct)
+
+    teachers = read_output(url, "teachers").set_index(["metric", "teacher"])
+    for metric in ("lalp", "galp", "rsr"):
+        means = scores.groupby("teacher")[metric].mean()
+        wins = selections[selections["metric"] == metric]["teacher"].value_counts()
+        for teacher in TEACHERS:
+            row = teachers.loc[(metric, teacher)]
+            assert row["mean"] == pytest.approx(means[teacher])
+            assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+            assert row["count"] == (scores["teacher"] == teacher).sum()
+            assert row["wins"] == wins.get(teacher, 0)
+        order = means.sort_values(ascending=metric == "rsr").index.tolist()
+        assert teachers.xs(metric).sort_values("rank").index.tolist() == order
+    by_teacher = scores.groupby("teacher")
+    dataset_rsr = by_teacher["avg_rank"].sum() / by_teacher["avg_surprisal"].sum()
+    for teacher in TEACHERS:
+        assert teachers.loc[("rsr_dataset", teacher), "mean"] == pytest.approx(dataset_rsr[teacher])
+    for metric in ("lalp_token", "avg_rank", "avg_surprisal"):  # every per-trace metric
+        means = scores.groupby("teacher")[metric].mean()
+        for teacher in TEACHERS:
+            assert teachers.loc[(metric, teacher), "mean"] == pytest.approx(means[teacher])
+            assert pd.isna(teachers.loc[(metric, teacher), "wins"])
+
+    # paired comparisons over the prompts both teachers answered (one trace each here)
+    pairs = read_output(url, "teacher_pairs").set_index(["metric", "teacher_a", "teacher_b"])
+    assert len(pairs) == 7 * len(TEACHERS) * (len(TEACHERS) - 1)
+    wide = scores.pivot(index="prompt_id", columns="teacher", values="lalp")
+    first, second = TEACHERS[0], TEACHERS[1]
+    shared = wide[[first, second]].dropna()
+    row = pairs.loc[("lalp", first, second)]
+    assert row["n_prompts"] == len(shared)
+    assert row["mean_diff"] == pytest.approx((shared[first] - shared[second]).mean())
+    assert row["win_rate"] == pytest.approx(
+        ((shared[first] > shared[second]) + 0.5 * (shared[first] == shared[second])).mean()
+    )
+    ranked = teachers.xs("lalp").sort_values("rank")
+    top, runner_up = ranked.index[0], ranked.index[1]
+    assert (
+        ranked.loc[top, "separated_from_next"] == pairs.loc[("lalp", top, runner_up), "separated"]
+    )
+    curve = read_output(url, "teacher_stability")
+    assert set(curve["metric"]) == set(pairs.index.get_level_values("metric"))
+    assert (curve.groupby("metric")["agreement"].last() == 1.0).all()  # all prompts: the ranking
+
+    curated = read_output(url, "curated")
+    lalp_ids = set(selections[selections["metric"] == "lalp"]["trace_id"])
+    assert set(curated["trace_id"]) == lalp_ids
+    source = {(r["prompt_id"], r["teacher"]): r for r in rows}
+    for record in curated.to_dict("records"):
+        original = source[(record["prompt_id"], record["teacher"])]
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        assert record["messages"][1]["content"] == original["response"]
+        assert record["source"] == original["source"]
+
+
+def job_config(input_url: str, output_url: str, student: str, *extra: str):
+    return load_config(
+        "default",
+        [
+            f"input.path={input_url}",
+            f"output.path={output_url}",
+            f"student.model={student}",
+            "compute.batch_traces=4",
+            "compute.token_budget=256",
+            "selection.bootstrap_samples=200",
+            *extra,
+        ],
+    )
+
+
+def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path):
+    import fsspec
+
+    rows = make_rows()
+    write_shards(fsspec.filesystem("file"), str(tmp_path / "in"), rows)
+    out = str(tmp_path / "out")
+    manifest = run_score(job_config(str(tmp_path / "in"), out, tiny_student_dir))
+    check_outputs(out, rows)
+
+    counts = manifest["counts"]
+    assert counts["rows_read"] == len(rows) + 2
+    assert counts["rows_scored"] == len(rows) and counts["rows_rejected"] == 2
+    for entry in manifest["inputs"]:
+        assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
+    stages = manifest["stages"]
+    assert stages["tokenize_score"]["traces_scored_now"] == len(rows)
+    assert stages["tokenize_score"]["tokens_scored_now"] == counts["tokens_scored"] > 0
+    assert stages["tokenize_score"]["attention"] == ["sdpa per segment, float32"]
+    assert stages["assemble"]["rows_rejected"] == 2 and stages["reduce"]["prompts"] == 6
+    assert all(stage["seconds"] > 0 for stage in stages.values())
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["student"]["identity"].startswith(tiny_student_dir)
+    assert on_disk["selection"]["filtered_on_correct"] is True
+
+    # re-run only the reduce stage with another selection option: scores are not recomputed
+    scores_dir = tmp_path / "out" / on_disk["outputs"]["scores"]
+    assert on_disk["outputs"]["scores"] == f"_runs/{on_disk['run_id']}/scores"
+    scores_before = sorted(p.stat().st_mtime_ns for p in scores_dir.iterdir())
+    cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "selection.require_correct=false")
+    selected = run_select(cfg)
+    check_outputs(out, rows, filter_correct=False)
+    assert selected == json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert selected["stages"]["reduce"]["seconds"] == selected["timings"]["reduce_s"]
+    assert selected["stages"]["reduce"]["prompts"] == 6
+    assert selected["finished_at"] >= on_disk["finished_at"]
+    scores_after = sorted(p.stat().st_mtime_ns for p in scores_dir.iterdir())
+    assert scores_before == scores_after
+    # the new reduce outputs lie in a folder of their own; the published scores stay where they are
+    assert selected["outputs"]["scores"] == on_disk["outputs"]["scores"]
+    assert selected["outputs"]["selections"] == f"_runs/{selected['run_id']}/selections"
+    assert selected["run_id"] != on_disk["run_id"]
+    assert not read_teacher_table(out).empty
+    assert selected["outputs"]["teacher_pairs"] == f"_runs/{selected['run_id']}/teacher_pairs"
+    summary = format_summary(
+        selected, read_teacher_table(out), read_teacher_table(out, "teacher_pairs")
+    )
+    assert "Pairs told apart" in summary or "Pairs not told apart" in summary
+    statement = selected["selection"]["stability"]["lalp"]["statement"]
+    assert f"{statement[0].upper()}{statement[1:]}." in summary
+
+
+def test_connect_ray_reads_parquet_with_v1_unless_told(ray_cluster, monkeypatch):
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    monkeypatch.setattr(context, "shuffle_strategy", context.shuffle_strategy)
+    monkeypatch.setattr(context, "use_datasource_v2", True)
+    monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+    connect_ray(ComputeConfig())
+    assert context.use_datasource_v2 is False
+    context.use_datasource_v2 = True
+    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")  # an explicit choice stands
+    connect_ray(ComputeConfig())
+    assert context.use_datasource_v2 is True
+
+
+def test_job_reads_and_writes_s3(ray_cluster, s3_server, tiny_student_dir):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("ln-ray-test")
+    rows = make_rows(n_prompts=4, seed=1)
+    write_shards(fs, "ln-ray-test/traces", rows)
+    manifest = run_score(
+        job_config("s3://ln-ray-test/traces/", "s3://ln-ray-test/runs/r1", tiny_student_dir)
+    )
+    fs.invalidate_cache()
+    assert fs.exists("ln-ray-test/runs/r1/manifest.json")
+    check_outputs("s3://ln-ray-test/runs/r1", rows)
+    assert {entry["path"] for entry in manifest["inputs"]} == {
+        "s3://ln-ray-test/traces/part-0.jsonl",
+        "s3://ln-ray-test/traces/part-1.parquet",
+    }
+    text = json.dumps(manifest)
+    assert "testing-secret-key" not in text and "testing-key-id" not in text
+
+
+def test_row_counts_per_file_and_reason(ray_cluster):
+    import ray
+
+    from ln_ray.pipeline.accounting import AccountingError, count_rows
+    from ln_ray.schema import SCORED_ROWS_SCHEMA
+
+    def row(source, number, trace=None, n_tokens=None, reason=None):
+        return {
+            "source_file": source,
+            "row_number": number,
+            "trace_id": trace,
+            "reject_reason": reason,
+            "n_tokens": n_tokens,
+            "model_tokens": None if n_tokens is None else 5 * n_tokens,
+        }
+
+    old, new = "a" * 32, "b" * 32
+    rows = [
+        row("f1", 1, old, 10),
+        row("f1", 2, new, 20),
+        row("f1", 3, reason="invalid JSON: line 3"),
+        row("f2", 1, reason="duplicate of f1 row 1"),
+        row("f2", None, reason="cannot read Parquet shard: bad footer"),
+    ]
+    table = pa.Table.from_pylist(rows, schema=SCORED_ROWS_SCHEMA)
+    in_cache = np.asarray([old], dtype="S32")  # as cache.cached_trace_ids returns it
+    # two blocks, so the per-block sums are added up
+    dataset = ray.data.from_arrow([table.slice(0, 2), table.slice(2)])
+    per_file, reasons = count_rows(dataset, in_cache)
+    assert per_file["f1"] == {
+        "rows_scored": 2,
+        "rows_rejected": 1,
+        "shard_errors": 0,
+        "tokens_scored": 30,
+        "model_tokens": 150,
+        "tokens_scored_now": 20,
+        "model_tokens_now": 100,
+    }
+    assert per_file["f2"]["rows_rejected"] == 2 and per_file["f2"]["shard_errors"] == 1
+    assert reasons == {"cannot read Parquet shard": 1, "duplicate": 1, "invalid JSON": 1}
+
+    unscored = pa.Table.from_pylist([row("f1", 4, new)], schema=SCORED_ROWS_SCHEMA)
+    with pytest.raises(AccountingError, match="1 accepted rows have no scores"):
+        count_rows(ray.data.from_arrow(unscored), in_cache)
+
+
+def test_job_scores_every_teacher_for_a_thinking_student(ray_cluster, tiny_student_dir, tmp_path):
+    """An R1-distill-style student, teachers marking their reasoning four ways: every row is
+    scored, and the curated set holds each trace as scored, in the student's markers."""
+    from templates import R1_DISTILL
+
+    reasoning = "Let me think. The boat holds all three.\n"
+    answer = "Cross once."
+    styles = {
+        "think": {"response": f"<think>\n{reasoning}</think>\n\n{answer}"},
+        "harmony": {
+            "response": f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant"
+            f"<|channel|>final<|message|>{answer}<|return|>"
+        },
+        "api": {"response": answer, "reasoning": reasoning},
+        "plain": {"response": f"{reasoning}{answer}"},
+    }
+    rows = [
+        {"prompt_id": f"q{p}", "prompt": f"Puzzle {p}: how?", "teacher": teacher, **fields}
+        for p in range(3)
+        for teacher, fields in styles.items()
+    ]
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "traces.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    out = str(tmp_path / "out")
+    cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "scoring.reasoning=student")
+    cfg.student.chat_template = R1_DISTILL
+    manifest = run_score(cfg)
+    assert manifest["counts"]["rows_rejected"] == 0
+    assert manifest["config"]["scoring"]["render"] == "generation"
+    scores = read_output(out, "scores")
+    assert len(scores) == len(rows) and scores["lalp"].notna().all()
+    # the three marked teachers present one and the same trace per prompt
+    marked = scores[scores["teacher"] != "plain"]
+    assert (marked.groupby("prompt_id")["trace_id"].nunique() == 3).all()
+    assert (marked.groupby("prompt_id")["lalp"].nunique() == 1).all()
+    presented = f"<think>\n{reasoning.strip()}\n</think>\n\n{answer}"
+    curated = read_output(out, "curated")
+    assert "reasoning" not in curated.columns
+    for record in curated.to_dict("records"):
+        content = record["messages"][-1]["content"]
+        assert content == (f"{reasoning}{answer}" if record["teacher"] == "plain" else presented)
+
+
+def test_duplicates_are_found_across_blocks(ray_cluster):
+    """Copies of a row spread over many blocks: every later copy is marked, the first is not."""
+    import ray
+
+    from ln_ray.pipeline.assemble import _find_duplicates
+
+    rng = random.Random(3)
+    rows = [
+        {"dup_key": f"k{rng.randrange(60)}", "source_file": f"f{rng.randrange(3)}", "row_number": n}
+        for n in range(1, 400)
+    ]
+    rows += [{"dup_key": None, "source_file": "f0", "row_number": 999}]  # a rejected row
+    table = pa.Table.from_pylist(rows)
+    blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
+    found = _find_duplicates(ray.data.from_arrow(blocks).repartition(9))
+    got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
+    expected = {}
+    for key in {r["dup_key"] for r in rows if r["dup_key"]}:
+        copies = sorted((r["source_file"], r["row_number"]) for r in rows if r["dup_key"] == key)
+        for copy in copies[1:]:
+            expected[copy] = f"duplicate of {copies[0][0]} row {copies[0][1]}"
+    assert got == expected and len(expected) > 300

@@ -1,0 +1,139 @@
+"""The packed scorer against the brute-force per-window reference (tests/reference.py), on tiny
+random students of several architectures and on SmolLM2, and its invariances."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from ln_ray.score.scorer import StudentScorer
+from tests.helpers import LONGROPE, make_tiny_causal_lm, make_traces
+from tests.reference import assert_matches_reference, reference_scores
+
+
+@pytest.mark.parametrize(
+    "window, fraction, max_tokens",
+    [(4, None, 32768), (0, None, 32768), (1, None, 32768), (2, None, 60), (4, 0.5, 32768)],
+)
+def test_tiny_llama_matches_reference(tiny_tokenizer, tiny_pair, window, fraction, max_tokens):
+    model, ref_model = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=6)
+    scorer = StudentScorer(
+        model, window=window, window_fraction=fraction, max_tokens=max_tokens, token_budget=96
+    )
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        ref = reference_scores(
+            ref_model, trace, window=window, fraction=fraction, max_tokens=max_tokens
+        )
+        assert_matches_reference(fast, ref)
+
+
+_SLIDING_STUDENTS = {
+    "mistral": {"sliding_window": 8},
+    # Gemma-3: local layers with a window, global layers without one (per layer type).
+    "gemma3_text": {
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_SLIDING_STUDENTS))
+def test_sliding_window_students_match_reference(tiny_tokenizer, model_type):
+    model = make_tiny_causal_lm(model_type, len(tiny_tokenizer), **_SLIDING_STUDENTS[model_type])
+    ref_model = copy.deepcopy(model)
+    traces = make_traces(tiny_tokenizer, count=6, seed=1)
+    # Prefixes, windows and traces all run past the 8-token window.
+    assert min(t.prefix_len for t in traces) > 8
+    assert max(t.n_response for t in traces) > 4 * 8
+    scorer = StudentScorer(model, window=1, token_budget=96)
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        assert_matches_reference(fast, reference_scores(ref_model, trace, window=1))
+
+
+_SCALED_HEADS = {
+    "granite": {"logits_scaling": 8.0},  # logits / 8
+    "hyperclovax": {"logits_scaling": 0.25},  # logits * 0.25: the same name, another meaning
+    "cohere": {"logit_scale": 0.5},  # logits * 0.5
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_SCALED_HEADS))
+def test_scaled_output_heads_match_reference(tiny_tokenizer, model_type):
+    model = make_tiny_causal_lm(model_type, len(tiny_tokenizer), **_SCALED_HEADS[model_type])
+    ref_model = copy.deepcopy(model)
+    traces = make_traces(tiny_tokenizer, count=3, seed=4)
+    scorer = StudentScorer(model, window=1, token_budget=96)
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        assert_matches_reference(fast, reference_scores(ref_model, trace, window=1))
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5])
+def test_capped_longrope_student_matches_reference(tiny_tokenizer, fraction):
+    model = make_tiny_causal_lm("phi3", len(tiny_tokenizer), **LONGROPE)
+    ref_model = copy.deepcopy(model)
+    traces = make_traces(tiny_tokenizer, count=6, seed=1)
+    scorer = StudentScorer(
+        model, window=1, window_fraction=fraction, max_tokens=80, token_budget=96
+    )
+    # Some windows (prefix included) outgrow 80 tokens: the student reads them with long factors.
+    assert any(
+        not s.uses_prefix and len(s.tokens) > 80 for s in scorer.plan(traces).window_sequences
+    )
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        ref = reference_scores(ref_model, trace, window=1, fraction=fraction, max_tokens=80)
+        assert_matches_reference(fast, ref)
+
+
+def test_window_covering_all_steps_equals_global(tiny_tokenizer, tiny_pair):
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=4, seed=3)
+    scorer = StudentScorer(model, window=max(t.n_steps for t in traces), token_budget=64)
+    for fast in scorer.score(traces):
+        np.testing.assert_array_equal(fast.local_logprobs, fast.global_logprobs)
+        assert fast.lalp_token == pytest.approx(fast.galp)
+
+
+def test_results_do_not_depend_on_budget_or_batch_mates(tiny_tokenizer, tiny_pair):
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=8, seed=5)
+    baseline = StudentScorer(model, window=2, token_budget=10**6).score(traces)
+    for budget in (16, 50, 200):
+        scorer = StudentScorer(model, window=2, token_budget=budget)
+        for a, b in zip(baseline, scorer.score(traces), strict=True):
+            np.testing.assert_allclose(a.local_logprobs, b.local_logprobs, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(a.global_logprobs, b.global_logprobs, atol=1e-5, rtol=0)
+    # each trace alone, and the batch reversed, give the same scores
+    scorer = StudentScorer(model, window=2, token_budget=128)
+    alone = [scorer.score([t])[0] for t in traces]
+    reversed_ = scorer.score(traces[::-1])[::-1]
+    for a, b, c in zip(baseline, alone, reversed_, strict=True):
+        np.testing.assert_allclose(a.local_logprobs, b.local_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.local_logprobs, c.local_logprobs, atol=1e-5, rtol=0)
+        assert a.lalp == pytest.approx(b.lalp, abs=1e-5)
+
+
+def test_truncated_trace_still_scores_every_step_locally(tiny_tokenizer, tiny_pair):
+    model, _ = tiny_pair
+    trace = make_traces(tiny_tokenizer, count=1, seed=7)[0]
+    scorer = StudentScorer(model, window=2, max_tokens=trace.prefix_len + 5, token_budget=64)
+    result = scorer.score([trace])[0]
+    assert result.truncated
+    assert len(result.global_logprobs) == 5
+    assert len(result.local_logprobs) == trace.n_response
+    assert np.isfinite(result.local_logprobs).all()
+
+
+@pytest.mark.slow
+def test_smollm2_matches_reference(smollm2):
+    from ln_ray.config import StudentConfig
+    from ln_ray.score.student import load_student
+
+    ref_model = load_student(StudentConfig(model="smollm2-135m")).model
+    fast_model = copy.deepcopy(smollm2.model)
+    traces = make_traces(smollm2.tokenizer, count=3, seed=2)
+    scorer = StudentScorer(fast_model, window=2, token_budget=256)
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        assert_matches_reference(fast, reference_scores(ref_model, trace, window=2))

@@ -1,0 +1,263 @@
+"""Publishing a run (ln_ray/pipeline/outputs.py): one atomic pointer write, nothing copied, the
+previous results readable whatever fails, overlapping runs keep to their own folders, old runs
+are tidied away."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ln_ray.io import storage
+from ln_ray.pipeline import outputs
+from ln_ray.pipeline.outputs import (
+    MANIFEST,
+    REDUCE_OUTPUTS,
+    RUNS_DIR,
+    SCORE_OUTPUTS,
+    STALE_RUN_S,
+    OutputError,
+    RunPaths,
+    discard,
+    output_url,
+    publish,
+    published_manifest,
+)
+
+NAMES = (*SCORE_OUTPUTS, *REDUCE_OUTPUTS)
+_SCHEMA = pa.schema([("run", pa.string())])
+
+
+def staged_run(root: str, names: tuple[str, ...] = NAMES) -> RunPaths:
+    """A run whose every output is one Parquet file naming the run."""
+    paths = RunPaths.create(root)
+    for name in names:
+        paths.fs.makedirs(paths.staged(name), exist_ok=True)
+        pq.write_table(
+            pa.table({"run": [paths.run_id]}, schema=_SCHEMA),
+            storage.join(paths.staged(name), "part-0.parquet"),
+            filesystem=paths.arrow_fs,
+        )
+    return paths
+
+
+def published(root: str) -> dict[str, str]:
+    """What a reader sees: per output, the run whose data it holds (read through the pointer)."""
+    manifest = published_manifest(root)
+    seen = {}
+    for name in NAMES:
+        fs, path = storage.filesystem(output_url(root, manifest, name))
+        table = pq.read_table(path, filesystem=storage.arrow_filesystem(fs))
+        seen[name] = table["run"][0].as_py()
+    return seen
+
+
+def run_manifest(paths: RunPaths, finished_at: str = "2026-12-01T00:00:00+00:00") -> dict:
+    return {"run_id": paths.run_id, "finished_at": finished_at}
+
+
+def test_publishing_writes_one_pointer_and_copies_nothing(tmp_path):
+    root = str(tmp_path / "out")
+    first = staged_run(root)
+    staged_files = {p for p in (tmp_path / "out").rglob("*.parquet")}
+    manifest = publish(first, NAMES, run_manifest(first))
+    assert published(root) == dict.fromkeys(NAMES, first.run_id)
+    assert manifest["run_path"] == f"{RUNS_DIR}/{first.run_id}"
+    assert {p for p in (tmp_path / "out").rglob("*.parquet")} == staged_files  # nothing copied
+    assert sorted(os.listdir(root)) == [RUNS_DIR, MANIFEST]
+    # the run's folder keeps its own manifest: it marks the run finished
+    own = json.loads((tmp_path / "out" / RUNS_DIR / first.run_id / MANIFEST).read_text())
+    assert own == json.loads((tmp_path / "out" / MANIFEST).read_text())
+
+
+def test_overlapping_runs_each_publish_their_own_outputs(tmp_path):
+    root = str(tmp_path / "out")
+    first, second = staged_run(root), staged_run(root)
+    publish(first, NAMES, run_manifest(first))
+    assert published(root) == dict.fromkeys(NAMES, first.run_id)
+    assert os.path.exists(second.staging)  # the other run's folder is left alone
+    publish(second, NAMES, run_manifest(second, "2026-12-01T01:00:00+00:00"))
+    assert published(root) == dict.fromkeys(NAMES, second.run_id)
+    assert os.path.exists(first.staging)  # kept: among the newest output.keep_runs
+
+
+def test_a_select_run_publishes_its_outputs_beside_the_scores(tmp_path):
+    root = str(tmp_path / "out")
+    scoring = staged_run(root)
+    manifest = publish(scoring, NAMES, run_manifest(scoring))
+    selecting = staged_run(root, REDUCE_OUTPUTS)
+    publish(selecting, REDUCE_OUTPUTS, {**manifest, "run_id": selecting.run_id})
+    seen = published(root)
+    assert {seen[name] for name in SCORE_OUTPUTS} == {scoring.run_id}
+    assert {seen[name] for name in REDUCE_OUTPUTS} == {selecting.run_id}
+    # a run the pointer names is never tidied away, however many runs follow
+    for hour in range(1, 5):
+        run = staged_run(root, REDUCE_OUTPUTS)
+        current = published_manifest(root)
+        publish(run, REDUCE_OUTPUTS, {**current, "finished_at": f"2026-12-01T0{hour}:00:00"}, 2)
+    assert {published(root)[name] for name in SCORE_OUTPUTS} == {scoring.run_id}
+    runs = os.listdir(os.path.join(root, RUNS_DIR))
+    assert scoring.run_id in runs and len(runs) == 3  # the scores' run and the newest two
+
+
+def test_only_the_newest_runs_are_kept(tmp_path):
+    root = str(tmp_path / "out")
+    ids = []
+    for hour in range(5):
+        run = staged_run(root)
+        publish(run, NAMES, run_manifest(run, f"2026-12-01T0{hour}:00:00+00:00"), keep_runs=2)
+        ids.append(run.run_id)
+    assert sorted(os.listdir(os.path.join(root, RUNS_DIR))) == sorted(ids[-2:])
+    assert published(root) == dict.fromkeys(NAMES, ids[-1])
+
+
+def test_a_run_missing_a_staged_output_publishes_nothing(tmp_path):
+    root = str(tmp_path / "out")
+    done = staged_run(root)
+    publish(done, NAMES, run_manifest(done))
+    broken = staged_run(root, SCORE_OUTPUTS)
+    with pytest.raises(OutputError, match="selections"):
+        publish(broken, NAMES, run_manifest(broken))
+    assert published(root) == dict.fromkeys(NAMES, done.run_id)  # the previous results stand
+    discard(broken)
+    assert os.listdir(os.path.join(root, RUNS_DIR)) == [done.run_id]
+
+
+def test_discarding_never_removes_the_published_run(tmp_path):
+    root = str(tmp_path / "out")
+    run = staged_run(root)
+    publish(run, NAMES, run_manifest(run))
+    discard(run)  # as after an interrupt that arrives once the pointer is written
+    assert published(root) == dict.fromkeys(NAMES, run.run_id)
+
+
+def _fail_at(monkeypatch, step: int) -> None:
+    """Make the ``step``-th filesystem write of the next publish fail (0: the first)."""
+    calls = {"n": 0}
+    real_write = storage.write_json
+
+    def write_json(url, payload):
+        calls["n"] += 1
+        if calls["n"] - 1 == step:
+            raise OSError(f"injected failure at write {step}")
+        return real_write(url, payload)
+
+    monkeypatch.setattr(storage, "write_json", write_json)
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_a_failure_at_each_publish_write_leaves_the_previous_results(tmp_path, monkeypatch, step):
+    root = str(tmp_path / "out")
+    before = staged_run(root)
+    publish(before, NAMES, run_manifest(before))
+    failing = staged_run(root)
+    with monkeypatch.context() as patch:
+        _fail_at(patch, step)  # 0: the run's own manifest, 1: the pointer
+        with pytest.raises(OutputError, match="could not be published"):
+            publish(failing, NAMES, run_manifest(failing))
+    assert published(root) == dict.fromkeys(NAMES, before.run_id)
+    discard(failing)
+    assert not os.path.exists(failing.staging)
+
+
+def test_a_failure_while_writing_the_pointer_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    root = str(tmp_path / "out")
+    before = staged_run(root)
+    publish(before, NAMES, run_manifest(before))
+    failing = staged_run(root)
+    real_mv = type(failing.fs).mv
+
+    def mv(self, source, target, *args, **kwargs):
+        if target.endswith(MANIFEST) and RUNS_DIR not in target:
+            raise OSError("killed before the rename")
+        return real_mv(self, source, target, *args, **kwargs)
+
+    monkeypatch.setattr(type(failing.fs), "mv", mv)
+    with pytest.raises(OutputError):
+        publish(failing, NAMES, run_manifest(failing))
+    assert published(root) == dict.fromkeys(NAMES, before.run_id)
+    assert not [p for p in os.listdir(root) if p.startswith(".")]  # no temporary left behind
+
+
+def test_a_failure_while_tidying_keeps_the_new_run_published(tmp_path, monkeypatch):
+    root = str(tmp_path / "out")
+    run = staged_run(root)
+
+    def broken(*args, **kwargs):
+        raise OSError("listing failed")
+
+    monkeypatch.setattr(outputs, "_remove_unlisted", broken)
+    publish(run, NAMES, run_manifest(run))
+    assert published(root) == dict.fromkeys(NAMES, run.run_id)
+
+
+def test_publishing_on_an_object_store_is_one_put(s3_server, monkeypatch):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("ln-ray-publish")
+    root = "s3://ln-ray-publish/out"
+    before = staged_run(root)
+    publish(before, NAMES, run_manifest(before))
+    copies = []
+    monkeypatch.setattr(type(before.fs), "copy", lambda *a, **k: copies.append(a))
+    failing = staged_run(root)
+    with monkeypatch.context() as patch:
+        _fail_at(patch, 1)
+        with pytest.raises(OutputError):
+            publish(failing, NAMES, run_manifest(failing))
+    assert published(root) == dict.fromkeys(NAMES, before.run_id)
+    after = staged_run(root)
+    publish(after, NAMES, run_manifest(after, "2026-12-01T02:00:00+00:00"))
+    fs.invalidate_cache()
+    assert published(root) == dict.fromkeys(NAMES, after.run_id)
+    assert copies == []  # no object was copied
+
+
+def test_outputs_published_at_the_top_before_go_with_the_first_new_run(tmp_path):
+    root = tmp_path / "out"
+    for name in NAMES:  # the layout an earlier ln-ray published
+        (root / name).mkdir(parents=True)
+        pq.write_table(pa.table({"run": ["old"]}, schema=_SCHEMA), root / name / "part-0.parquet")
+    (root / MANIFEST).write_text(json.dumps({"run_id": "old"}))
+    assert published(str(root)) == dict.fromkeys(NAMES, "old")  # readable as it was
+    run = staged_run(str(root))
+    publish(run, NAMES, run_manifest(run))
+    assert published(str(root)) == dict.fromkeys(NAMES, run.run_id)
+    assert sorted(os.listdir(root)) == [RUNS_DIR, MANIFEST]
+
+
+def test_a_select_over_outputs_published_at_the_top_keeps_the_scores_there(tmp_path):
+    root = tmp_path / "out"
+    for name in NAMES:
+        (root / name).mkdir(parents=True)
+        pq.write_table(pa.table({"run": ["old"]}, schema=_SCHEMA), root / name / "part-0.parquet")
+    (root / MANIFEST).write_text(json.dumps({"run_id": "old"}))
+    run = staged_run(str(root), REDUCE_OUTPUTS)
+    publish(run, REDUCE_OUTPUTS, {**published_manifest(str(root)), "run_id": run.run_id})
+    seen = published(str(root))
+    assert {seen[name] for name in SCORE_OUTPUTS} == {"old"}
+    assert {seen[name] for name in REDUCE_OUTPUTS} == {run.run_id}
+    assert not any((root / name).exists() for name in REDUCE_OUTPUTS)
+
+
+def test_folders_of_killed_runs_go_once_stale(tmp_path):
+    root = str(tmp_path / "out")
+    killed, running = staged_run(root, ("scores",)), staged_run(root, ("scores",))
+    long_ago = time.time() - STALE_RUN_S - 60
+    for folder, _, files in os.walk(killed.staging):
+        for path in [folder, *(os.path.join(folder, f) for f in files)]:
+            os.utime(path, (long_ago, long_ago))
+    run = staged_run(root)
+    publish(run, NAMES, run_manifest(run))
+    assert not os.path.exists(killed.staging)
+    assert os.path.exists(running.staging)
+
+
+def test_nothing_published_is_said_plainly(tmp_path):
+    with pytest.raises(OutputError, match="no finished run"):
+        published_manifest(str(tmp_path / "nothing"))

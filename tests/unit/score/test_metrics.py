@@ -1,0 +1,31 @@
+"""Metric arithmetic (ln_ray/score/metrics.py) on hand-made numbers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ln_ray.score.metrics import trace_metrics
+
+
+def test_metrics_by_hand():
+    global_lp = np.array([-1.0, -2.0, -3.0, -2.0])
+    ranks = np.array([1, 3, 250, 4])
+    local_lp = np.array([-1.0, -3.0, -5.0, -1.0])
+    bounds = np.array([0, 1, 1, 4])  # steps: [t0], [], [t1 t2 t3]
+    m = trace_metrics(global_lp, ranks, local_lp, bounds, rank_clip=100)
+    assert m["galp"] == pytest.approx(-2.0)
+    assert m["avg_surprisal"] == pytest.approx(2.0)
+    assert m["avg_rank"] == pytest.approx((1 + 3 + 100 + 4) / 4)
+    assert m["rsr"] == pytest.approx(108 / 8)
+    assert m["step_logprobs"] == [pytest.approx(-1.0), None, pytest.approx(-3.0)]
+    assert m["lalp"] == pytest.approx(-2.0)  # every step weighs the same
+    assert m["lalp_token"] == pytest.approx(-2.5)  # every token weighs the same
+
+
+def test_no_global_tokens_gives_nan_global_metrics():
+    m = trace_metrics(
+        np.array([]), np.array([], dtype=np.int64), np.array([-1.0]), np.array([0, 1]), 100
+    )
+    assert math.isnan(m["galp"]) and math.isnan(m["rsr"]) and math.isnan(m["avg_rank"])
+    assert m["lalp"] == pytest.approx(-1.0)

@@ -1,0 +1,83 @@
+"""Loading and vetting the student (ln_ray/score/student.py, vetting.py): its identity, which keys
+the score cache, follows the weights and the dtype; students the scorer cannot score exactly are
+refused before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ln_ray.config import StudentConfig
+from ln_ray.score import student
+from ln_ray.score.student import check_student, load_student
+from ln_ray.score.vetting import StudentError
+from tests.helpers import make_tiny_llama
+
+
+def test_identity_follows_the_weights_retrained_in_place(tiny_tokenizer, tmp_path, monkeypatch):
+    folder = tmp_path / "student"
+    make_tiny_llama(len(tiny_tokenizer), seed=0, attn="sdpa").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    cfg = StudentConfig(model=str(folder), cache_dir=str(tmp_path / "cache"))
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    before = check_student(cfg)
+    assert check_student(cfg) == before and before.startswith(str(folder))
+
+    make_tiny_llama(len(tiny_tokenizer), seed=1, attn="sdpa").save_pretrained(folder)
+    assert weights.stat().st_size == size  # same architecture: only the content differs
+    after = check_student(cfg)
+    assert after != before
+
+    # The weights' digest is kept, not recomputed on every start.
+    def no_hashing(path):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(student, "_file_sha256", no_hashing)
+    assert check_student(cfg) == after
+
+
+def test_identity_holds_the_dtype_the_model_runs_in(tiny_student_dir, tmp_path):
+    def identity(dtype: str, want_gpu: bool = False) -> str:
+        cfg = StudentConfig(model=tiny_student_dir, dtype=dtype, cache_dir=str(tmp_path))
+        return check_student(cfg, want_gpu=want_gpu)
+
+    assert identity("auto") == identity("float32")  # auto is fp32 on CPU
+    assert identity("auto", want_gpu=True) == identity("bfloat16") != identity("float32")
+    # A scoring actor on CPU names the student as the driver does.
+    loaded = load_student(StudentConfig(model=tiny_student_dir, cache_dir=str(tmp_path)))
+    assert loaded.identity == identity("auto")
+
+
+def test_a_student_the_scorer_cannot_score_exactly_fails_before_any_work(
+    tiny_student_dir, tmp_path
+):
+    folder = tmp_path / "softcapped"
+    shutil.copytree(tiny_student_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 50.0}))
+    with pytest.raises(StudentError, match="softcaps attention logits"):
+        check_student(StudentConfig(model=str(folder), cache_dir=str(tmp_path / "cache")))
+
+
+def test_a_multi_head_latent_attention_student_is_refused_before_any_work(tmp_path):
+    """DeepSeek-V3-style attention: value heads smaller than query heads (RoPE and no-RoPE
+    parts), which the packed attention's output buffer cannot hold."""
+    from transformers import DeepseekV3Config
+
+    folder = tmp_path / "mla"
+    DeepseekV3Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        vocab_size=128,
+    ).save_pretrained(folder)
+    with pytest.raises(StudentError, match="value heads of size 16 and query heads of size 24"):
+        check_student(StudentConfig(model=str(folder), cache_dir=str(tmp_path / "cache")))

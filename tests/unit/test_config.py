@@ -1,0 +1,110 @@
+"""Structured config (ln_ray/config.py): every shipped YAML loads, overrides apply, mistakes fail
+clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ln_ray.cli import finished_run_config, main
+from ln_ray.config import CONF_DIR, ConfigError, InputConfig, load_config, to_dict
+from ln_ray.pipeline.outputs import redacted
+
+
+@pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path.stem)
+    assert cfg.input.path and cfg.output.path and cfg.student.model
+    assert path.read_text().startswith("#")  # each YAML opens with how to run it
+
+
+def test_defaults_run_on_two_cpus_without_a_gpu():
+    cfg = load_config("default")
+    assert cfg.compute.gpus_per_actor == 0
+    # one actor must leave CPU for the read and prepare tasks, or Ray Data stalls
+    assert cfg.compute.actors * cfg.compute.cpus_per_actor + cfg.compute.prepare_cpus <= 2
+
+
+def test_dotlist_overrides():
+    cfg = load_config("default", ["scoring.window=2", "input.columns.prompt=question"])
+    assert cfg.scoring.window == 2
+    assert cfg.input.columns.prompt == "question"
+
+
+def test_string_overrides_keep_the_text_as_typed():
+    cfg = load_config(
+        "default",
+        [
+            "input.columns.teacher=yes",  # YAML would read true, then 'True'
+            "input.columns.prompt_id=007",  # and 7
+            "input.columns.response=1e3",
+            "student.chat_template=null",  # null still unsets an optional string
+            "selection.require_correct=no",  # a boolean key still reads YAML
+            "student.template_kwargs.enable_thinking=false",
+        ],
+    )
+    columns = cfg.input.columns
+    assert (columns.teacher, columns.prompt_id, columns.response) == ("yes", "007", "1e3")
+    assert cfg.student.chat_template is None and cfg.selection.require_correct is False
+    assert cfg.student.template_kwargs == {"enable_thinking": False}
+
+
+def test_global_cap_defaults_to_the_students_context():
+    assert load_config("default").scoring.max_tokens is None
+    assert load_config("default", ["scoring.max_tokens=2048"]).scoring.max_tokens == 2048
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="scoring.windw"):
+        load_config("default", ["scoring.windw=3"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("scoring.window=abc", "scoring.window"),
+        ("scoring.window=-1", "scoring.window must be >= 0"),
+        ("scoring.window_fraction=1.5", "window_fraction"),
+        ("segment.mode=words", "segment.mode must be one of"),
+        ("input.format=csv", "input.format must be one of"),
+        ("compute.actors=0", "compute.actors must be >= 1"),
+        ("compute.shuffle=random", "compute.shuffle must be one of"),
+        ("compute.head_chunk=-1", "compute.head_chunk must be >= 0"),
+        ("scoring.max_tokens=0", "scoring.max_tokens must be >= 1 or null"),
+        ("selection.seed=-1", "selection.seed must be >= 0"),
+        ("scoring.window=[1", "bad override value"),
+    ],
+)
+def test_bad_values_fail_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("default", [override])
+
+
+def test_unknown_config_name():
+    with pytest.raises(ConfigError, match="no config named 'nope'"):
+        load_config("nope")
+
+
+def test_a_finished_runs_config_comes_back_as_stored(tmp_path):
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] | trim }}\n{% endfor %}"
+    cfg = load_config(
+        "default",
+        ["input.path=s3://KEY:SECRET@bucket/in/", "scoring.window=2"],
+    )
+    cfg.student.chat_template = template
+    cfg.input.columns.teacher = "yes"
+    cfg.input.columns.prompt = "# q"
+    stored = json.loads(json.dumps(redacted(to_dict(cfg))))  # as the manifest holds it
+    again = finished_run_config(stored, str(tmp_path), ["selection.require_correct=false"])
+    assert again.student.chat_template == template
+    assert (again.input.columns.teacher, again.input.columns.prompt) == ("yes", "# q")
+    assert again.scoring.window == 2 and again.selection.require_correct is False
+    assert again.output.path == str(tmp_path)
+    assert again.input.path == InputConfig().path  # the redacted URL is not brought back
+
+
+def test_commands_on_a_folder_without_a_run_say_so(tmp_path, capsys):
+    for command in ("summary", "select", "report"):  # one check, outputs.published_manifest
+        assert main([command, str(tmp_path / "nothing")]) == 2
+        assert "manifest.json is missing" in capsys.readouterr().err

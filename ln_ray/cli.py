@@ -1,5 +1,6 @@
 """The ``ln-ray`` command: ``score``, ``select`` (re-run the reduce), ``summary``, ``report``,
-``plan`` (what a run will cost, from a sample of its input)."""
+``plan`` (what a run will cost, from a sample of its input), ``config`` (every setting a run
+would use)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from ln_ray.config import ConfigError, LnRayConfig, load_config
+from ln_ray.config import ConfigError, LnRayConfig, load_config, to_dict
 
 USAGE_OVERRIDES = "key=value overrides, e.g. scoring.window=2 input.path=s3://bucket/traces/"
 
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
 
+    config = commands.add_parser(
+        "config", help="print every setting a run would use: the defaults, the YAML, the overrides"
+    )
+    config.add_argument("--config-name", default="default", help="a name in conf/ or a YAML path")
+    config.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ln_ray").setLevel(logging.INFO)
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args.output_path)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "config":
+            return _config(load_config(args.config_name, args.overrides))
         return _summary(args.output_path)
     except (ConfigError, JobError) as exc:
         print(f"ln-ray: {exc}", file=sys.stderr)
@@ -75,6 +84,30 @@ def _score(cfg: LnRayConfig) -> int:
     manifest = run_score(cfg)
     print(_summary_of(manifest, cfg.output.path))
     return 0
+
+
+def _config(cfg: LnRayConfig) -> int:
+    print(config_yaml(cfg), end="")
+    return 0
+
+
+def config_yaml(cfg: LnRayConfig) -> str:
+    """``cfg`` as a YAML file that loads back to it, URLs redacted as in a manifest (the text may
+    end up in a log); text with line breaks is written in double quotes, escapes and all."""
+    import yaml
+
+    from ln_ray.pipeline.outputs import redacted
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        style = '"' if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    tree = redacted(to_dict(cfg))
+    return yaml.dump(tree, Dumper=Dumper, sort_keys=False, allow_unicode=True)
 
 
 def _select(output_path: str, overrides: list[str]) -> int:

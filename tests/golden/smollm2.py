@@ -3,7 +3,8 @@
 The equivalence tests compare ln-ray's scorer with a reference computed in the same process, by
 the same torch and transformers: an upgrade that moves both sides together (a changed kernel, a
 changed default in the model code) would pass them. This table was computed once and is
-compared within a stated tolerance (``tests/equivalence/test_golden.py``), so such a change fails loudly.
+compared within a stated tolerance (``tests/equivalence/test_golden.py``), so such a change
+fails loudly.
 
 After checking the cause of a difference (tests/reference.py still agrees with the scorer, and
 the library change is understood), re-bless the table:

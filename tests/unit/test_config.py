@@ -3,13 +3,24 @@ clearly."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import pytest
+import yaml
 
 from ln_ray.cli import finished_run_config, main
-from ln_ray.config import CONF_DIR, ConfigError, InputConfig, load_config, to_dict
+from ln_ray.config import (
+    CONF_DIR,
+    ConfigError,
+    InputConfig,
+    LnRayConfig,
+    load_config,
+    to_dict,
+)
 from ln_ray.pipeline.outputs import redacted
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -17,6 +28,51 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path.stem)
     assert cfg.input.path and cfg.output.path and cfg.student.model
     assert path.read_text().startswith("#")  # each YAML opens with how to run it
+
+
+@pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_set_only_what_differs_from_the_defaults(path):
+    """Each default has one home, its dataclass: a YAML repeating one would hide a change to it."""
+    defaults = to_dict(LnRayConfig())
+
+    def leaves(tree, prefix=()):
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, (*prefix, key))
+            else:
+                yield (*prefix, key), value
+
+    for key, value in leaves(yaml.safe_load(path.read_text()) or {}):
+        default = functools.reduce(lambda node, part: node[part], key, defaults)
+        assert value != default, f"{path.name} repeats the default {'.'.join(key)}: {value!r}"
+
+
+def test_the_readmes_settings_table_shows_the_defaults_the_code_has():
+    defaults = to_dict(LnRayConfig())
+    rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`|]*)` \|", (REPO / "README.md").read_text(), re.M)
+    assert len(rows) >= 25
+    for key, shown in rows:
+        value = functools.reduce(lambda node, part: node[part], key.split("."), defaults)
+        assert yaml.safe_load(shown) == value, f"README shows {key} = {shown}, the code {value!r}"
+
+
+def test_config_command_prints_every_setting_as_a_file_that_loads_back(tmp_path, capsys):
+    overrides = [
+        "input.path=s3://KEY:SECRET@bucket/traces/",
+        "student.reasoning_close=</think>\n",  # a line break: printed in double quotes
+        "scoring.window=2",
+    ]
+    assert main(["config", "--config-name", "cluster", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "SECRET" not in printed and "s3://***@bucket/traces/" in printed
+    written = tmp_path / "run.yaml"
+    written.write_text(printed)
+    expected = load_config("cluster", overrides)
+    got = load_config(str(written), ["input.path=s3://KEY:SECRET@bucket/traces/"])
+    assert to_dict(got) == to_dict(expected)
+    assert got.student.reasoning_close == "</think>\n"
+    assert main(["config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == to_dict(LnRayConfig())
 
 
 def test_defaults_run_on_two_cpus_without_a_gpu():

@@ -15,6 +15,7 @@ from ln_ray.config import ComputeConfig, load_config
 from ln_ray.pipeline.job import connect_ray, read_teacher_table, run_score, run_select
 from ln_ray.pipeline.summary import format_summary
 from tests.helpers import TEACHERS, make_rows, read_output
+from tests.templates import R1_DISTILL
 
 pytestmark = pytest.mark.slow
 
@@ -274,7 +275,6 @@ def test_row_counts_per_file_and_reason(ray_cluster):
 def test_job_scores_every_teacher_for_a_thinking_student(ray_cluster, tiny_student_dir, tmp_path):
     """An R1-distill-style student, teachers marking their reasoning four ways: every row is
     scored, and the curated set holds each trace as scored, in the student's markers."""
-    from templates import R1_DISTILL
 
     reasoning = "Let me think. The boat holds all three.\n"
     answer = "Cross once."

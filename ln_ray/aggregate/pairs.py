@@ -68,6 +68,14 @@ class PromptTable:
     teachers: list[str]
     values: dict[str, np.ndarray]
 
+    def ratio_parts(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """The metric's numerator and denominator per prompt and teacher (NaN where missing):
+        a mean is its per-prompt value over 1, rsr_dataset is sum(rank) / sum(surprisal)."""
+        if metric == RSR_DATASET:
+            return self.values["rsr_rank"], self.values["rsr_surprisal"]
+        top = self.values[metric]
+        return top, np.ones_like(top)
+
 
 def prompt_sums(scores: pa.Table) -> pa.Table:
     """Per (prompt_id, teacher) in ``scores``: each metric's sum and count of finite values (the
@@ -153,13 +161,9 @@ def paired_comparisons(
     sums: list[list[np.ndarray]] = [[], [], [], []]
     wins = []
     for metric in HIGHER_IS_BETTER:
-        if metric == RSR_DATASET:
-            top, bottom = table.values["rsr_rank"], table.values["rsr_surprisal"]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                per_prompt = top / bottom
-        else:
-            top = per_prompt = table.values[metric]
-            bottom = np.ones_like(top)
+        top, bottom = table.ratio_parts(metric)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_prompt = top / bottom
         for a, b in pairs:
             parts = (top[:, a], bottom[:, a], top[:, b], bottom[:, b])
             shared = np.logical_and.reduce([np.isfinite(part) for part in parts])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ln_ray.aggregate.pairs import HIGHER_IS_BETTER, RSR_DATASET, PromptTable, stable_hash
+from ln_ray.aggregate.pairs import HIGHER_IS_BETTER, PromptTable, stable_hash
 from ln_ray.schema import TEACHER_STABILITY_SCHEMA
 
 STABLE_AGREEMENT = 0.95
@@ -143,16 +143,10 @@ def _chunks(total: int, size: int) -> list[int]:
 
 
 def _parts(table: PromptTable, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Each prompt's numerator and denominator per teacher (``[prompts x teachers]``, zero
-    where the teacher has no value): a mean is sum / count, rsr_dataset is sum(rank) /
-    sum(surprisal)."""
-    if metric == RSR_DATASET:
-        top, bottom = table.values["rsr_rank"], table.values["rsr_surprisal"]
-        keep = np.isfinite(top) & np.isfinite(bottom)
-    else:
-        top = table.values[metric]
-        keep = np.isfinite(top)
-        bottom = np.ones_like(top)
+    """Each prompt's numerator and denominator per teacher (``[prompts x teachers]``,
+    ``PromptTable.ratio_parts``), zero where the teacher has no value."""
+    top, bottom = table.ratio_parts(metric)
+    keep = np.isfinite(top) & np.isfinite(bottom)
     return np.where(keep, top, 0.0), np.where(keep, bottom, 0.0)
 
 

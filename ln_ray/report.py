@@ -27,7 +27,8 @@ from ln_ray.pipeline.outputs import (
     read_published,
     text_output,
 )
-from ln_ray.schema import TEACHER_METRICS
+from ln_ray.pipeline.summary import yes_no
+from ln_ray.schema import better_direction
 
 METRICS = ("lalp", "galp", "rsr")
 REPORT_NAME = "report.html"
@@ -162,7 +163,7 @@ def _teacher_tables(teachers: pd.DataFrame) -> str:
             f"<tr><td>{r.rank}</td><td>{_e(r.teacher)}</td><td>{r.mean:.4f}</td>"
             f"<td>[{r.ci_low:.4f}, {r.ci_high:.4f}]</td><td>{r.count}</td>"
             f"<td>{'-' if pd.isna(r.wins) else int(r.wins)}</td>"
-            f"<td>{_yes_no(getattr(r, 'separated_from_next', None))}</td></tr>"
+            f"<td>{yes_no(getattr(r, 'separated_from_next', None))}</td></tr>"
             for r in part.sort_values("rank").itertuples()
         )
         better = part["better"].iloc[0] if "better" in part and len(part) else ""
@@ -172,10 +173,6 @@ def _teacher_tables(teachers: pd.DataFrame) -> str:
             f"<th>apart from next</th></tr>{rows}</table>"
         )
     return "".join(parts)
-
-
-def _yes_no(value: Any) -> str:
-    return "" if value is None or pd.isna(value) else ("yes" if value else "no")
 
 
 def _pair_matrices(pairs: pd.DataFrame, order: list[str], manifest: dict[str, Any]) -> str:
@@ -305,7 +302,7 @@ def _plot_teachers(teachers: pd.DataFrame, order: list[str]):
         ax.errorbar(part["mean"], y, xerr=np.nan_to_num(err), fmt="o", capsize=4)
         ax.set_yticks(y, order)
         ax.invert_yaxis()
-        ax.set_title(f"{metric} ({'higher' if TEACHER_METRICS[metric] else 'lower'} is better)")
+        ax.set_title(f"{metric} ({better_direction(metric)} is better)")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -149,6 +149,12 @@ TEACHER_METRICS = {
     "avg_surprisal": False,
 }
 
+
+def better_direction(metric: str) -> str:
+    """``higher`` or ``lower``: which way is better for a ``TEACHER_METRICS`` metric."""
+    return "higher" if TEACHER_METRICS.get(metric, False) else "lower"
+
+
 # ``wins`` is null for a metric no selection is made on; ``separated_from_next`` says whether
 # the paired comparison with the next teacher in rank excludes a tie (teacher_pairs/), null for
 # the last teacher.

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ln_ray.aggregate.pairs import RSR_DATASET, TRACE_METRICS
 from ln_ray.aggregate.select import HIGHER_IS_BETTER as SELECTED_ON
-from ln_ray.schema import TEACHER_METRICS, TEACHERS_SCHEMA
+from ln_ray.schema import TEACHER_METRICS, TEACHERS_SCHEMA, better_direction
 
 _BOOTSTRAP_CELLS = 4_000_000  # resample indices drawn per chunk (bounds memory)
 
@@ -99,7 +99,7 @@ def rank_teachers(
         return won.get((selected_on, teacher), 0) if selected_on in SELECTED_ON else None
 
     table = stats.assign(
-        better=["higher" if TEACHER_METRICS.get(m, False) else "lower" for m in stats["metric"]],
+        better=[better_direction(m) for m in stats["metric"]],
         wins=pd.array(
             [wins_of(m, t) for m, t in zip(stats["metric"], stats["teacher"])], dtype="Int64"
         ),

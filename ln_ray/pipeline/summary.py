@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from ln_ray.schema import TEACHER_METRICS
+from ln_ray.schema import better_direction
 
 _METRIC_NAMES = {
     "lalp": "local naturalness",
@@ -18,7 +18,7 @@ _METRIC_NAMES = {
     "avg_surprisal": "mean token surprisal",
 }
 _METRIC_TITLES = {
-    metric: f"{metric} ({name}, {'higher' if TEACHER_METRICS[metric] else 'lower'} is better)"
+    metric: f"{metric} ({name}, {better_direction(metric)} is better)"
     for metric, name in _METRIC_NAMES.items()
 }
 
@@ -44,8 +44,7 @@ def format_teacher_table(
         for row in part.itertuples():
             ci = f"[{row.ci_low:9.4f}, {row.ci_high:9.4f}]"
             wins = "-" if pd.isna(row.wins) else f"{int(row.wins)}"
-            apart = getattr(row, "separated_from_next", None)
-            apart = "" if apart is None or pd.isna(apart) else ("yes" if apart else "no")
+            apart = yes_no(getattr(row, "separated_from_next", None))
             lines.append(
                 f"  {row.rank:>4}  {row.teacher:<{width}}  {row.mean:9.4f}  {ci:>21}  "
                 f"{row.count:>6}  {wins:>5}  {apart}"
@@ -57,6 +56,11 @@ def format_teacher_table(
             lines.append(f"  {statement[0].upper()}{statement[1:]}.")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def yes_no(value: Any) -> str:
+    """A nullable flag as a table cell: yes, no, or empty when null."""
+    return "" if value is None or pd.isna(value) else ("yes" if value else "no")
 
 
 def _pair_lines(ranked: pd.DataFrame, pairs: pd.DataFrame, confidence: float) -> list[str]:

@@ -45,6 +45,25 @@ def train_tiny_tokenizer(vocab_size: int = 400, corpus: list[str] = SENTENCES):
     return fast
 
 
+# The shape of every tiny student: 2 layers of 4 query heads (2 key/value heads) of 16.
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+)
+
+
+def tiny_config(model_type: str, vocab_size: int, **overrides):
+    """The config of a tiny student of ``model_type`` (``TINY_SHAPE``, then ``overrides``)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **{**TINY_SHAPE, "vocab_size": vocab_size, **overrides})
+
+
 def make_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer random causal LM of any transformers family (fp32, CPU, eager attention).
 
@@ -57,21 +76,10 @@ def make_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0, **overr
         seed: Weight seed.
         **overrides: Config settings under test (a sliding window, a logit scale...).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    settings = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        attn_implementation="eager",
-    )
-    config = AutoConfig.for_model(model_type, **{**settings, **overrides})
+    config = tiny_config(model_type, vocab_size, **{"attn_implementation": "eager", **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for param in model.parameters():

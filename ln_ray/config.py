@@ -69,11 +69,16 @@ class InputConfig:
 class OutputConfig:
     """Where scores, selections, teacher tables and the curated set are written; the newest
     ``keep_runs`` finished runs keep their folders (the published one always does); the score
-    cache under it holds ``cache_buckets`` files (by a hash of trace_id)."""
+    cache under it holds ``cache_buckets`` files (by a hash of trace_id). A run that rejects
+    more than ``max_reject_fraction`` of its rows (duplicates aside) fails instead of
+    publishing; a run holds the output's lease, which others may break once it has missed its
+    heartbeat for ``lease_timeout_s``."""
 
     path: str = "outputs/demo"
     keep_runs: int = 3
     cache_buckets: int = 64
+    max_reject_fraction: float = 0.05
+    lease_timeout_s: float = 600.0
 
 
 @dataclass
@@ -245,6 +250,11 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(bool(cfg.output.path), "output.path is empty")
     need(cfg.output.keep_runs >= 1, "output.keep_runs must be >= 1")
     need(cfg.output.cache_buckets >= 1, "output.cache_buckets must be >= 1")
+    need(
+        0.0 <= cfg.output.max_reject_fraction <= 1.0,
+        "output.max_reject_fraction must be in [0, 1]",
+    )
+    need(cfg.output.lease_timeout_s > 0, "output.lease_timeout_s must be > 0")
     need(bool(cfg.student.model), "student.model is empty")
     need(cfg.student.dtype in DTYPES, f"student.dtype must be one of {DTYPES}")
     need(cfg.segment.mode in SEGMENT_MODES, f"segment.mode must be one of {SEGMENT_MODES}")

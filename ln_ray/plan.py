@@ -202,7 +202,11 @@ def _rows(fs: Any, path: str, fmt: str, cfg: LnRayConfig, limit: int) -> list[di
 
 
 def _global_cap(cfg: LnRayConfig) -> int:
+    """The student's global cap; a student the job would refuse is refused here too."""
     from ln_ray.score.student import load_model_config
-    from ln_ray.score.vetting import global_cap
+    from ln_ray.score.vetting import check_scorable, global_cap
 
-    return global_cap(load_model_config(cfg.student), cfg.scoring.max_tokens)
+    config = load_model_config(cfg.student)
+    cap = global_cap(config, cfg.scoring.max_tokens)
+    check_scorable(config, cap)
+    return cap

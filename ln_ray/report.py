@@ -27,7 +27,7 @@ from ln_ray.pipeline.outputs import (
     read_published,
     text_output,
 )
-from ln_ray.pipeline.summary import yes_no
+from ln_ray.pipeline.summary import printable, yes_no
 from ln_ray.schema import better_direction
 
 METRICS = ("lalp", "galp", "rsr")
@@ -76,6 +76,12 @@ def render_report(run: dict[str, Any]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
+    # Teacher names are input: ``$...$`` in one is text, not mathtext to typeset (or fail on).
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _render(run)
+
+
+def _render(run: dict[str, Any]) -> str:
     manifest, scores, teachers = run["manifest"], run["scores"], run["teachers"]
     order = teachers[teachers["metric"] == "lalp"].sort_values("rank")[
         "teacher"
@@ -300,7 +306,7 @@ def _plot_teachers(teachers: pd.DataFrame, order: list[str]):
         y = np.arange(len(order))
         err = np.vstack([part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]])
         ax.errorbar(part["mean"], y, xerr=np.nan_to_num(err), fmt="o", capsize=4)
-        ax.set_yticks(y, order)
+        ax.set_yticks(y, [printable(t) for t in order])
         ax.invert_yaxis()
         ax.set_title(f"{metric} ({better_direction(metric)} is better)")
         ax.grid(axis="x", alpha=0.3)
@@ -314,7 +320,7 @@ def _plot_distributions(scores: pd.DataFrame, order: list[str]):
     fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 0.5 * len(order) + 1.6))
     for ax, metric in zip(axes, METRICS):
         data = [scores.loc[scores["teacher"] == t, metric].dropna().to_numpy() for t in order]
-        ax.boxplot(data, orientation="horizontal", tick_labels=order)
+        ax.boxplot(data, orientation="horizontal", tick_labels=[printable(t) for t in order])
         ax.invert_yaxis()
         ax.set_title(metric)
         ax.grid(axis="x", alpha=0.3)
@@ -332,7 +338,7 @@ def _plot_wins(selections: pd.DataFrame, order: list[str]):
         part = selections[selections["metric"] == metric]
         share = part["teacher"].value_counts().reindex(order, fill_value=0) / max(len(part), 1)
         ax.bar(x + (k - 1) * width, share.to_numpy(), width, label=metric)
-    ax.set_xticks(x, order, rotation=20, ha="right")
+    ax.set_xticks(x, [printable(t) for t in order], rotation=20, ha="right")
     ax.set_ylabel("share of prompts won")
     ax.legend()
     fig.tight_layout()
@@ -372,7 +378,9 @@ def _section(title: str, body: str) -> str:
 
 
 def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """Input text (a teacher name, a trace) as HTML text: markup escaped, control characters
+    shown as escapes."""
+    return html.escape(printable(text), quote=True)
 
 
 _PAGE = """<!DOCTYPE html>

@@ -54,11 +54,28 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 
+# What kind of problem rejected a row (rejects/'s ``kind``): the input itself (unreadable,
+# invalid, or a prompt_id shared by different prompts), a conversation the student's template
+# cannot render, a trace too long to score, one that ran out of device memory even alone, an
+# error while scoring; and a duplicate, whose trace is scored through its first copy (the only
+# kind that ``output.max_reject_fraction`` does not count).
+REJECT_KINDS = ("input", "render", "too_long", "out_of_memory", "scoring_error", "duplicate")
+_REJECT = [("reject_reason", pa.string()), ("reject_kind", pa.string())]
+# The reason's first part for rows whose prompt_id also names another prompt.
+SHARED_PROMPT_ID = "prompt_id shared by different prompts"
+
 # A row's own columns, without scores or text: what travels through scoring, the join with the
-# score cache and the shuffles. Rejected rows carry only provenance and ``reject_reason``;
-# ``dup_key`` identifies (prompt_id, teacher, response) for de-duplication.
+# score cache and the shuffles. Rejected rows carry only provenance, ``reject_reason`` and
+# ``reject_kind``; ``dup_key`` identifies (prompt_id, teacher, response) for de-duplication and
+# ``context_key`` the conversation before the response (one prompt_id, one context).
 ROW_META_SCHEMA = pa.schema(
-    [*_PROVENANCE, *_TRACE, ("dup_key", pa.string()), ("reject_reason", pa.string())]
+    [
+        *_PROVENANCE,
+        *_TRACE,
+        ("dup_key", pa.string()),
+        ("context_key", pa.string()),
+        *_REJECT,
+    ]
 )
 
 # Every input row after validation, before any tokenizing: its own columns, its text, the given
@@ -113,7 +130,12 @@ SCORES_SCHEMA = pa.schema(
 # Rows rejected after validation (a template that cannot render, a scoring failure, a duplicate),
 # by row key: the scoring pass hands these on instead of its rows, whose scores are in the cache.
 LATE_REJECTS_SCHEMA = pa.schema(
-    [("source_file", pa.string()), ("row_number", pa.int64()), ("reason", pa.string())]
+    [
+        ("source_file", pa.string()),
+        ("row_number", pa.int64()),
+        ("reason", pa.string()),
+        ("kind", pa.string()),
+    ]
 )
 
 REJECTS_SCHEMA = pa.schema(
@@ -123,6 +145,7 @@ REJECTS_SCHEMA = pa.schema(
         ("prompt_id", pa.string()),
         ("teacher", pa.string()),
         ("reason", pa.string()),
+        ("kind", pa.string()),
     ]
 )
 

@@ -50,6 +50,29 @@ def tiny_student_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def leaky_student_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama's weights as remote code whose MLPs mix in the previous position
+    (tests/students/modeling_leaky.py): vetting sees nothing wrong, its packed scores are wrong."""
+    import json
+    import shutil
+
+    from tests.helpers import REPO
+
+    folder = tmp_path_factory.mktemp("leaky-student")
+    make_tiny_llama(len(tiny_tokenizer), attn="sdpa").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    shutil.copy(REPO / "tests" / "students" / "modeling_leaky.py", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "leaky_llama"
+    config["auto_map"] = {
+        "AutoConfig": "modeling_leaky.LeakyConfig",
+        "AutoModelForCausalLM": "modeling_leaky.LeakyForCausalLM",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; s3fs finds it through AWS_ENDPOINT_URL (set before Ray)."""
     with moto_s3_server() as endpoint:

@@ -38,6 +38,9 @@ __all__ = [
     "make_traces",
     "metric_trace",
     "parquet_with_a_corrupt_row_group",
+    "prepared_rows",
+    "tiny_job_config",
+    "write_jsonl",
     "raw_table",
     "read_output",
     "scores_table",
@@ -109,6 +112,44 @@ def make_rows(n_prompts: int = 6, seed: int = 0) -> list[dict]:
                 }
             )
     return rows
+
+
+def prepared_rows(student, raw: pa.Table, cached=()) -> tuple[pa.Table, pa.Table]:
+    """Validate and tokenize raw rows as the job does: (validated, prepared new rows)."""
+    from ln_ray.config import ScoringConfig, SegmentConfig
+    from ln_ray.pipeline.stages import is_new, tokenize_batch, validate_batch
+
+    settings = {"segment": SegmentConfig(), "scoring": ScoringConfig(max_response_chars=1000)}
+    ids = np.unique(np.asarray(list(cached), dtype="S32"))
+    validated = validate_batch(raw, student=student, cached=ids, **settings)
+    new = validated.filter(is_new(validated))
+    return validated, tokenize_batch(new, student=student, **settings)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a JSONL shard (its folder made)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def tiny_job_config(input_path, output_path, student: str, *extra: str):
+    """A job over ``input_path`` with a tiny student: small batches and packs, few resamples."""
+    from ln_ray.config import load_config
+
+    return load_config(
+        "default",
+        [
+            f"input.path={input_path}",
+            f"output.path={output_path}",
+            f"student.model={student}",
+            "compute.batch_traces=2",
+            "compute.token_budget=256",
+            "selection.bootstrap_samples=100",
+            *extra,
+        ],
+    )
 
 
 def read_output(url: str, name: str) -> pd.DataFrame:

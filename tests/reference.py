@@ -1,6 +1,7 @@
 """A slow, obviously-correct reference scorer: one plain forward per window, full logits.
 
-It shares nothing with ln_ray.score but the definitions in DESIGN.md, so agreement is evidence.
+It shares nothing with ln_ray.score but the definitions in DESIGN.md, so agreement is evidence;
+it runs on a model of its own, never one the scorer patched.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import pytest
 import torch
 
 from ln_ray.config import ScoringConfig
+from ln_ray.score.attention import ATTENTION_NAME
 
 
 def _forward_logprobs(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary fp32 logits and log-softmax of one unpadded sequence."""
+    # A model the scorer was built on runs ln-ray's attention: the reference would run the code
+    # under test. It needs a copy of its own.
+    assert model.config._attn_implementation != ATTENTION_NAME, "the reference's model is patched"
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float()
     return logits, torch.log_softmax(logits, dim=-1)

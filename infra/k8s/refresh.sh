@@ -1,7 +1,9 @@
 #!/bin/sh
 # The nightly refresh, run by the CronJob in refresh-cronjob.yaml (from its ConfigMap).
 # 1. Refuse to start while any ln-ray RayJob is unfinished: every run writes the same output
-#    path and score cache (a one-off run included), so two at once would race.
+#    path and score cache (a one-off run included). The job itself takes the output's lease
+#    (output.path/_lease.json) and stops at once while another live run holds it, from this
+#    cluster or any other; this check only spares starting a cluster that would be refused.
 # 2. Delete finished refresh RayJobs but the newest three (KubeRay deletes their clusters after
 #    ttlSecondsAfterFinished, not the RayJob objects).
 # 3. Create tonight's RayJob.

@@ -1,9 +1,10 @@
 """The score cache: scores persisted per trace as soon as a batch is scored.
 
 Scores are stored under ``<output.path>/_cache/<key>/``, where the key hashes the student's
-identity (weights, tokenizer, chat template and its arguments, dtype) and every scoring setting
-that changes a score (the view and the reasoning presentation among them); the trace_id already
-hashes the trace's content, as scored, and its steps.
+identity (weights, tokenizer, chat template and its arguments, dtype), every scoring setting
+that changes a score (the view and the reasoning presentation among them) and the version of
+what a score means (``score/version.py``); the trace_id already hashes the trace's content, as
+scored, and its steps.
 
 Scoring actors write one ``part-*.parquet`` file per batch, atomically (a hidden temporary file
 renamed into place, or a single object PUT), so a killed driver or actor never leaves a
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 from ln_ray.config import ScoringConfig
 from ln_ray.io import storage
 from ln_ray.schema import CACHE_SCHEMA
+from ln_ray.score.version import SCORING_VERSION
 
 # Scoring settings that decide only which rows are scored, never a score.
 _NOT_IN_KEY = frozenset({"max_response_chars"})
@@ -40,10 +42,12 @@ def cache_key(student_identity: str, scoring: ScoringConfig) -> str:
     """The cache folder name for a student and the scoring settings that change scores.
 
     Every scoring setting is in the key but those in ``_NOT_IN_KEY``, so a new setting can
-    never reuse scores computed without it.
+    never reuse scores computed without it; so is ``SCORING_VERSION``, so a change to the
+    numbers never mixes old and new scores.
     """
     settings = {
         "student": student_identity,
+        "scoring_version": SCORING_VERSION,
         **{k: v for k, v in dataclasses.asdict(scoring).items() if k not in _NOT_IN_KEY},
         "schema": CACHE_SCHEMA.names,
     }

@@ -31,6 +31,14 @@ INPUT_SUFFIXES = {
 
 # A URL's userinfo (``s3://KEY:SECRET@bucket``); RE2 syntax too, for Arrow's regex kernels.
 USERINFO, MASKED = r"://[^/@\s]+@", "://***@"
+# A URL's query-string credentials: a presigned URL's signature and credential (S3's
+# X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token; GCS's X-Goog-*), an Azure SAS token's
+# sig, an access token or key. The parameter's name is kept, its value masked.
+SECRET_PARAMETER = (
+    r"(?i)([?&;][a-z0-9_.\-]*(?:sig|credential|token|secret|passw|pwd|auth|key)"
+    r"[a-z0-9_.\-]*=)[^&#;\s'\"]+"
+)
+MASKED_PARAMETER = r"\1***"
 
 
 class InputError(ValueError):
@@ -45,8 +53,17 @@ class InputFiles(NamedTuple):
 
 
 def redact_url(text: str) -> str:
-    """``text`` with the credentials of every URL in it masked (``s3://***@bucket``)."""
-    return re.sub(USERINFO, MASKED, text)
+    """``text`` with the credentials of every URL in it masked: userinfo (``s3://***@bucket``)
+    and query-string secrets (``?X-Amz-Signature=***``, ``&sig=***``)."""
+    return re.sub(SECRET_PARAMETER, MASKED_PARAMETER, re.sub(USERINFO, MASKED, text))
+
+
+def redact_urls_arrow(texts: Any) -> Any:
+    """``redact_url`` over an Arrow string array (nulls stay null)."""
+    import pyarrow.compute as pc
+
+    texts = pc.replace_substring_regex(texts, USERINFO, MASKED)
+    return pc.replace_substring_regex(texts, SECRET_PARAMETER, MASKED_PARAMETER)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -187,7 +204,13 @@ def read_json(url: str) -> dict[str, Any]:
 
 
 def _is_glob(path: str) -> bool:
-    return any(ch in path for ch in "*?[")
+    return any(ch in _without_query(path) for ch in "*?[")
+
+
+def _without_query(path: str) -> str:
+    """An HTTP(S) URL without its query string (a presigned URL's ``?X-Amz-...``), which holds
+    no glob and names no format; any other path as it is."""
+    return path.split("?", 1)[0] if path.startswith(("http://", "https://")) else path
 
 
 def _input_root(path: str) -> str:
@@ -208,6 +231,7 @@ def _is_hidden(path: str, root: str) -> bool:
 
 
 def _format_of(name: str) -> str | None:
+    name = _without_query(name)
     for suffix, fmt in INPUT_SUFFIXES.items():
         if name.endswith(suffix):
             return fmt

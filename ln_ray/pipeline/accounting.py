@@ -6,6 +6,7 @@ the pipeline (Parquet metadata, non-blank JSONL lines) and compared with what ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,30 @@ from ln_ray.pipeline.reduce import cluster_cpus
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
-_COUNTERS = (*PER_FILE, "unscored")  # per block, by (file, reject reason kind)
+_COUNTERS = (*PER_FILE, "unscored")  # per block, by (file, reject reason, reject kind)
 
 
 class AccountingError(RuntimeError):
-    """Rows went missing, or an accepted row has no scores."""
+    """Rows went missing, an accepted row has no scores, or the independent count failed."""
+
+
+class RejectBudgetError(RuntimeError):
+    """More rows were rejected than ``output.max_reject_fraction`` allows."""
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    """The run's accounting: per input file, and over all files.
+
+    Attributes:
+        per_file: Per ``source_file``, the manifest's row and token counters (``PER_FILE``).
+        reasons: Rejected rows per reason (its text up to the first colon).
+        kinds: Rejected rows per kind (``schema.REJECT_KINDS``).
+    """
+
+    per_file: dict[str, dict[str, int]]
+    reasons: dict[str, int]
+    kinds: dict[str, int]
 
 
 def start_counting(sources: list[tuple[str, str]]) -> list[Any]:
@@ -48,21 +68,33 @@ def start_counting(sources: list[tuple[str, str]]) -> list[Any]:
 
 
 def counted(refs: list[Any]) -> list[dict[str, Any]]:
-    """The per-file row counts of ``start_counting``, in the order of its files."""
+    """The per-file row counts of ``start_counting``, in the order of its files.
+
+    Raises:
+        AccountingError: A counting task failed: without the count, nothing proves that no row
+            went missing, so the run does not publish.
+    """
     import ray
 
-    return [entry for chunk in ray.get(refs) for entry in chunk]
+    try:
+        return [entry for chunk in ray.get(refs) for entry in chunk]
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:500]
+        raise AccountingError(
+            f"the independent count of the input files' rows failed, so nothing proves that "
+            f"no row went missing: {type(exc).__name__}: {detail}"
+        ) from None
 
 
 def _count_files(sources: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return [count_source_rows(url, fmt) for url, fmt in sources]
 
 
-def count_rows(rows: Any, cached: np.ndarray) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+def count_rows(rows: Any, cached: np.ndarray) -> RowCounts:
     """Per input file, the manifest's row and token counters; over all files, how many rows were
-    rejected for each kind of reason (details stay in rejects/).
+    rejected for each reason and each kind (details stay in rejects/).
 
-    One pass over the finished rows: each block sums its own counters by (file, reason kind),
+    One pass over the finished rows: each block sums its own counters by (file, reason, kind),
     the driver adds the blocks' sums.
 
     Raises:
@@ -78,7 +110,8 @@ def count_rows(rows: Any, cached: np.ndarray) -> tuple[dict[str, dict[str, int]]
         counters = pa.table(
             {
                 "source_file": table["source_file"],
-                "kind": pa.array([reason_kind(r) for r in reasons], pa.string()),
+                "reason": pa.array([reason_kind(r) for r in reasons], pa.string()),
+                "kind": table["reject_kind"],
                 "rows_scored": pc.cast(pc.invert(rejected), pa.int64()),
                 "rows_rejected": pc.cast(rejected, pa.int64()),
                 "shard_errors": pc.cast(pc.is_null(table["row_number"]), pa.int64()),
@@ -89,23 +122,26 @@ def count_rows(rows: Any, cached: np.ndarray) -> tuple[dict[str, dict[str, int]]
                 "unscored": pc.cast(is_unscored(table), pa.int64()),
             }
         )
-        summed = counters.group_by(["source_file", "kind"], use_threads=False).aggregate(
+        keys = ["source_file", "reason", "kind"]
+        summed = counters.group_by(keys, use_threads=False).aggregate(
             [(name, "sum") for name in _COUNTERS]
         )
         return summed.rename_columns([n.removesuffix("_sum") for n in summed.column_names])
 
     sums = pd.DataFrame(rows.map_batches(partial_sums, batch_format="pyarrow").take_all())
     if sums.empty:
-        return {}, {}
+        return RowCounts({}, {}, {})
     unscored = int(sums["unscored"].sum())
     if unscored:
         raise AccountingError(
             f"{unscored} accepted rows have no scores (not scored, not in the cache)"
         )
     per_file = sums.groupby("source_file")[list(PER_FILE)].sum()
+    reasons = sums.dropna(subset=["reason"]).groupby("reason")["rows_rejected"].sum()
     kinds = sums.dropna(subset=["kind"]).groupby("kind")["rows_rejected"].sum()
-    return (
+    return RowCounts(
         {name: {c: int(v) for c, v in counts.items()} for name, counts in per_file.iterrows()},
+        {reason: int(n) for reason, n in sorted(reasons.items())},
         {kind: int(n) for kind, n in sorted(kinds.items())},
     )
 
@@ -122,7 +158,12 @@ def check_inputs(
     per_file: dict[str, dict[str, int]],
     expected: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """Per input file: rows read == rows scored + rows rejected, and nothing went missing."""
+    """Per input file: rows read == rows scored + rows rejected, and nothing went missing.
+
+    A file the independent count could not read must be one the pipeline could not read either
+    (a corrupt Parquet footer, one reject row): a file whose rows were read while the count
+    failed on it has no proof that none went missing.
+    """
     inputs, lost = [], []
     for (path, fmt), source in zip(files, expected):
         counts = per_file.get(urls[path], dict.fromkeys(PER_FILE, 0))
@@ -130,11 +171,36 @@ def check_inputs(
         entry.update(counts)
         entry["rows_read"] = counts["rows_scored"] + counts["rows_rejected"]
         readable = entry["rows_read"] - counts["shard_errors"]
-        if source.get("rows_in_file") is not None and readable != source["rows_in_file"]:
+        if source.get("rows_in_file") is None:
+            if not counts["shard_errors"]:
+                lost.append(
+                    f"{urls[path]}: the independent row count could not read the file "
+                    f"({source.get('unreadable')}), yet {readable} rows were read from it"
+                )
+        elif readable != source["rows_in_file"]:
             lost.append(f"{urls[path]}: {source['rows_in_file']} rows in the file, {readable} read")
         inputs.append(entry)
     if lost:
         raise AccountingError(
-            "rows went missing between reading and writing:\n  " + "\n  ".join(lost)
+            "rows went missing between reading and writing, or cannot be shown not to "
+            "have:\n  " + "\n  ".join(lost)
         )
     return inputs
+
+
+def check_reject_budget(rows_read: int, kinds: dict[str, int], max_fraction: float) -> None:
+    """Fail a run that rejected more than ``max_fraction`` of the rows it read.
+
+    Duplicates do not count (their trace is scored through the first copy).
+
+    Raises:
+        RejectBudgetError: With the rejects by kind.
+    """
+    rejected = sum(n for kind, n in kinds.items() if kind != "duplicate")
+    if rows_read and rejected / rows_read > max_fraction:
+        by_kind = ", ".join(f"{kind} {n:,}" for kind, n in sorted(kinds.items()))
+        raise RejectBudgetError(
+            f"{rejected:,} of {rows_read:,} rows were rejected ({rejected / rows_read:.1%}, "
+            f"by kind: {by_kind}), more than output.max_reject_fraction={max_fraction:g} "
+            "allows"
+        )

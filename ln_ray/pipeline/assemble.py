@@ -4,7 +4,9 @@ Only narrow columns travel here (provenance, ids, scores); the rows' text stays 
 
 Every accepted row of ``_valid/`` is joined with the score cache (this run's scores were folded
 into it); rows rejected at validation pass as they are, and rows the scoring pass rejected take
-its reason. Then later copies of a (prompt_id, teacher, response) are marked duplicates.
+its reason. Then rows whose prompt_id names different prompts are rejected (a selection across
+them would compare answers to different questions), and later copies of a (prompt_id, teacher,
+response) are marked duplicates.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pyarrow.compute as pc
 from ln_ray.io import cache, storage
 from ln_ray.pipeline import outputs
 from ln_ray.pipeline.outputs import ROWS_DIR, RunPaths, write_dataset
-from ln_ray.pipeline.passes import read_valid
+from ln_ray.pipeline.passes import read_valid, rejects_of
 from ln_ray.pipeline.reduce import cast_to, collect, reduce_partitions
 from ln_ray.schema import (
     CACHE_SCHEMA,
@@ -27,6 +29,7 @@ from ln_ray.schema import (
     ROW_META_SCHEMA,
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
+    SHARED_PROMPT_ID,
     row_keys,
 )
 
@@ -56,8 +59,11 @@ def assemble_rows(
     rows = meta.map_batches(_rejected, batch_format="pyarrow")
     accepted = meta.map_batches(_accepted, batch_format="pyarrow")
     rows = rows.union(_join_cache(accepted, cache_url, buckets, partitions))
+    conflicts = _find_conflicts(
+        meta.select_columns(["prompt_id", "context_key", "source_file", "row_number"])
+    )
     duplicates = _find_duplicates(meta.select_columns(["dup_key", "source_file", "row_number"]))
-    late = pa.concat_tables([late_rejects.cast(LATE_REJECTS_SCHEMA), duplicates])
+    late = pa.concat_tables([late_rejects.cast(LATE_REJECTS_SCHEMA), conflicts, duplicates])
     rows = rows.map_batches(_finish_rows, fn_kwargs={"late": late}, batch_format="pyarrow")
     rows = rows.materialize()
     # A few large blocks (about two per CPU): each is written as one file by the task that
@@ -65,7 +71,7 @@ def assemble_rows(
     write_dataset(rows, paths.staged(ROWS_DIR), paths.arrow_fs, task_args={})
     scores = rows.map_batches(_scores_part, batch_format="pyarrow")
     write_dataset(scores, paths.staged("scores"), paths.arrow_fs, task_args={})
-    rejects = rows.map_batches(_rejects_part, batch_format="pyarrow")
+    rejects = rows.map_batches(rejects_of, batch_format="pyarrow")
     write_dataset(rejects, paths.staged("rejects"), paths.arrow_fs, task_args={})
     for name, schema in (
         (ROWS_DIR, SCORED_ROWS_SCHEMA),
@@ -227,21 +233,131 @@ def _later_copies(block: pa.Table, firsts: pa.Table) -> pa.Table:
         "duplicate of ", first_file, " row ", pc.cast(first_row, pa.string()), ""
     )
     table = pa.table(
-        {"source_file": block["source_file"], "row_number": block["row_number"], "reason": reason}
+        {
+            "source_file": block["source_file"],
+            "row_number": block["row_number"],
+            "reason": reason,
+            "kind": pa.array(["duplicate"] * block.num_rows, pa.string()),
+        }
     )
     return table.filter(pc.fill_null(later, False)).cast(_DUPLICATES)
 
 
+def _find_conflicts(rows: Any) -> pa.Table:
+    """Accepted rows whose prompt_id also names another prompt (another context before the
+    response), with a reason naming the first row of two of them.
+
+    As ``_find_duplicates``: prompt ids are sorted; each block reports, per prompt id that has
+    more than one context in it or sits at its edge, the first row of each context; the driver
+    merges those (a few rows per conflicting prompt id) and a second pass marks the rows.
+
+    Args:
+        rows: Every row's prompt_id, context_key, source_file and row_number (context_key
+            null: rejected).
+
+    Returns:
+        source_file, row_number, reason and kind of each rejected row.
+    """
+    valid = rows.map_batches(
+        lambda t: t.filter(pc.is_valid(t["context_key"])), batch_format="pyarrow"
+    )
+    ordered = valid.sort("prompt_id").materialize()
+    partials = ordered.map_batches(_block_contexts, batch_format="pyarrow", batch_size=None)
+    conflicts = _merge_contexts(collect(partials, _CONTEXTS))
+    if conflicts.num_rows == 0:
+        return _DUPLICATES.empty_table()
+    marks = ordered.map_batches(
+        _conflicting_rows,
+        fn_kwargs={"conflicts": conflicts},
+        batch_format="pyarrow",
+        batch_size=None,
+    )
+    return collect(marks, _DUPLICATES)
+
+
+_CONTEXTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("context_key", pa.string()),
+        ("first_file", pa.string()),
+        ("first_row", pa.int64()),
+    ]
+)
+_CONFLICTS = pa.schema([("prompt_id", pa.string()), ("reason", pa.string())])
+
+
+def _first_of_each_context(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per (prompt_id, context): its first row, in (file, row) order."""
+    return (
+        frame.sort(["prompt_id", "context_key", "first_file", "first_row"])
+        .group_by(["prompt_id", "context_key"], maintain_order=True)
+        .agg(pl.col("first_file").first(), pl.col("first_row").first())
+    )
+
+
+def _block_contexts(block: pa.Table) -> pa.Table:
+    """A block's prompt ids with more than one context, and its first and last prompt id
+    (which may continue in the neighbouring blocks), with the first row of each context."""
+    frame = pl.from_arrow(block.select(["prompt_id", "context_key", "source_file", "row_number"]))
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.rename({"source_file": "first_file", "row_number": "first_row"})
+    firsts = _first_of_each_context(frame)
+    if firsts.height == 0:
+        return _CONTEXTS.empty_table()
+    per_prompt = pl.col("context_key").count().over("prompt_id")
+    edges = pl.col("prompt_id").is_in([firsts["prompt_id"][0], firsts["prompt_id"][-1]])
+    kept = firsts.filter((per_prompt > 1) | edges)
+    return kept.to_arrow().select(_CONTEXTS.names).cast(_CONTEXTS)
+
+
+def _merge_contexts(partials: pa.Table) -> pa.Table:
+    """Prompt ids with more than one context over all blocks, with the reason their rows get."""
+    frame = pl.from_arrow(partials)
+    assert isinstance(frame, pl.DataFrame)
+    firsts = _first_of_each_context(frame).sort(["prompt_id", "first_file", "first_row"])
+    where = pl.format("{} row {}", pl.col("first_file"), pl.col("first_row"))
+    merged = (
+        firsts.with_columns(where=where)
+        .group_by("prompt_id", maintain_order=True)
+        .agg(pl.col("where"), pl.len().alias("contexts"))
+        .filter(pl.col("contexts") > 1)
+    )
+    reasons = [
+        f"{SHARED_PROMPT_ID}: {prompt_id!r} in {places[0]} and {places[1]}"
+        + (f" ({contexts} prompts in all)" if contexts > 2 else "")
+        for prompt_id, places, contexts in merged.iter_rows()
+    ]
+    return pa.table(
+        {"prompt_id": merged["prompt_id"].to_arrow(), "reason": pa.array(reasons, pa.string())},
+        schema=_CONFLICTS,
+    )
+
+
+def _conflicting_rows(block: pa.Table, conflicts: pa.Table) -> pa.Table:
+    """The block's rows whose prompt_id names different prompts, with the reason."""
+    where = pc.index_in(block["prompt_id"], value_set=conflicts["prompt_id"])
+    table = pa.table(
+        {
+            "source_file": block["source_file"],
+            "row_number": block["row_number"],
+            "reason": pc.take(conflicts["reason"], where),
+            "kind": pa.array(["input"] * block.num_rows, pa.string()),
+        }
+    )
+    return table.filter(pc.is_valid(where)).cast(_DUPLICATES)
+
+
 def _finish_rows(table: pa.Table, late: pa.Table) -> pa.Table:
-    reasons = table["reject_reason"]
+    reasons, kinds = table["reject_reason"], table["reject_kind"]
     if late.num_rows:
         where = pc.index_in(row_keys(table), value_set=row_keys(late))
-        reasons = pc.coalesce(reasons, pc.take(late["reason"], where))
-    # A shard's read error may quote its URL.
-    reasons = pc.replace_substring_regex(reasons, storage.USERINFO, storage.MASKED)
-    index = table.schema.get_field_index("reject_reason")
+        late_reason = pc.take(late["reason"], where)
+        kinds = pc.if_else(pc.is_valid(reasons), kinds, pc.take(late["kind"], where))
+        reasons = pc.coalesce(reasons, late_reason)
+    reasons = storage.redact_urls_arrow(reasons)  # a shard's read error may quote its URL
     return (
-        table.set_column(index, "reject_reason", reasons)
+        table.set_column(table.schema.get_field_index("reject_reason"), "reject_reason", reasons)
+        .set_column(table.schema.get_field_index("reject_kind"), "reject_kind", kinds)
         .select(SCORED_ROWS_SCHEMA.names)
         .cast(SCORED_ROWS_SCHEMA)
     )
@@ -249,9 +365,3 @@ def _finish_rows(table: pa.Table, late: pa.Table) -> pa.Table:
 
 def _scores_part(table: pa.Table) -> pa.Table:
     return cast_to(SCORES_SCHEMA)(table.filter(pc.is_null(table["reject_reason"])))
-
-
-def _rejects_part(table: pa.Table) -> pa.Table:
-    rejected = table.filter(pc.is_valid(table["reject_reason"]))
-    columns = ["source_file", "row_number", "prompt_id", "teacher", "reject_reason"]
-    return rejected.select(columns).rename_columns(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)

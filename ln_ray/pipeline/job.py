@@ -21,18 +21,21 @@ import os
 import platform
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 import ln_ray
 from ln_ray.config import ComputeConfig, LnRayConfig, to_dict
 from ln_ray.io import cache, storage
+from ln_ray.io.lease import Lease, LeaseHeld
 from ln_ray.pipeline import outputs
 from ln_ray.pipeline.accounting import (
     COUNTS,
     AccountingError,
+    RejectBudgetError,
     check_inputs,
+    check_reject_budget,
     count_rows,
     counted,
     start_counting,
@@ -47,9 +50,20 @@ from ln_ray.pipeline.outputs import (
     RunPaths,
     text_output,
 )
-from ln_ray.pipeline.passes import score_new_rows, validate_rows
+from ln_ray.pipeline.passes import (
+    ScoringHalted,
+    ScoringPass,
+    Validated,
+    score_new_rows,
+    validate_rows,
+    write_validation_rejects,
+)
 from ln_ray.pipeline.reduce import cluster_cpus, reduce_scores
 from ln_ray.schema import LATE_REJECTS_SCHEMA
+from ln_ray.score.version import SCORING_VERSION
+
+if TYPE_CHECKING:  # the student module loads torch, which only a scoring run needs
+    from ln_ray.score.student import VettedStudent
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +115,10 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         The manifest (also written, last, to ``output.path/manifest.json``).
 
     Raises:
-        JobError: A problem with the whole run (found before any scoring starts), or rows that
-            went missing between reading and writing.
+        JobError: A problem with the whole run (found before any scoring starts: the input, the
+            output or its lease, the student), a student that fails its self-check, rows that
+            went missing between reading and writing, or more rejects than
+            ``output.max_reject_fraction`` allows. The published results stay as they were.
     """
 
     from ln_ray.score.student import check_student
@@ -112,24 +128,64 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     try:
         files, skipped = storage.list_input_files(cfg.input.path, cfg.input.format)
         storage.check_output_apart(cfg.input.path, cfg.output.path)
-        identity = check_student(
+        student = check_student(
             cfg.student,
             want_gpu=cfg.compute.gpus_per_actor > 0,
             max_tokens=cfg.scoring.max_tokens,
             view=cfg.scoring.render,
         )
         paths = RunPaths.create(cfg.output.path)
-        outputs.check_writable(paths)
+        lease = _take_lease(cfg, paths, "score")
     except (storage.InputError, StudentError, outputs.OutputError) as exc:
         raise JobError(storage.redact_url(str(exc))) from None
+    try:
+        return _score(cfg, files, skipped, student, paths, lease, started)
+    finally:
+        lease.release()
+
+
+def _take_lease(cfg: LnRayConfig, paths: RunPaths, command: str) -> Lease:
+    """The output's lease for this run, and a writable output, checked before any work."""
+    lease = Lease(paths.root_url, paths.run_id, command, cfg.output.lease_timeout_s)
+    try:
+        lease.acquire()
+    except LeaseHeld as exc:
+        raise outputs.OutputError(str(exc)) from None
+    except OSError as exc:
+        raise outputs.OutputError(
+            f"output.path is not writable: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        outputs.check_writable(paths)
+    except outputs.OutputError:
+        lease.release()
+        raise
+    lease.start_heartbeat()
+    return lease
+
+
+def _score(
+    cfg: LnRayConfig,
+    files: list[tuple[str, str]],
+    skipped: list[str],
+    student: VettedStudent,
+    paths: RunPaths,
+    lease: Lease,
+    started: float,
+) -> dict[str, Any]:
+    """``run_score`` once the run holds the output's lease."""
     connect_ray(cfg.compute)
+    identity = student.identity
     cache_url = paths.cache(cache.cache_key(identity, cfg.scoring))
     cached = cache.cached_trace_ids(cache_url)
     log.info(
-        "run %s: %d input files, student %s, %d traces already in the score cache",
+        "run %s: %d input files, student %s (%s), %d traces already in the score cache",
         paths.run_id,
         len(files),
         identity,
+        "covered by the equivalence tests"
+        if student.covered_by_tests
+        else f"model type {student.model_type}: proven by its self-check alone",
         len(cached),
     )
     in_fs, _ = storage.filesystem(cfg.input.path)
@@ -137,13 +193,16 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     shown = {path: storage.redact_url(url) for path, url in urls.items()}  # to record or show
     # Rows per file, counted independently of the pipeline (and in parallel with it).
     expected_rows = start_counting([(urls[path], fmt) for path, fmt in files])
+    keep_folder = False  # a failed run's folder stays when its rejects explain the failure
     try:
-        new_rows = validate_rows(cfg, files, shown, in_fs, paths, cached)
+        validated = validate_rows(cfg, files, shown, in_fs, paths, cached)
         validated_at = time.time()
+        _check_early_rejects(cfg, paths, validated)
+        new_rows = validated.new
         log.info("%d rows to tokenize and score (the rest are cached or rejected)", new_rows)
-        late_rejects, kernels = LATE_REJECTS_SCHEMA.empty_table(), []
+        scoring = ScoringPass(LATE_REJECTS_SCHEMA.empty_table(), [], [])
         if new_rows:
-            late_rejects, kernels = score_new_rows(cfg, paths, cache_url, new_rows)
+            scoring = score_new_rows(cfg, paths, cache_url, new_rows, identity)
         scored_at = time.time()
         compaction = _compact(cache_url, cfg.output.cache_buckets)
         compacted_at = time.time()
@@ -156,10 +215,14 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
             "scored %d new traces in %.1fs; assembling outputs", scored_now, scored_at - started
         )
         rows, duplicates = assemble_rows(
-            paths, cache_url, late_rejects, cfg.output.cache_buckets if folded else None
+            paths, cache_url, scoring.rejects, cfg.output.cache_buckets if folded else None
         )
-        per_file, reasons = count_rows(rows, cached)
-        inputs = check_inputs(files, shown, per_file, counted(expected_rows))
+        counted_rows = count_rows(rows, cached)
+        inputs = check_inputs(files, shown, counted_rows.per_file, counted(expected_rows))
+        counts = {key: sum(entry[key] for entry in inputs) for key in COUNTS}
+        keep_folder = True
+        check_reject_budget(counts["rows_read"], counted_rows.kinds, cfg.output.max_reject_fraction)
+        keep_folder = False
         assembled_at = time.time()
         log.info("selecting per prompt and ranking teachers")
         selection = reduce_scores(
@@ -170,13 +233,20 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
             paths.staging,
             cfg.selection,
         )
-    except AccountingError as exc:
+        lease.check()
+    except RejectBudgetError as exc:
+        raise _failed(paths, f"{exc}{_rejects_hint(paths)}", started) from None
+    except ScoringHalted as exc:
         outputs.discard(paths)
+        raise JobError(storage.redact_url(str(exc))) from None
+    except (AccountingError, LeaseHeld) as exc:
+        if not keep_folder:
+            outputs.discard(paths)
         raise JobError(str(exc)) from None
     except BaseException:
-        outputs.discard(paths)
+        if not keep_folder:
+            outputs.discard(paths)
         raise
-    counts = {key: sum(entry[key] for entry in inputs) for key in COUNTS}
     counts["traces_scored_now"] = scored_now
     score_s = max(scored_at - started, 1e-9)
     new_tokens = sum(entry["tokens_scored_now"] for entry in inputs)
@@ -186,12 +256,19 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
         "started_at": _iso(started),
         "finished_at": _iso(time.time()),
         "config": to_dict(cfg),
-        "student": {"model": cfg.student.model, "identity": identity},
+        "student": {
+            "model": cfg.student.model,
+            "identity": identity,
+            "proof": _proof(student, scoring.proofs),
+        },
+        "scoring_version": SCORING_VERSION,
         "score_cache": cache_url,
         "inputs": inputs,
         "skipped_files": [storage.full_url(in_fs, path) for path in skipped],
         "counts": counts,
-        "reject_reasons": reasons,
+        "reject_reasons": counted_rows.reasons,
+        "reject_kinds": counted_rows.kinds,
+        "lease": _lease_entry(lease),
         "selection": {k: v for k, v in selection.items() if k != "reduce_s"},
         "stages": {
             "read_validate": {
@@ -205,7 +282,7 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
                 "traces_scored_now": scored_now,
                 "tokens_scored_now": new_tokens,
                 "model_tokens_now": new_model_tokens,
-                "attention": kernels,  # the kernel each scoring actor ran, and its dtype
+                "attention": scoring.kernels,  # the kernel each scoring actor ran, and its dtype
             },
             "assemble": {
                 "seconds": round(assembled_at - compacted_at, 3),
@@ -233,41 +310,107 @@ def run_score(cfg: LnRayConfig) -> dict[str, Any]:
     return manifest
 
 
+def _check_early_rejects(cfg: LnRayConfig, paths: RunPaths, validated: Validated) -> None:
+    """Fail before scoring when validation alone rejected more than the budget allows (writing
+    those rejects into the run's folder, for diagnosis)."""
+    try:
+        check_reject_budget(validated.rows, validated.rejected, cfg.output.max_reject_fraction)
+    except RejectBudgetError as exc:
+        write_validation_rejects(paths)
+        raise RejectBudgetError(f"before scoring: {exc}") from None
+
+
+def _failed(paths: RunPaths, error: str, started: float) -> JobError:
+    """Record why the run failed in its folder (kept for diagnosis); the error to raise."""
+    outputs.record_failure(
+        paths, {"run_id": paths.run_id, "error": error, "started_at": _iso(started)}
+    )
+    return JobError(storage.redact_url(f"run {paths.run_id} did not publish: {error}"))
+
+
+def _rejects_hint(paths: RunPaths) -> str:
+    where = storage.redact_url(storage.full_url(paths.fs, paths.staged("rejects")))
+    return (
+        f". The published results are unchanged; this run's rejects are in {where}. Raise "
+        "output.max_reject_fraction if they are expected."
+    )
+
+
+def _proof(student: VettedStudent, proofs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the student was proven: covered by the tests, and every scoring actor's self-check
+    (the worst of them); none when nothing was new to score."""
+    entry: dict[str, Any] = {
+        "model_type": student.model_type,
+        "covered_by_tests": student.covered_by_tests,
+        "proven_by": "tests and self-check" if student.covered_by_tests else "self-check",
+    }
+    if proofs:
+        worst = max(proofs, key=lambda proof: proof["max_difference"])
+        entry["self_check"] = {**worst, "actors": len(proofs)}
+    else:
+        entry["self_check"] = None  # no actor started: every trace came from the cache
+        entry["proven_by"] = "tests" if student.covered_by_tests else "earlier runs' self-check"
+    return entry
+
+
+def _lease_entry(lease: Lease) -> dict[str, Any]:
+    entry: dict[str, Any] = {"timeout_s": lease.timeout_s}
+    if lease.broken is not None:
+        entry["broke"] = {
+            "run_id": lease.broken.run_id,
+            "owner": lease.broken.owner,
+            "last_heartbeat": _iso(lease.broken.heartbeat),
+        }
+    return entry
+
+
 def run_select(cfg: LnRayConfig) -> dict[str, Any]:
     """Re-run selections, teacher table and curated set over a finished run's scores.
 
     The new reduce outputs go into a run folder of their own; the published scores stay where
-    they are, and the new manifest names both.
+    they are, and the new manifest names both. It holds the output's lease while it runs.
 
     Returns:
         The updated manifest.
     """
-    connect_ray(cfg.compute)
     manifest = read_manifest(cfg.output.path)
     paths = RunPaths.create(cfg.output.path)
     try:
-        selection = reduce_scores(
-            paths.fs,
-            _located(paths, manifest, "scores"),
-            _located(paths, manifest, ROWS_DIR),
-            _located(paths, manifest, text_output(manifest)),
-            paths.staging,
-            cfg.selection,
-        )
-    except BaseException:
-        outputs.discard(paths)
-        raise
-    manifest["run_id"] = paths.run_id
-    manifest["selection"] = {k: v for k, v in selection.items() if k != "reduce_s"}
-    manifest["config"]["selection"] = to_dict(cfg)["selection"]
-    manifest["timings"]["reduce_s"] = selection["reduce_s"]
-    manifest.setdefault("stages", {})["reduce"] = {
-        "seconds": selection["reduce_s"],
-        "prompts": selection["prompts"],
-    }
-    manifest["finished_at"] = _iso(time.time())
-    manifest = outputs.redacted(manifest)
-    return _publish(paths, REDUCE_OUTPUTS, manifest, cfg.output.keep_runs)
+        lease = _take_lease(cfg, paths, "select")
+    except outputs.OutputError as exc:
+        raise JobError(storage.redact_url(str(exc))) from None
+    try:
+        connect_ray(cfg.compute)
+        manifest = read_manifest(cfg.output.path)  # the run published last, now that it is ours
+        try:
+            selection = reduce_scores(
+                paths.fs,
+                _located(paths, manifest, "scores"),
+                _located(paths, manifest, ROWS_DIR),
+                _located(paths, manifest, text_output(manifest)),
+                paths.staging,
+                cfg.selection,
+            )
+            lease.check()
+        except LeaseHeld as exc:
+            outputs.discard(paths)
+            raise JobError(str(exc)) from None
+        except BaseException:
+            outputs.discard(paths)
+            raise
+        manifest["run_id"] = paths.run_id
+        manifest["selection"] = {k: v for k, v in selection.items() if k != "reduce_s"}
+        manifest["config"]["selection"] = to_dict(cfg)["selection"]
+        manifest["timings"]["reduce_s"] = selection["reduce_s"]
+        manifest.setdefault("stages", {})["reduce"] = {
+            "seconds": selection["reduce_s"],
+            "prompts": selection["prompts"],
+        }
+        manifest["finished_at"] = _iso(time.time())
+        manifest = outputs.redacted(manifest)
+        return _publish(paths, REDUCE_OUTPUTS, manifest, cfg.output.keep_runs)
+    finally:
+        lease.release()
 
 
 def read_manifest(output_path: str) -> dict[str, Any]:

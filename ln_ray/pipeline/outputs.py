@@ -9,11 +9,12 @@ goes through it (``published_manifest``, ``output_url``), so a reader sees one c
 never a half-published one, and a run killed at any point leaves the previous results readable.
 
 After publishing, finished runs beyond the newest ``output.keep_runs`` are removed, except those
-the pointer names. Runs that overlap on one output path (a scheduled refresh, ``ln-ray select``)
-each write their own folder; the last to publish wins. Folders that killed runs left behind are
-removed once nothing under them has changed for ``STALE_RUN_S``. Outputs at the top of
-``output.path`` (where they were published before runs kept their own folders) are removed once
-the pointer names another place for them.
+the pointer names. One run at a time holds the output (``io/lease.py``). Folders that killed runs
+left behind are removed once nothing under them has changed for ``STALE_RUN_S``, and those of runs
+that failed (their rejects over the budget, kept for diagnosis with a ``failed.json``) after
+``FAILED_RUN_S``; never the folder of the run whose lease is alive, however long it has run.
+Outputs at the top of ``output.path`` (where they were published before runs kept their own
+folders) are removed once the pointer names another place for them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ CACHE_DIR = "_cache"
 MANIFEST = "manifest.json"
 SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR, VALID_DIR)
 REDUCE_OUTPUTS = ("selections", "teachers", "teacher_pairs", "teacher_stability", "curated")
-STALE_RUN_S = 24 * 3600  # an active run writes its staging area far more often than this
+STALE_RUN_S = 24 * 3600  # a killed run's folder, unchanged this long, is removed
+FAILED_RUN_S = 7 * 24 * 3600  # a failed run's folder (its rejects, for diagnosis) is kept a week
+FAILURE = "failed.json"  # in a failed run's folder: why it failed
 
 
 class OutputError(RuntimeError):
@@ -131,7 +134,7 @@ def publish(
             f"run {paths.run_id} could not be published: {type(exc).__name__}: {exc}"
         ) from None
     try:  # the run is published: what follows only tidies up
-        _remove_unlisted(paths, keep_runs)
+        remove_unlisted(paths, keep_runs)
     except Exception as exc:
         log.warning("published run %s; tidying old runs failed: %s", paths.run_id, exc)
     return manifest
@@ -268,22 +271,44 @@ def _remove_if_empty(fs: Any, folder: str) -> None:
             fs.rmdir(folder)
 
 
-def _remove_unlisted(paths: RunPaths, keep_runs: int) -> None:
+def record_failure(paths: RunPaths, failure: dict[str, Any]) -> None:
+    """Mark the run's folder as that of a failed run, with why (it stays, for diagnosis, until
+    ``FAILED_RUN_S`` have passed)."""
+    storage.write_json(storage.full_url(paths.fs, paths.staged(FAILURE)), redacted(failure))
+
+
+def remove_unlisted(paths: RunPaths, keep_runs: int, now: float | None = None) -> None:
     """Remove finished runs that are neither among the newest ``keep_runs`` nor named by the
-    pointer, the folders of runs killed long ago, and outputs published at the top of
-    ``output.path`` before runs kept their own folders."""
+    pointer, the folders of runs killed (or failed) long ago, and outputs published at the top
+    of ``output.path`` before runs kept their own folders.
+
+    Args:
+        paths: The paths of the run tidying up (its folder stays).
+        keep_runs: Finished runs to keep.
+        now: The time (seconds since the epoch; default: the clock), against which folders and
+            the lease are judged.
+    """
+    from ln_ray.io.lease import read_lease
+
     fs = paths.fs
     fs.invalidate_cache()
+    now = time.time() if now is None else now
     pointer = storage.read_json(storage.full_url(fs, paths.final(MANIFEST)))
     keep = {paths.run_id} | {
         located.split("/")[1] for located in pointer.get("outputs", {}).values()
     }
+    lease = read_lease(paths.root_url)
+    if lease is not None and not lease.stale(now):
+        keep.add(lease.run_id)  # a live run, however long it has run
     runs = storage.join(paths.root, RUNS_DIR)
-    finished, cutoff = [], time.time() - STALE_RUN_S
+    finished = []
     for folder in fs.ls(runs, detail=False) if fs.exists(runs) else []:
         if is_finished(fs, folder):
             finished.append((_finished_at(fs, folder), _run_id(folder), folder))
-        elif _run_id(folder) not in keep and not _changed_since(fs, folder, cutoff):
+            continue
+        failed = fs.exists(storage.join(folder, FAILURE))
+        cutoff = now - (FAILED_RUN_S if failed else STALE_RUN_S)
+        if _run_id(folder) not in keep and not _changed_since(fs, folder, cutoff):
             _remove(fs, folder)
     finished.sort(reverse=True)
     keep |= {run_id for _, run_id, _ in finished[:keep_runs]}

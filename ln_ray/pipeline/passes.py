@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,16 +29,25 @@ from ln_ray.io.shards import TraceShardDatasource
 from ln_ray.pipeline.outputs import VALID_DIR, RunPaths, ensure_table, write_dataset
 from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
 from ln_ray.pipeline.reduce import cluster_cpus, collect, reduce_partitions
-from ln_ray.pipeline.stages import (
-    TOKENIZE_INPUT,
-    ScoreStage,
-    is_new,
-    tokenize_batch,
-    validate_batch,
+from ln_ray.pipeline.score_stage import ScoreStage
+from ln_ray.pipeline.stages import TOKENIZE_INPUT, is_new, tokenize_batch, validate_batch
+from ln_ray.schema import (
+    LATE_REJECTS_SCHEMA,
+    REJECTS_SCHEMA,
+    ROW_META_SCHEMA,
+    VALIDATED_SCHEMA,
 )
-from ln_ray.schema import LATE_REJECTS_SCHEMA, VALIDATED_SCHEMA
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Validated:
+    """What validation found: rows read, rows to tokenize and score, rows rejected by kind."""
+
+    rows: int
+    new: int
+    rejected: dict[str, int]
 
 
 def validate_rows(
@@ -47,7 +57,7 @@ def validate_rows(
     in_fs: Any,
     paths: RunPaths,
     cached: np.ndarray,
-) -> int:
+) -> Validated:
     """Read every shard, validate each row and mark the ones whose trace is cached.
 
     Args:
@@ -59,7 +69,7 @@ def validate_rows(
         cached: Sorted trace ids in the score cache.
 
     Returns:
-        The number of rows that need tokenizing and scoring.
+        The rows read, how many need tokenizing and scoring, and the rows rejected, by kind.
     """
     import ray
 
@@ -93,10 +103,32 @@ def validate_rows(
     )
     write_dataset(validated, paths.staged(VALID_DIR), paths.arrow_fs, task_args=task)
     ensure_table(paths.fs, paths.staged(VALID_DIR), VALIDATED_SCHEMA)
-    counts = read_valid(
-        paths, columns=["reject_reason", "cached"], blocks=reduce_partitions()
-    ).map_batches(_count_new, batch_format="pyarrow")
-    return int(counts.sum("new") or 0)
+    counts = collect(
+        read_valid(
+            paths, columns=["reject_reason", "reject_kind", "cached"], blocks=reduce_partitions()
+        ).map_batches(_count_rows, batch_format="pyarrow"),
+        _ROW_COUNTS,
+    ).to_pandas()
+    new = counts[counts["kind"] == "new"]["rows"].sum()
+    rejected = counts[~counts["kind"].isin(["new", "ok"])].groupby("kind")["rows"].sum()
+    return Validated(
+        rows=int(counts["rows"].sum()),
+        new=int(new),
+        rejected={str(kind): int(n) for kind, n in rejected.items()},
+    )
+
+
+def write_validation_rejects(paths: RunPaths) -> None:
+    """The rows validation rejected, as the run's ``rejects/`` (for a run that fails before
+    scoring)."""
+    rejected = read_valid(paths, columns=ROW_META_SCHEMA.names, blocks=reduce_partitions())
+    write_dataset(
+        rejected.map_batches(rejects_of, batch_format="pyarrow"),
+        paths.staged("rejects"),
+        paths.arrow_fs,
+        task_args={},
+    )
+    ensure_table(paths.fs, paths.staged("rejects"), REJECTS_SCHEMA)
 
 
 def read_tasks(files: int, input_bytes: int | None) -> int:
@@ -109,21 +141,60 @@ def read_tasks(files: int, input_bytes: int | None) -> int:
 TASK_BYTES = 64 * 2**20  # under Ray Data's block target (128 MB), so no read is split
 
 
-def _count_new(table: pa.Table) -> pa.Table:
-    return pa.table({"new": [pc.sum(pc.cast(is_new(table), pa.int64())).as_py() or 0]})
+def rejects_of(rows: pa.Table) -> pa.Table:
+    """The rejected ones of ``rows`` (with provenance, ids and reject reason and kind), as
+    ``rejects/`` holds them."""
+    rejected = rows.filter(pc.is_valid(rows["reject_reason"]))
+    columns = ["source_file", "row_number", "prompt_id", "teacher", "reject_reason", "reject_kind"]
+    return rejected.select(columns).rename_columns(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
+
+
+_ROW_COUNTS = pa.schema([("kind", pa.string()), ("rows", pa.int64())])
+
+
+def _count_rows(table: pa.Table) -> pa.Table:
+    """A block's rows by what happens to them: ``new`` (to score), ``ok`` (cached), or the kind
+    of their reject."""
+    kind = pc.if_else(
+        is_new(table), "new", pc.coalesce(table["reject_kind"], pa.scalar("ok", pa.string()))
+    )
+    summed = pa.table({"kind": kind, "rows": pa.array([1] * table.num_rows, pa.int64())})
+    summed = summed.group_by("kind", use_threads=False).aggregate([("rows", "sum")])
+    return summed.rename_columns(["kind", "rows"]).select(_ROW_COUNTS.names).cast(_ROW_COUNTS)
+
+
+class ScoringHalted(RuntimeError):
+    """A scoring actor stopped the job before scoring (its student failed its checks)."""
+
+
+@dataclass
+class ScoringPass:
+    """What the scoring pass hands back besides the scores it put in the cache.
+
+    Attributes:
+        rejects: The rows it could not tokenize or score, with reason and kind
+            (``LATE_REJECTS_SCHEMA``).
+        kernels: The attention kernels the actors ran.
+        proofs: How each actor proved its student (``score/proof.Proof.to_dict``).
+    """
+
+    rejects: pa.Table
+    kernels: list[str]
+    proofs: list[dict[str, Any]]
 
 
 def score_new_rows(
-    cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: int
-) -> tuple[pa.Table, list[str]]:
+    cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: int, identity: str
+) -> ScoringPass:
     """Tokenize and score the rows ``validate_rows`` found new, into the score cache.
 
     The actor pool starts with one actor and grows to ``compute.actors`` while there is work
-    for more (never past one actor per batch of new rows).
+    for more (never past one actor per batch of new rows). Each actor loads the student,
+    checks that it has the ``identity`` the driver computed and proves it before its first
+    batch.
 
-    Returns:
-        The rows that could not be tokenized or scored, with the reason
-        (``LATE_REJECTS_SCHEMA``), and the attention kernels the actors ran.
+    Raises:
+        ScoringHalted: An actor stopped the job: the reason says why.
     """
     import ray
 
@@ -138,19 +209,32 @@ def score_new_rows(
     )
     reporter.start()
     try:
-        rejects = _tokenize_and_score(cfg, paths, cache_url, actors, ProgressReport(counter))
+        rejects = _tokenize_and_score(
+            cfg, paths, cache_url, actors, identity, ProgressReport(counter)
+        )
+    except Exception:
+        halted = ray.get(counter.halt_reason.remote())
+        if halted is not None:
+            raise ScoringHalted(halted) from None
+        raise
     finally:
         done.set()
         reporter.join()
     traces, tokens = ray.get(counter.snapshot.remote())
     kernels = ray.get(counter.attention.remote())
+    proofs = ray.get(counter.proven.remote())
     log.info(progress_line(traces, new_rows, tokens, time.time() - started))
     ray.kill(counter)
-    return rejects, kernels
+    return ScoringPass(rejects, kernels, proofs)
 
 
 def _tokenize_and_score(
-    cfg: LnRayConfig, paths: RunPaths, cache_url: str, actors: int, progress: ProgressReport
+    cfg: LnRayConfig,
+    paths: RunPaths,
+    cache_url: str,
+    actors: int,
+    identity: str,
+    progress: ProgressReport,
 ) -> pa.Table:
     import ray
 
@@ -181,6 +265,7 @@ def _tokenize_and_score(
                 "scoring": cfg.scoring,
                 "compute": compute,
                 "cache_url": cache_url,
+                "identity": identity,
                 "progress": progress,
             },
             batch_format="pyarrow",

@@ -1,8 +1,10 @@
 """Progress of the scoring pass: traces and tokens done out of the total, tokens/s and an ETA.
 
 The scoring actors add to a ``ProgressCounter`` actor after each batch; a thread in the driver
-logs a line from it every ``compute.progress_s`` seconds. This module imports nothing heavy: the
-counter actor's process loads only Ray and this file.
+logs a line from it every ``compute.progress_s`` seconds. The actors also tell it their attention
+kernel and how their student was proven, and why the job must stop when it must (a student that
+fails its self-check): the driver reads that reason, not a remote traceback. This module imports
+nothing heavy: the counter actor's process loads only Ray and this file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class ProgressCounter:
         self.traces = 0
         self.tokens = 0
         self.kernels: set[str] = set()
+        self.proofs: list[dict[str, Any]] = []
+        self.halted: str | None = None
 
     def add(self, traces: int, tokens: int) -> None:
         self.traces += traces
@@ -37,10 +41,26 @@ class ProgressCounter:
         """The attention kernels the scoring actors run (one, unless the nodes differ)."""
         return sorted(self.kernels)
 
+    def add_proof(self, proof: dict[str, Any]) -> None:
+        self.proofs.append(proof)
+
+    def proven(self) -> list[dict[str, Any]]:
+        """Every scoring actor's proof of its student (``score/proof.Proof``)."""
+        return list(self.proofs)
+
+    def halt(self, reason: str) -> None:
+        if self.halted is None:
+            self.halted = reason
+
+    def halt_reason(self) -> str | None:
+        """Why a scoring actor stopped the job, if one did."""
+        return self.halted
+
 
 class ProgressReport:
-    """What a scoring actor holds to report its batches (``add(traces, tokens)``) and its
-    attention kernel (``kernel(name)``)."""
+    """What a scoring actor holds to report its batches (``add(traces, tokens)``), its
+    attention kernel (``kernel(name)``), its student's proof (``proof(record)``) and why the job
+    must stop (``halt(reason)``)."""
 
     def __init__(self, counter: Any) -> None:
         self._counter = counter
@@ -50,6 +70,14 @@ class ProgressReport:
 
     def kernel(self, kernel: str) -> None:
         self._counter.add_kernel.remote(kernel)
+
+    def proof(self, record: dict[str, Any]) -> None:
+        self._counter.add_proof.remote(record)
+
+    def halt(self, reason: str) -> None:
+        import ray
+
+        ray.get(self._counter.halt.remote(reason))  # recorded before the actor fails
 
 
 def progress_line(traces: int, total: int, tokens: int, seconds: float) -> str:

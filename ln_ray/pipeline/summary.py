@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pandas as pd
 
-from ln_ray.schema import better_direction
+from ln_ray.schema import SHARED_PROMPT_ID, better_direction
 
 _METRIC_NAMES = {
     "lalp": "local naturalness",
@@ -23,6 +24,17 @@ _METRIC_TITLES = {
 }
 
 
+# Control characters (C0 but tab and newline, DEL, C1): a terminal acts on them (colours, cursor
+# moves, a cleared screen), so names and text from the input show them escaped.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: Any) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``), so a teacher name
+    or prompt id from the input prints as the text it is."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", str(text))
+
+
 def format_teacher_table(
     table: pd.DataFrame,
     confidence: float = 0.95,
@@ -33,6 +45,11 @@ def format_teacher_table(
     the paired comparison tells apart and those it does not, and whether the prompts settle the
     ranking."""
     lines = []
+    table = table.assign(teacher=table["teacher"].map(printable)) if len(table) else table
+    if pairs is not None and len(pairs):
+        pairs = pairs.assign(
+            teacher_a=pairs["teacher_a"].map(printable), teacher_b=pairs["teacher_b"].map(printable)
+        )
     for metric in [m for m in _METRIC_TITLES if m in set(table["metric"])]:
         part = table[table["metric"] == metric].sort_values("rank")
         width = max(7, *(len(t) for t in part["teacher"]))
@@ -86,6 +103,20 @@ def _pair_lines(ranked: pd.DataFrame, pairs: pd.DataFrame, confidence: float) ->
     return lines
 
 
+def _proof_lines(proof: dict[str, Any] | None) -> list[str]:
+    """How the student was proven, in one line (nothing for a run before proofs existed)."""
+    if not proof:
+        return []
+    check = proof.get("self_check")
+    line = f"  student proven by {proof['proven_by']} (model type {proof['model_type']}"
+    if check:
+        line += (
+            f"; self-check: largest log-prob difference {check['max_difference']:.2g}, "
+            f"tolerance {check['tolerance']:g} in {check['dtype']}"
+        )
+    return [line + ")"]
+
+
 def format_summary(
     manifest: dict[str, Any], table: pd.DataFrame, pairs: pd.DataFrame | None = None
 ) -> str:
@@ -96,13 +127,29 @@ def format_summary(
     speed = manifest.get("throughput", {})
     selection = manifest.get("selection", {})
     reasons = manifest.get("reject_reasons", {})
+    kinds = manifest.get("reject_kinds", {})
+    shared = reasons.get(SHARED_PROMPT_ID, 0)
     lines = [
         f"ln-ray run {manifest.get('run_id', '?')}  student {manifest['student']['identity']}",
+        *_proof_lines(manifest["student"].get("proof")),
         f"  rows read {counts.get('rows_read', 0)}: scored {counts.get('rows_scored', 0)}, "
         f"rejected {counts.get('rows_rejected', 0)}  ({len(manifest.get('inputs', []))} files)",
         *(
+            [f"  rejected by kind: {', '.join(f'{k} {v}' for k, v in kinds.items())}"]
+            if kinds
+            else []
+        ),
+        *(
             [f"  rejected by reason: {', '.join(f'{k} {v}' for k, v in reasons.items())}"]
             if reasons
+            else []
+        ),
+        *(
+            [
+                f"  {shared} rows share a prompt_id with rows of another prompt: rejected, "
+                "never merged (rejects/ names both sources)"
+            ]
+            if shared
             else []
         ),
         f"  tokens scored {counts.get('tokens_scored', 0)} "

@@ -33,6 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from ln_ray.prepare.controls import (
+    control_tokens,
+    encode_text_controls,
+    holds_controls,
+    mark_controls,
+    unmark,
+)
+
 VIEWS = ("generation", "conversation")
 # Stands in for the response when locating it; no template has a reason to touch it.
 _SENTINEL = "\u2063LN-RAY-RESPONSE\u2063"
@@ -73,10 +81,13 @@ class RenderOptions:
     Attributes:
         view: ``generation`` (the default) or ``conversation``.
         template_kwargs: Extra variables for the chat template (``enable_thinking``...).
+        reasoning_markers: The student's own reasoning markers: control tokens that stay
+            control tokens inside a response (``controls.py``).
     """
 
     view: str = "generation"
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    reasoning_markers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,11 +220,9 @@ def tokenize_trace(
         RenderError: The template cannot render the trace faithfully, or the response owns no
             tokens.
     """
-    rendered = render_trace(tokenizer, messages, options or RenderOptions())
+    options = options or RenderOptions()
+    rendered, ids, offsets = _render_and_encode(tokenizer, messages, options)
     start, stop = rendered.start, rendered.stop
-    encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
-    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     # A token's last character; tokens with an empty span (some special tokens) own no character.
     last_char = np.where(offsets[:, 1] > offsets[:, 0], offsets[:, 1] - 1, -1)
     # An added token that starts before the response is the template's, whatever it swallowed.
@@ -236,6 +245,31 @@ def tokenize_trace(
         prefix_len=first,
         step_bounds=bounds.astype(np.int64),
     )
+
+
+def _render_and_encode(
+    tokenizer: Any, messages: list[dict[str, str]], options: RenderOptions
+) -> tuple[RenderedTrace, np.ndarray, np.ndarray]:
+    """The rendered trace, its token ids and their character offsets; control tokens in the
+    messages' text are tokenized as text (``controls.py``)."""
+    controls = control_tokens(tokenizer, options.reasoning_markers)
+    if not holds_controls(messages, controls):
+        rendered = render_trace(tokenizer, messages, options)
+        encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+        offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return rendered, ids, offsets
+    marked_messages, originals = mark_controls(messages, controls)
+    marked = render_trace(tokenizer, marked_messages, options)
+    unmarked = unmark(marked.text, originals, controls)
+    ids, offsets = encode_text_controls(tokenizer, unmarked, controls)
+    where = unmarked.from_marked
+    # The characters read in the generation prompt hold no control string (a marker would not
+    # match the prompt's opening), so the marked response skips as many.
+    rendered = RenderedTrace(
+        unmarked.text, int(where[marked.start]), int(where[marked.stop]), marked.skipped
+    )
+    return rendered, ids, offsets
 
 
 def _met_once(opening: str, response: str) -> int:

@@ -18,7 +18,12 @@ from ln_ray.prepare.segment import check_steps, segment_steps
 
 
 class RowRejected(ValueError):
-    """The row cannot be scored; ``str(exc)`` is the reason written to ``rejects/``."""
+    """The row cannot be scored; ``str(exc)`` is the reason written to ``rejects/``, ``kind``
+    its kind (``schema.REJECT_KINDS``)."""
+
+    def __init__(self, reason: str, kind: str = "input") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def validate_row(raw: dict[str, Any], max_response_chars: int) -> TraceRow:
     if not response.strip() and not (reasoning or "").strip():
         raise RowRejected("empty response")
     if len(response) + len(reasoning or "") > max_response_chars:
-        raise RowRejected(f"response longer than {max_response_chars} characters")
+        raise RowRejected(f"response longer than {max_response_chars} characters", "too_long")
     prompt_id = raw.get("prompt_id")
     if prompt_id is None:
         prompt_id = "p-" + _digest(json.dumps(messages[:-1], sort_keys=True))[:16]
@@ -154,7 +159,7 @@ def tokenize_row(
     try:
         tokens = tokenize_trace(tokenizer, row.messages, steps, render or RenderOptions())
     except RenderError as exc:
-        raise RowRejected(str(exc)) from None
+        raise RowRejected(str(exc), "render") from None
     return steps, tokens
 
 

@@ -30,18 +30,38 @@ a banded causal layer still never looks ahead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ln_ray.score.chunking import set_mlp_chunk
 from ln_ray.score.transfer import to_device
+from ln_ray.score.vetting import StudentError
 
 ATTENTION_NAME = "ln_ray_segments"
+# Arguments a model's attention layer may pass that do not change what attention computes. Any
+# other argument with a value (attention sinks as ``s_aux``, a ``softcap``...) changes it, and
+# the packed kernels would silently leave it out.
+_NEUTRAL_ARGUMENTS = frozenset(
+    {
+        "position_ids",
+        "use_cache",
+        "cache_position",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "past_key_value",
+        "past_key_values",
+        "position_embeddings",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,7 @@ class PackedLayout:
     segments: list[Segment]
     store: PrefixStore
     varlen: VarlenIndex | None = None  # built by the pack's first layer, when the kernel is varlen
+    attended: set[int] = field(default_factory=set)  # the layers whose attention ran the pack
 
 
 def varlen_kernel(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
@@ -212,7 +233,12 @@ def segment_attention(
     Shapes follow transformers' attention interface: query ``[1, heads, n, d]``, key and value
     ``[1, kv_heads, n, d]``; returns ``[1, n, heads, d]``. ``sliding_window`` is the layer's
     window (None: full causal attention).
+
+    Raises:
+        StudentError: The layer asks for something this attention does not compute (attention
+            sinks, softcapping, a non-causal mask).
     """
+    _check_arguments(kwargs)
     if ln_layout is None:
         # A plain forward (no packing): causal attention over one unpadded sequence.
         n = query.shape[2]
@@ -230,6 +256,7 @@ def segment_attention(
         )
         return out.transpose(1, 2).contiguous(), None
     layer = module.layer_idx
+    ln_layout.attended.add(layer)
     store = ln_layout.store
     for seg in ln_layout.segments:
         if seg.records_prefix_len:
@@ -257,6 +284,26 @@ def segment_attention(
         )
         out[:, :, seg.start : seg.stop] = o
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_arguments(arguments: dict[str, object]) -> None:
+    if arguments.get("is_causal", True) is False:
+        raise StudentError(
+            "the student's attention is not causal (is_causal=False), which ln-ray's packed "
+            "attention does not reproduce: choose a causal language model"
+        )
+    changing = sorted(
+        name
+        for name, value in arguments.items()
+        if name not in _NEUTRAL_ARGUMENTS and name != "is_causal" and value is not None
+    )
+    if changing:
+        described = "attention sinks" if "s_aux" in changing else "attention arguments"
+        raise StudentError(
+            f"the student's attention layers pass {described} ({', '.join(changing)}) that "
+            "ln-ray's packed attention does not apply, so its scores would not be the "
+            "student's: choose another student"
+        )
 
 
 def causal_mask(
@@ -325,11 +372,33 @@ def _varlen_pack(
 
 
 def install_segment_attention(model: torch.nn.Module) -> None:
-    """Register the packed attention with transformers and switch ``model`` to it."""
+    """Register the packed attention with transformers and switch ``model`` to it (the
+    attention it had is kept for ``plain_forward``)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, segment_attention)
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != ATTENTION_NAME:
+        model._ln_ray_plain_attention = current or "sdpa"
     model.set_attn_implementation(ATTENTION_NAME)
+
+
+@contextlib.contextmanager
+def plain_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``model`` runs as transformers runs it: the attention it was loaded
+    with (not the packed one) and its MLPs whole (``chunking.py`` off)."""
+    plain = getattr(model, "_ln_ray_plain_attention", None)
+    chunk = next((m._ln_ray_chunk for m in model.modules() if hasattr(m, "_ln_ray_chunk")), None)
+    if plain is not None:
+        model.set_attn_implementation(plain)
+    set_mlp_chunk(model, sys.maxsize)
+    try:
+        yield
+    finally:
+        if chunk is not None:
+            set_mlp_chunk(model, chunk)
+        if plain is not None:
+            model.set_attn_implementation(ATTENTION_NAME)
 
 
 def packed_positions(segments: list[Segment], prefix_lens: list[int]) -> torch.Tensor:

@@ -37,6 +37,13 @@ def chunk_mlps(model: torch.nn.Module, chunk_tokens: int) -> int:
     return wrapped
 
 
+def set_mlp_chunk(model: torch.nn.Module, chunk_tokens: int) -> None:
+    """Change how many tokens each MLP that ``chunk_mlps`` wrapped processes per call."""
+    for module in model.modules():
+        if hasattr(module, "_ln_ray_chunk"):
+            module._ln_ray_chunk = chunk_tokens
+
+
 def _chunked_forward(self: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     n, chunk = hidden.shape[-2], self._ln_ray_chunk
     if n <= chunk:

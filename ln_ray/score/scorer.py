@@ -15,9 +15,10 @@ Then ``metrics.py`` turns each trace's token log-probs into GALP, LALP, RSR and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,13 +34,19 @@ from ln_ray.score.attention import (
     install_segment_attention,
     packed_positions,
 )
-from ln_ray.score.chunking import chunk_mlps
+from ln_ray.score.chunking import chunk_mlps, set_mlp_chunk
+from ln_ray.score.failures import is_out_of_memory
 from ln_ray.score.logprobs import TokenHead
 from ln_ray.score.metrics import trace_metrics
 from ln_ray.score.planning import ScoredSequence, ScoringPlan, pack_sequences, plan_scoring
 from ln_ray.score.transfer import to_device
 from ln_ray.score.vector_math import settle_vector_math
-from ln_ray.score.vetting import check_scorable, declared_context, resolve_global_cap
+from ln_ray.score.vetting import (
+    check_scorable,
+    check_structure,
+    declared_context,
+    resolve_global_cap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +102,7 @@ class StudentScorer:
 
     Raises:
         StudentError: The student has a feature the packed scorer cannot reproduce exactly
-            (``check_scorable``).
+            (``check_scorable``, ``check_structure``).
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class StudentScorer:
         settle_vector_math()  # before the first multi-threaded cos of RoPE: see vector_math
         self.max_tokens = resolve_global_cap(declared_context(model), max_tokens)
         self.rope_limit = check_scorable(model.config, self.max_tokens)
+        check_structure(model)
         install_segment_attention(model)
         chunk_mlps(model, token_budget)
         self.model = model
@@ -126,6 +134,7 @@ class StudentScorer:
         self.token_budget = token_budget
         self.head_chunk = head_chunk or (128 if self.device.type == "cpu" else 2048)
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
+        self.layers_attended: set[int] = set()  # decoder layers whose attention ran a pack
         self.seconds = {"global": 0.0, "local": 0.0}  # time spent in each pass so far
 
     def reject_reason(self, prefix_len: int) -> str | None:
@@ -196,6 +205,19 @@ class StudentScorer:
             )
         return results
 
+    @contextlib.contextmanager
+    def packs_of(self, token_budget: int) -> Iterator[None]:
+        """Within the block, packs (and a long sequence's MLP chunks) hold at most
+        ``token_budget`` tokens: less memory, for a trace that ran out of it."""
+        kept = self.token_budget
+        self.token_budget = token_budget
+        set_mlp_chunk(self.model, token_budget)
+        try:
+            yield
+        finally:
+            self.token_budget = kept
+            set_mlp_chunk(self.model, kept)
+
     def plan(self, traces: Sequence[TokenizedTrace]) -> ScoringPlan:
         """The sequences ``score(traces)`` runs, without running them (``planning.py``)."""
         return plan_scoring(
@@ -242,7 +264,7 @@ class StudentScorer:
         try:
             return [self._forward_pack(pack, prefix_lens, store)]
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if len(pack) == 1 or not _is_out_of_memory(exc):
+            if len(pack) == 1 or not is_out_of_memory(exc):
                 raise
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -267,13 +289,15 @@ class StudentScorer:
         ids = to_device(np.concatenate([s.tokens for s in pack]), self.device)
         positions = to_device(packed_positions(segments, prefix_lens), self.device)
         targets = to_device(np.concatenate([s.targets for s in pack]), self.device)
+        layout = PackedLayout(segments, store)
         with map_large_blocks(start > self.token_budget):  # a long sequence alone: see allocator
             hidden = self.body(
                 input_ids=ids[None],
                 position_ids=positions[None],
                 use_cache=False,
-                ln_layout=PackedLayout(segments, store),
+                ln_layout=layout,
             ).last_hidden_state[0]
+        self.layers_attended |= layout.attended
         predictors = []  # per sequence, the hidden states that predict its targets
         for seq, seg in zip(pack, segments):
             if seq.records_prefix_len:
@@ -292,10 +316,3 @@ class StudentScorer:
         )
         self.model_tokens += start
         return PackScores(pack, lp, rank)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    message = str(exc).lower()
-    return "out of memory" in message or "not enough memory" in message

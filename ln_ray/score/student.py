@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from ln_ray.config import StudentConfig
-from ln_ray.score.vetting import StudentError, check_scorable, global_cap
+from ln_ray.score.vetting import (
+    StudentError,
+    check_scorable,
+    check_structure,
+    global_cap,
+    is_covered,
+    model_type,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +159,33 @@ def load_tokenizer(cfg: StudentConfig) -> Any:
     return tokenizer
 
 
+@dataclass(frozen=True)
+class VettedStudent:
+    """A student checked before any work (``check_student``).
+
+    Attributes:
+        identity: What produced its scores: the score cache's key and the manifest hold it,
+            and every scoring actor checks that its own copy has the same.
+        model_type: Its model type.
+        covered_by_tests: Whether the equivalence tests cover its family; a student of another
+            family is proven by each actor's self-check alone.
+    """
+
+    identity: str
+    model_type: str
+    covered_by_tests: bool
+
+
 def check_student(
     cfg: StudentConfig,
     want_gpu: bool = False,
     max_tokens: int | None = None,
     view: str = "generation",
-) -> str:
+) -> VettedStudent:
     """Fail fast, before any work: the student resolves, its config and tokenizer load locally,
-    the scorer can score its architecture exactly (``vetting.check_scorable``), and its chat
-    template has a generation prompt when the generation view needs one.
+    the scorer can score its architecture exactly (``vetting.check_scorable``, and
+    ``vetting.check_structure`` on the model built without weights), and its chat template has
+    a generation prompt when the generation view needs one.
 
     Args:
         cfg: The ``student`` config section.
@@ -170,13 +195,17 @@ def check_student(
         view: ``scoring.render``.
 
     Returns:
-        The student's identity string.
+        The student's identity, model type and whether the tests cover its family.
+
+    Raises:
+        StudentError: With the reason, in one line.
     """
 
     source = resolve_student(cfg.model)
     folder = _model_folder(source, cfg)
     config = load_model_config(cfg)
     check_scorable(config, global_cap(config, max_tokens))
+    _check_skeleton(config, cfg)
     tokenizer = load_tokenizer(cfg)
     _check_tokenizer(tokenizer, cfg.model)
     if view == "generation":
@@ -188,7 +217,30 @@ def check_student(
         except RenderError as exc:
             raise StudentError(f"student {cfg.model!r}: {exc}") from None
     dtype = pick_dtype(cfg.dtype, torch.device("cuda" if want_gpu else "cpu"))
-    return student_identity(source, folder, cfg, dtype)
+    return VettedStudent(
+        identity=student_identity(source, folder, cfg, dtype),
+        model_type=model_type(config),
+        covered_by_tests=is_covered(config),
+    )
+
+
+def _check_skeleton(config: Any, cfg: StudentConfig) -> None:
+    """``check_structure`` on the student built on the meta device (no memory, no weights).
+
+    A model class that cannot be built there is left to the scoring actors, which check the
+    loaded model the same way.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=cfg.trust_remote_code
+            )
+    except Exception as exc:  # the actors check the loaded model
+        log.debug("student %r not built on the meta device: %s", cfg.model, exc)
+        return
+    check_structure(skeleton)
 
 
 def load_model_config(cfg: StudentConfig) -> Any:
@@ -221,11 +273,21 @@ def student_identity(
     """A string that changes whenever the scores could: weights, tokenizer, template (and its
     arguments and the reasoning markers), dtype.
 
+    A local folder is known by its files' contents. A hub id is known by the snapshot it
+    resolves to in the local Hugging Face cache (as ``from_pretrained`` resolves it): its commit
+    and the content id the Hub gives each of its files (the SHA-256 of a weight file, the git
+    hash of a small one), so a new snapshot of the same name, or nodes holding different
+    snapshots, never share scores. With downloads on and no snapshot in the cache, the Hub's
+    listing of the repository gives the same ids.
+
     Args:
         source: The resolved student.
         folder: Its model directory (or hub id).
         cfg: The ``student`` config section.
         dtype: The dtype the model runs in (``pick_dtype``'s, not the configured ``auto``).
+
+    Raises:
+        StudentError: A hub id with no snapshot in the local cache (and downloads off).
     """
     digest = hashlib.sha256()
     root = Path(folder)
@@ -240,12 +302,57 @@ def student_identity(
             else:
                 digest.update(_content_sha256(item, _cache_root(cfg)).encode())
     else:
-        digest.update(folder.encode())
+        commit, files = hub_snapshot(folder, cfg.allow_download)
+        digest.update(f"hub:{folder}@{commit}".encode())
+        for name, content_id in sorted(files.items()):
+            digest.update(f"{name}:{content_id}".encode())
     digest.update((cfg.chat_template or "").encode())
     rendering = [cfg.template_kwargs, cfg.reasoning_open, cfg.reasoning_close]
     digest.update(json.dumps(rendering, sort_keys=True, default=str).encode())
     digest.update(str(dtype).removeprefix("torch.").encode())
     return f"{source.name}@{digest.hexdigest()[:16]}"
+
+
+def hub_snapshot(repo_id: str, allow_download: bool = False) -> tuple[str, dict[str, str]]:
+    """The commit a hub id resolves to, and each of its files' content id.
+
+    From the local cache: the snapshot its ``refs/main`` names, each file a link to a blob named
+    by its content id. Else, with downloads on, from the Hub's listing (no file is downloaded).
+
+    Raises:
+        StudentError: No snapshot in the cache, and downloads off (or the Hub unreachable).
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # not in the cache (the hub library's own error types vary)
+        if not allow_download:
+            raise StudentError(
+                f"student {repo_id!r} is not in the local Hugging Face cache (downloads are "
+                f"off: set student.allow_download=true): {type(exc).__name__}"
+            ) from None
+        return _listed_snapshot(repo_id)
+    files = {}
+    for path in sorted(snapshot.rglob("*")):
+        if path.is_file():
+            name = path.relative_to(snapshot).as_posix()
+            files[name] = Path(os.path.realpath(path)).name  # blobs/<content id>
+    return snapshot.name, files
+
+
+def _listed_snapshot(repo_id: str) -> tuple[str, dict[str, str]]:
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+    except Exception as exc:
+        raise StudentError(f"cannot resolve student {repo_id!r} on the Hub: {exc}") from None
+    files = {
+        sibling.rfilename: (sibling.lfs.sha256 if sibling.lfs else sibling.blob_id)
+        for sibling in info.siblings or []
+    }
+    return str(info.sha), files
 
 
 def _model_folder(source: StudentSource, cfg: StudentConfig) -> str:

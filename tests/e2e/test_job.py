@@ -134,6 +134,7 @@ def job_config(input_url: str, output_url: str, student: str, *extra: str):
             "compute.batch_traces=4",
             "compute.token_budget=256",
             "selection.bootstrap_samples=200",
+            "output.max_reject_fraction=0.2",  # the shards hold two bad lines in 20
             *extra,
         ],
     )
@@ -232,12 +233,13 @@ def test_row_counts_per_file_and_reason(ray_cluster):
     from ln_ray.pipeline.accounting import AccountingError, count_rows
     from ln_ray.schema import SCORED_ROWS_SCHEMA
 
-    def row(source, number, trace=None, n_tokens=None, reason=None):
+    def row(source, number, trace=None, n_tokens=None, reason=None, kind="input"):
         return {
             "source_file": source,
             "row_number": number,
             "trace_id": trace,
             "reject_reason": reason,
+            "reject_kind": None if reason is None else kind,
             "n_tokens": n_tokens,
             "model_tokens": None if n_tokens is None else 5 * n_tokens,
         }
@@ -247,14 +249,15 @@ def test_row_counts_per_file_and_reason(ray_cluster):
         row("f1", 1, old, 10),
         row("f1", 2, new, 20),
         row("f1", 3, reason="invalid JSON: line 3"),
-        row("f2", 1, reason="duplicate of f1 row 1"),
+        row("f2", 1, reason="duplicate of f1 row 1", kind="duplicate"),
         row("f2", None, reason="cannot read Parquet shard: bad footer"),
     ]
     table = pa.Table.from_pylist(rows, schema=SCORED_ROWS_SCHEMA)
     in_cache = np.asarray([old], dtype="S32")  # as cache.cached_trace_ids returns it
     # two blocks, so the per-block sums are added up
     dataset = ray.data.from_arrow([table.slice(0, 2), table.slice(2)])
-    per_file, reasons = count_rows(dataset, in_cache)
+    counted = count_rows(dataset, in_cache)
+    per_file = counted.per_file
     assert per_file["f1"] == {
         "rows_scored": 2,
         "rows_rejected": 1,
@@ -265,7 +268,8 @@ def test_row_counts_per_file_and_reason(ray_cluster):
         "model_tokens_now": 100,
     }
     assert per_file["f2"]["rows_rejected"] == 2 and per_file["f2"]["shard_errors"] == 1
-    assert reasons == {"cannot read Parquet shard": 1, "duplicate": 1, "invalid JSON": 1}
+    assert counted.reasons == {"cannot read Parquet shard": 1, "duplicate": 1, "invalid JSON": 1}
+    assert counted.kinds == {"duplicate": 1, "input": 2}
 
     unscored = pa.Table.from_pylist([row("f1", 4, new)], schema=SCORED_ROWS_SCHEMA)
     with pytest.raises(AccountingError, match="1 accepted rows have no scores"):
@@ -337,3 +341,47 @@ def test_duplicates_are_found_across_blocks(ray_cluster):
         for copy in copies[1:]:
             expected[copy] = f"duplicate of {copies[0][0]} row {copies[0][1]}"
     assert got == expected and len(expected) > 300
+
+
+def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster):
+    """Rows of many prompt ids spread over many blocks, some ids with two or three contexts:
+    every row of those ids is marked, naming the first row of two contexts; no other row is."""
+    import ray
+
+    from ln_ray.pipeline.assemble import _find_conflicts
+
+    rng = random.Random(4)
+    rows = []
+    for n in range(1, 400):
+        prompt = rng.randrange(50)
+        contexts = 1 + (prompt % 7 == 0) + (prompt % 14 == 0)  # some ids: two or three prompts
+        rows.append(
+            {
+                "prompt_id": f"p{prompt:02d}",
+                "context_key": f"c{prompt}-{rng.randrange(contexts)}",
+                "source_file": f"f{rng.randrange(3)}",
+                "row_number": n,
+            }
+        )
+    rows.append({"prompt_id": "p00", "context_key": None, "source_file": "f0", "row_number": 999})
+    table = pa.Table.from_pylist(rows)
+    blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
+    found = _find_conflicts(ray.data.from_arrow(blocks).repartition(9))
+    got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
+    expected = {}
+    valid = [r for r in rows if r["context_key"] is not None]
+    for prompt in {r["prompt_id"] for r in valid}:
+        mine = [r for r in valid if r["prompt_id"] == prompt]
+        firsts = sorted(
+            min((r["source_file"], r["row_number"]) for r in mine if r["context_key"] == key)
+            for key in {r["context_key"] for r in mine}
+        )
+        if len(firsts) > 1:
+            reason = (
+                f"prompt_id shared by different prompts: {prompt!r} in {firsts[0][0]} row "
+                f"{firsts[0][1]} and {firsts[1][0]} row {firsts[1][1]}"
+            ) + (f" ({len(firsts)} prompts in all)" if len(firsts) > 2 else "")
+            for r in mine:
+                expected[(r["source_file"], r["row_number"])] = reason
+    assert got == expected and len(expected) > 30
+    assert set(found["kind"].to_pylist()) == {"input"}

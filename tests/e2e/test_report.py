@@ -119,3 +119,68 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
         driver.save_screenshot(str(tmp_path / "report.png"))
     finally:
         driver.quit()
+
+
+HOSTILE_TEACHERS = [
+    "<script>window.pwned = 1</script>",
+    "$\\frac{cost",
+    "\x1b[2J\x1b[31mred\x1b[0m",
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_run(ray_cluster, tiny_student_dir, tmp_path_factory):
+    """Teacher names and traces holding markup, mathtext and terminal escapes."""
+    import json
+
+    folder = tmp_path_factory.mktemp("hostile")
+    rows = [
+        {
+            "prompt_id": f"q{p}",
+            "prompt": f"What is {p} + 2? <b>bold</b>",
+            "teacher": teacher,
+            "response": f"First <script>window.pwned = 2</script> add {p} and 2. So $x$ = {p + 2}.",
+        }
+        for p in range(3)
+        for teacher in HOSTILE_TEACHERS
+    ]
+    (folder / "in").mkdir()
+    (folder / "in" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(folder / "out")
+    overrides = [f"input.path={folder / 'in'}", f"output.path={out}"]
+    overrides += [f"student.model={tiny_student_dir}", "selection.bootstrap_samples=20"]
+    run_score(load_config("default", overrides))
+    return out
+
+
+def test_markup_mathtext_and_escapes_in_the_input_show_as_text(hostile_run, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from ln_ray.pipeline.job import read_manifest, read_teacher_table
+    from ln_ray.pipeline.summary import format_summary
+
+    summary = format_summary(read_manifest(hostile_run), read_teacher_table(hostile_run))
+    assert "\x1b" not in summary and "\\x1b[2J\\x1b[31mred\\x1b[0m" in summary
+    assert "<script>window.pwned = 1</script>" in summary  # a terminal shows it as it is
+
+    page = write_report(hostile_run)  # mathtext in a teacher name is not typeset (nor fails)
+    binary, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(Path(page).as_uri())
+        assert driver.execute_script("return typeof window.pwned") == "undefined"
+        assert driver.execute_script("return document.scripts.length") == 0
+        text = driver.find_element("tag name", "body").text
+        assert "<script>window.pwned = 1</script>" in text  # the teacher's name, as text
+        assert "<script>window.pwned = 2</script>" in text  # a trace's text, as text
+        assert "$\\frac{cost" in text and "\\x1b[2J\\x1b[31mred" in text
+        assert "<b>bold</b>" in text  # a prompt's markup, as text
+    finally:
+        driver.quit()

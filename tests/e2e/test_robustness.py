@@ -16,37 +16,25 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ln_ray.config import ConfigError, load_config
+from ln_ray.config import ConfigError
 from ln_ray.io import cache
 from ln_ray.pipeline.job import JobError, run_score
-from tests.helpers import REPO, make_rows, parquet_with_a_corrupt_row_group, read_output
+from tests.helpers import (
+    REPO,
+    make_rows,
+    parquet_with_a_corrupt_row_group,
+    read_output,
+    tiny_job_config,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def config(input_path, output_path, student, *extra):
-    return load_config(
-        "default",
-        [
-            f"input.path={input_path}",
-            f"output.path={output_path}",
-            f"student.model={student}",
-            "compute.batch_traces=2",
-            "compute.token_budget=256",
-            "selection.bootstrap_samples=100",
-            *extra,
-        ],
-    )
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def scores_by_trace(output: str) -> pd.DataFrame:
@@ -54,6 +42,8 @@ def scores_by_trace(output: str) -> pd.DataFrame:
 
 
 def assert_same_scores(a: str, b: str, atol: float = 1e-5) -> None:
+    """The two runs published the same traces with the same scores: within ``atol``, and NaN
+    (or a step with no tokens) in one only where it is in the other."""
     left, right = scores_by_trace(a), scores_by_trace(b)
     assert left.index.equals(right.index), (
         f"{len(left)} rows vs {len(right)}; traces only in the first: "
@@ -61,10 +51,15 @@ def assert_same_scores(a: str, b: str, atol: float = 1e-5) -> None:
         f"{sorted(set(right.index) - set(left.index))}"
     )
     for column in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
-        diff = (left[column] - right[column]).abs()
-        assert diff.max() <= atol, f"{column} differs by {diff.max():.3g} on {diff.idxmax()}"
+        x, y = left[column].to_numpy(float), right[column].to_numpy(float)
+        apart = np.isnan(x) != np.isnan(y)
+        assert not apart.any(), f"{column} is NaN in one run only: {list(left.index[apart])}"
+        diff = np.nan_to_num(np.abs(x - y))
+        assert diff.max() <= atol, f"{column} differs by {diff.max():.3g}"
     for trace_id, x, y in zip(left.index, left["step_logprobs"], right["step_logprobs"]):
-        worst = max(abs(p - q) for p, q in zip(x, y, strict=True))
+        x, y = np.array(x, dtype=float), np.array(y, dtype=float)  # None: a step with no tokens
+        assert np.array_equal(np.isnan(x), np.isnan(y)), f"steps without a score in {trace_id}"
+        worst = np.nan_to_num(np.abs(x - y)).max(initial=0.0)
         assert worst <= atol, f"step log-probs of {trace_id} differ by {worst:.3g}"
     pd.testing.assert_frame_equal(
         read_output(a, "selections").sort_values(["prompt_id", "metric"]).reset_index(drop=True),
@@ -72,6 +67,23 @@ def assert_same_scores(a: str, b: str, atol: float = 1e-5) -> None:
         check_exact=False,
         atol=atol,
     )
+
+
+def test_a_trace_nan_in_one_run_only_is_a_difference(tmp_path, monkeypatch):
+    scores = pd.DataFrame(
+        {"trace_id": ["t1", "t2"], "step_logprobs": [[-1.0, None], [-2.0]]}
+        | {m: [-1.0, -2.0] for m in ("galp", "lalp", "lalp_token", "rsr", "avg_rank")}
+        | {"avg_surprisal": [1.0, 2.0]}
+    )
+    runs = {"a": scores, "b": scores.assign(galp=[-1.0, float("nan")])}
+    monkeypatch.setattr(
+        sys.modules[__name__], "scores_by_trace", lambda out: runs[out].set_index("trace_id")
+    )
+    with pytest.raises(AssertionError, match=r"galp is NaN in one run only: \['t2'\]"):
+        assert_same_scores("a", "b")
+    runs["b"] = scores.assign(step_logprobs=[[-1.0, -3.0], [-2.0]])
+    with pytest.raises(AssertionError, match="steps without a score in t1"):
+        assert_same_scores("a", "b")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +100,7 @@ def corpus(tmp_path_factory):
 def reference_run(ray_cluster, tiny_student_dir, corpus, tmp_path_factory):
     """An undisturbed run over the corpus."""
     out = str(tmp_path_factory.mktemp("reference") / "out")
-    manifest = run_score(config(corpus[0], out, tiny_student_dir))
+    manifest = run_score(tiny_job_config(corpus[0], out, tiny_student_dir))
     assert manifest["counts"]["rows_scored"] == len(corpus[1])
     return out
 
@@ -126,12 +138,13 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
         "{% endfor %}"
     )
     out = str(tmp_path / "out")
-    cfg = config(
+    cfg = tiny_job_config(
         folder,
         out,
         tiny_student_dir,
         "scoring.max_response_chars=1000",
         "scoring.render=conversation",  # the view in which a template can alter a response
+        "output.max_reject_fraction=1",  # this input is mostly broken, on purpose
     )
     cfg.student.chat_template = trimming
     manifest = run_score(cfg)
@@ -184,21 +197,55 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     ]  # fmt: skip
 
 
-def test_a_run_whose_every_row_is_rejected_still_publishes(ray_cluster, tiny_student_dir, tmp_path):
+def test_a_run_over_its_reject_budget_fails_and_the_published_results_stay(
+    ray_cluster, tiny_student_dir, tmp_path
+):
     from ln_ray.pipeline.job import read_teacher_table
     from ln_ray.pipeline.summary import format_summary
     from ln_ray.report import write_report
 
-    bad = {"prompt_id": "q1", "prompt": "What is 2+2?", "teacher": "t1", "response": ""}
-    folder = tmp_path / "in"
-    folder.mkdir()
-    lines = [json.dumps(bad), json.dumps({**bad, "teacher": "t2"}), "{broken"]
-    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "out")
-    manifest = run_score(config(folder, out, tiny_student_dir))
+    write_jsonl(tmp_path / "good" / "a.jsonl", make_rows(n_prompts=2))
+    published = run_score(tiny_job_config(tmp_path / "good", out, tiny_student_dir))
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+
+    bad = {"prompt_id": "q1", "prompt": "What is 2+2?", "teacher": "t1", "response": ""}
+    lines = [json.dumps(bad), json.dumps({**bad, "teacher": "t2"}), "{broken"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(JobError) as failed:  # validation alone rejected too many: no scoring
+        run_score(tiny_job_config(tmp_path / "bad", out, tiny_student_dir))
+    message = str(failed.value)
+    assert (
+        "did not publish: before scoring: 3 of 3 rows were rejected (100.0%, by kind: " in message
+    )
+    assert "input 3), more than output.max_reject_fraction=0.05 allows" in message
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before  # untouched
+    assert read_output(out, "scores").shape[0] == published["counts"]["rows_scored"]
+    # The failed run's rejects stay readable, where the error says.
+    where = message.split("this run's rejects are in ")[1].split(". Raise")[0]
+    rejects = pq.read_table(where).to_pandas()
+    assert len(rejects) == 3 and set(rejects["kind"]) == {"input"}
+    failure = json.loads((Path(where).parent / "failed.json").read_text())
+    assert failure["error"].startswith("before scoring: 3 of 3 rows were rejected")
+
+    # Rejected while scoring (every prompt longer than the global cap): failed after scoring.
+    too_long = r"6 of 6 rows were rejected \(100.0%, by kind: too_long 6\)"
+    with pytest.raises(JobError, match=too_long) as late:
+        run_score(tiny_job_config(tmp_path / "good", out, tiny_student_dir, "scoring.max_tokens=4"))
+    where = str(late.value).split("this run's rejects are in ")[1].split(". Raise")[0]
+    assert set(pq.read_table(where).to_pandas()["reason"]) == {
+        "prompt longer than scoring.max_tokens (4 tokens)"
+    }
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+
+    # A budget of 1 publishes even a run whose every row is rejected.
+    manifest = run_score(
+        tiny_job_config(tmp_path / "bad", out, tiny_student_dir, "output.max_reject_fraction=1")
+    )
     assert manifest["counts"]["rows_read"] == 3 == manifest["counts"]["rows_rejected"]
+    assert manifest["reject_kinds"] == {"input": 3}
     assert manifest["selection"]["prompts"] == 0
-    assert len(read_output(out, "rejects")) == 3
     for name in ("scores", "selections", "teachers", "curated"):
         assert read_output(out, name).empty
     assert "rows read 3: scored 0, rejected 3" in format_summary(manifest, read_teacher_table(out))
@@ -211,7 +258,7 @@ def test_a_run_where_no_trace_is_eligible_still_publishes(ray_cluster, tiny_stud
            "response": "First, add two and two. So the answer is 4.", "correct": False}  # fmt: skip
     write_jsonl(tmp_path / "in" / "a.jsonl", [row, {**row, "teacher": "t2"}])
     out = str(tmp_path / "out")
-    manifest = run_score(config(tmp_path / "in", out, tiny_student_dir))
+    manifest = run_score(tiny_job_config(tmp_path / "in", out, tiny_student_dir))
     assert manifest["counts"]["rows_scored"] == 2
     assert manifest["selection"]["filtered_on_correct"] is True
     assert manifest["selection"]["prompts"] == 1 and manifest["selection"]["prompts_selected"] == 0
@@ -226,11 +273,20 @@ def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp
     (tmp_path / "a-file").write_text("x")
     write_jsonl(tmp_path / "in" / "a.jsonl", make_rows(n_prompts=1))
     cases = [
-        (config(tmp_path / "in", tmp_path / "in" / "out", tiny_student_dir), "inside input.path"),
-        (config(tmp_path / "empty", tmp_path / "o1", tiny_student_dir), "no input files"),
-        (config(tmp_path / "missing", tmp_path / "o2", tiny_student_dir), "does not exist"),
-        (config(corpus[0], tmp_path / "a-file" / "out", tiny_student_dir), "not writable"),
-        (config(corpus[0], tmp_path / "o3", str(tmp_path / "no-model")), "cannot load student"),
+        (
+            tiny_job_config(tmp_path / "in", tmp_path / "in" / "out", tiny_student_dir),
+            "inside input.path",
+        ),
+        (tiny_job_config(tmp_path / "empty", tmp_path / "o1", tiny_student_dir), "no input files"),
+        (
+            tiny_job_config(tmp_path / "missing", tmp_path / "o2", tiny_student_dir),
+            "does not exist",
+        ),
+        (tiny_job_config(corpus[0], tmp_path / "a-file" / "out", tiny_student_dir), "not writable"),
+        (
+            tiny_job_config(corpus[0], tmp_path / "o3", str(tmp_path / "no-model")),
+            "cannot load student",
+        ),
     ]
     for cfg, message in cases:
         started = time.time()
@@ -239,7 +295,7 @@ def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp
         assert time.time() - started < 30
     assert not (tmp_path / "o3" / "scores").exists() and not (tmp_path / "in" / "out").exists()
     with pytest.raises(ConfigError, match="compute.token_budget"):
-        config(corpus[0], tmp_path / "o4", tiny_student_dir, "compute.token_budget=1")
+        tiny_job_config(corpus[0], tmp_path / "o4", tiny_student_dir, "compute.token_budget=1")
 
 
 def _scoring_actor_pids() -> list[int]:
@@ -257,7 +313,7 @@ def test_killed_scoring_actor_is_restarted(
     ray_cluster, tiny_student_dir, corpus, reference_run, tmp_path
 ):
     out = str(tmp_path / "out")
-    cfg = config(corpus[0], out, tiny_student_dir, "compute.batch_traces=1")
+    cfg = tiny_job_config(corpus[0], out, tiny_student_dir, "compute.batch_traces=1")
     result: dict = {}
 
     def score() -> None:
@@ -297,7 +353,8 @@ def test_interrupted_driver_resumes_where_it_stopped(
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
         [sys.executable, "jobs/score.py", f"input.path={corpus[0]}", f"output.path={out}",
-         f"student.model={tiny_student_dir}", "compute.batch_traces=1"],
+         f"student.model={tiny_student_dir}", "compute.batch_traces=1",
+         "output.lease_timeout_s=3"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 300
@@ -309,10 +366,15 @@ def test_interrupted_driver_resumes_where_it_stopped(
             break
         time.sleep(0.02)
     driver.wait(timeout=60)
+    killed_at = time.time()
     assert 3 <= len(parts) < len(corpus[1]), "the driver was not stopped mid-run"
     assert not (out / "manifest.json").exists()  # nothing was published
 
-    manifest = run_score(config(corpus[0], str(out), tiny_student_dir))
+    # Its lease outlives it until its heartbeat is 3 s old: a run started sooner stops at once.
+    with pytest.raises(JobError, match=r"output.path is in use by run \w+ \(score"):
+        run_score(tiny_job_config(corpus[0], str(out), tiny_student_dir))
+    time.sleep(max(0.0, killed_at + 3.5 - time.time()))
+    manifest = run_score(tiny_job_config(corpus[0], str(out), tiny_student_dir))
     scored_before = len(cache.cached_trace_ids(str(next((out / "_cache").iterdir()))))
     assert manifest["counts"]["traces_scored_now"] < len(corpus[1])
     assert scored_before == len(corpus[1])
@@ -322,6 +384,7 @@ def test_interrupted_driver_resumes_where_it_stopped(
     assert len(left) == 2 and manifest["run_id"] in left
     killed = next(out / "_runs" / name for name in left if name != manifest["run_id"])
     assert not (killed / "manifest.json").exists()
+    assert manifest["lease"]["broke"]["run_id"] == killed.name  # and the run said so
 
 
 def _cache_is_folded(out: str, buckets: int) -> list[str]:
@@ -343,18 +406,22 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path,
     out = str(tmp_path / "out")
     caplog.set_level(logging.INFO, logger="ln_ray")
     first = run_score(
-        config(folder, out, tiny_student_dir, "output.cache_buckets=4", "compute.progress_s=0.2")
+        tiny_job_config(
+            folder, out, tiny_student_dir, "output.cache_buckets=4", "compute.progress_s=0.2"
+        )
     )
     assert first["counts"]["traces_scored_now"] == 12
-    # progress while scoring, and the final count
+    # progress lines while scoring (as many as the machine's speed allows), the final count last
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring: ")]
-    assert len(progress) >= 2 and progress[-1].startswith("scoring: 12 of 12 traces (100%)")
+    done = [int(line.split()[1].replace(",", "")) for line in progress]
+    assert done == sorted(done) and all(n <= 12 for n in done)
+    assert progress[-1].startswith("scoring: 12 of 12 traces (100%)")
     assert len(_cache_is_folded(out, 4)) == 12
     assert first["stages"]["compact_cache"]["files_folded"] == 6  # one part per batch of 2
     day_one = read_output(out, "scores").set_index("trace_id").sort_index()
 
     write_jsonl(folder / "day-2.jsonl", rows[12:])
-    second = run_score(config(folder, out, tiny_student_dir, "output.cache_buckets=4"))
+    second = run_score(tiny_job_config(folder, out, tiny_student_dir, "output.cache_buckets=4"))
     assert len(_cache_is_folded(out, 4)) == len(rows)
     assert second["counts"]["traces_scored_now"] == len(rows) - 12
     assert second["counts"]["rows_scored"] == len(rows)
@@ -375,7 +442,7 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path,
     assert teachers[teachers["metric"] == "lalp"]["count"].sum() == len(rows)
 
     # nothing new: nothing is tokenized, no scoring actor starts, the results stay the same
-    rerun = run_score(config(folder, out, tiny_student_dir, "output.cache_buckets=4"))
+    rerun = run_score(tiny_job_config(folder, out, tiny_student_dir, "output.cache_buckets=4"))
     assert rerun["stages"]["tokenize_score"]["rows"] == 0
     assert rerun["stages"]["compact_cache"]["files_folded"] == 0
     assert len(_cache_is_folded(out, 4)) == len(rows)
@@ -387,7 +454,7 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path,
     )
 
     # another scoring setting is another cache key: everything is scored again
-    third = run_score(config(folder, out, tiny_student_dir, "scoring.window=1"))
+    third = run_score(tiny_job_config(folder, out, tiny_student_dir, "scoring.window=1"))
     assert third["counts"]["traces_scored_now"] == len(rows)
 
 
@@ -400,7 +467,7 @@ def test_scores_do_not_depend_on_batching_actors_or_order(
     pq.write_table(pa.Table.from_pylist(rows[25:]), folder / "a-second.parquet")
     out = str(tmp_path / "out")
     run_score(
-        config(
+        tiny_job_config(
             folder, out, tiny_student_dir,
             "compute.batch_traces=7", "compute.token_budget=4096", "compute.actors=2",
             "compute.cpus_per_actor=0.5",

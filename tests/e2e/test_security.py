@@ -1,4 +1,5 @@
-"""Credentials in input URLs are never stored or logged by a run of the job."""
+"""Credentials in input URLs (userinfo, a presigned URL's query string) are never stored or
+logged by a run of the job."""
 
 from __future__ import annotations
 
@@ -43,27 +44,32 @@ def test_credentials_in_input_urls_are_never_stored_or_logged(
            "response": "First, add two and two. So the answer is 4."}  # fmt: skip
     rows = [row, row, {**row, "teacher": "t2", "response": ""}]  # a duplicate, an empty response
     (folder / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    secret = "S3CRETTOKEN"
+    secret, signature = "S3CRETTOKEN", "5e1f5ignature"
+    query = f"X-Amz-Credential=AKIAKEYID&X-Amz-Signature={signature}&X-Amz-Expires=600"
     out = tmp_path / "out"
     caplog.set_level(logging.INFO)
     cfg = load_config(
         "default",
-        [f"input.path=http://alice:{secret}@{host}/a.jsonl", f"output.path={out}",
-         f"student.model={tiny_student_dir}", "selection.bootstrap_samples=10"],
+        [f"input.path=http://alice:{secret}@{host}/a.jsonl?{query}", f"output.path={out}",
+         f"student.model={tiny_student_dir}", "selection.bootstrap_samples=10",
+         "output.max_reject_fraction=0.5"],
     )  # fmt: skip
     manifest = run_score(cfg)
     with pytest.raises(JobError) as missing:
-        run_score(load_config("default", [f"input.path=http://alice:{secret}@{host}/b.jsonl"]))
+        url = f"http://alice:{secret}@{host}/b.jsonl?{query}"
+        run_score(load_config("default", [f"input.path={url}", f"output.path={out}2"]))
 
     rejects = pq.read_table(out / manifest["outputs"]["rejects"]).to_pandas()
-    assert set(rejects["source_file"]) == {f"http://***@{host}/a.jsonl"}
-    assert sorted(rejects["reason"])[0] == f"duplicate of http://***@{host}/a.jsonl row 1"
-    shown = [json.dumps(manifest), str(missing.value), caplog.text, *capfd.readouterr()]
+    shown = f"http://***@{host}/a.jsonl?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=600"
+    assert set(rejects["source_file"]) == {shown}
+    assert sorted(rejects["reason"])[0] == f"duplicate of {shown} row 1"
+    printed = [json.dumps(manifest), str(missing.value), caplog.text, *capfd.readouterr()]
     for path in out.rglob("*"):
         if path.suffix == ".parquet":
-            shown.append(str(pq.read_table(path).to_pylist()))
+            printed.append(str(pq.read_table(path).to_pylist()))
         elif path.is_file():
-            shown.append(path.read_text())
-    assert len(shown) > 10
-    for text in shown:
-        assert secret not in text and "alice" not in text
+            printed.append(path.read_text())
+    assert len(printed) > 10
+    for text in printed:
+        for leaked in (secret, "alice", signature, "AKIAKEYID"):
+            assert leaked not in text

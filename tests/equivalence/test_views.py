@@ -44,14 +44,14 @@ def test_every_metric_matches_the_reference_in_the_generation_view(marker_tokeni
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_smollm2_scores_each_family_like_the_reference(smollm2, family):
     tokenizer = templated(with_markers(smollm2.tokenizer), family)
-    model = smollm2.model
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model = copy.deepcopy(model)
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    reference = copy.deepcopy(smollm2.model)  # the session's model stays as loaded
+    if len(tokenizer) > reference.get_input_embeddings().num_embeddings:
+        reference.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = copy.deepcopy(reference)  # the scorer patches its own copy's attention
     short = f"<think>\n{REASONING.splitlines()[0]}\n</think>\n\nHe crosses once."
     prepared = prepare_row(trace_row(short), tokenizer)
     tokens = prepared.tokens
     assert tokenizer.decode(tokens.input_ids[tokens.prefix_len :]) == scored_text(family, short)
     (fast,) = StudentScorer(model, window=1, token_budget=256).score([tokens])
     with torch.no_grad():
-        assert_matches_reference(fast, reference_scores(model, tokens, window=1))
+        assert_matches_reference(fast, reference_scores(reference, tokens, window=1))

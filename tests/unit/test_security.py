@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pyarrow as pa
+
 from ln_ray.config import load_config
 from ln_ray.pipeline.outputs import redacted
 from tests.helpers import REPO
@@ -34,3 +36,28 @@ def test_credentials_in_urls_are_redacted():
     clean = redacted(config)
     assert "sup3rsecret" not in str(clean) and "AKIAXXXX" not in str(clean)
     assert clean["input"]["path"] == "s3://***@bucket/traces" and clean["n"] == 3
+
+
+PRESIGNED = (
+    "https://bucket.s3.amazonaws.com/traces/a.jsonl?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+    "&X-Amz-Credential=AKIAEXAMPLE%2F20261203%2Fus-east-1&X-Amz-Date=20261203T000000Z"
+    "&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature=f00dfeed"
+    "&X-Amz-Security-Token=IQoJsessiontoken"
+)
+SAS = (
+    "https://acct.blob.core.windows.net/c/a.jsonl?sv=2024-11-04&sp=r&se=2026-12-04&sig=c2VjcmV0%3D"
+)
+
+
+def test_query_string_credentials_in_urls_are_redacted():
+    from ln_ray.io.storage import redact_url, redact_urls_arrow
+
+    text = f"cannot read {PRESIGNED} or {SAS} or gs://b/x?access_token=ya29.secret;"
+    clean = redact_url(text)
+    for secret in ("AKIAEXAMPLE", "f00dfeed", "IQoJsessiontoken", "c2VjcmV0", "ya29.secret"):
+        assert secret not in clean
+    assert "X-Amz-Signature=***" in clean and "&sig=***" in clean and "access_token=***" in clean
+    assert "X-Amz-Expires=3600" in clean and "sv=2024-11-04" in clean  # not secrets: kept
+    assert redact_url("s3://bucket/part-?.jsonl") == "s3://bucket/part-?.jsonl"  # a glob
+    assert redact_urls_arrow(pa.array([text, None])).to_pylist() == [clean, None]
+    assert redacted({"input": {"path": PRESIGNED}})["input"]["path"] == redact_url(PRESIGNED)

@@ -90,7 +90,7 @@ def test_the_view_and_the_template_arguments_key_the_cache(tiny_student_dir):
     from ln_ray.io.cache import cache_key
 
     cfg = load_config("default", [f"student.model={tiny_student_dir}"])
-    identity = check_student(cfg.student)
+    identity = check_student(cfg.student).identity
     key = cache_key(identity, cfg.scoring)
     for override in (
         "scoring.render=conversation",
@@ -100,10 +100,13 @@ def test_the_view_and_the_template_arguments_key_the_cache(tiny_student_dir):
     ):
         other = load_config("default", [f"student.model={tiny_student_dir}", override])
         assert (
-            cache_key(check_student(other.student, view=other.scoring.render), other.scoring) != key
+            cache_key(
+                check_student(other.student, view=other.scoring.render).identity, other.scoring
+            )
+            != key
         )
     # a setting that only decides which rows are scored keeps the key
     same = load_config(
         "default", [f"student.model={tiny_student_dir}", "scoring.max_response_chars=9"]
     )
-    assert cache_key(check_student(same.student), same.scoring) == key
+    assert cache_key(check_student(same.student).identity, same.scoring) == key

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ln_ray.io import storage
+from ln_ray.io.lease import Lease
 from ln_ray.pipeline import outputs
 from ln_ray.pipeline.outputs import (
+    FAILED_RUN_S,
     MANIFEST,
     REDUCE_OUTPUTS,
     RUNS_DIR,
@@ -26,6 +28,7 @@ from ln_ray.pipeline.outputs import (
     output_url,
     publish,
     published_manifest,
+    remove_unlisted,
 )
 
 NAMES = (*SCORE_OUTPUTS, *REDUCE_OUTPUTS)
@@ -190,7 +193,7 @@ def test_a_failure_while_tidying_keeps_the_new_run_published(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise OSError("listing failed")
 
-    monkeypatch.setattr(outputs, "_remove_unlisted", broken)
+    monkeypatch.setattr(outputs, "remove_unlisted", broken)
     publish(run, NAMES, run_manifest(run))
     assert published(root) == dict.fromkeys(NAMES, run.run_id)
 
@@ -245,17 +248,46 @@ def test_a_select_over_outputs_published_at_the_top_keeps_the_scores_there(tmp_p
     assert not any((root / name).exists() for name in REDUCE_OUTPUTS)
 
 
+def _age(folder: str, seconds: float) -> None:
+    """Make everything under ``folder`` last change ``seconds`` before now."""
+    then = time.time() - seconds
+    for parent, _, files in os.walk(folder):
+        for path in [parent, *(os.path.join(parent, f) for f in files)]:
+            os.utime(path, (then, then))
+
+
 def test_folders_of_killed_runs_go_once_stale(tmp_path):
     root = str(tmp_path / "out")
     killed, running = staged_run(root, ("scores",)), staged_run(root, ("scores",))
-    long_ago = time.time() - STALE_RUN_S - 60
-    for folder, _, files in os.walk(killed.staging):
-        for path in [folder, *(os.path.join(folder, f) for f in files)]:
-            os.utime(path, (long_ago, long_ago))
+    _age(killed.staging, STALE_RUN_S + 60)
     run = staged_run(root)
     publish(run, NAMES, run_manifest(run))
     assert not os.path.exists(killed.staging)
     assert os.path.exists(running.staging)
+
+
+def test_clean_up_never_removes_the_folder_of_a_live_run_however_long_it_has_run(tmp_path):
+    """The clock is the test's: 30 hours pass while one run scores without writing to its
+    folder (its scores go to the cache), its lease alive."""
+    root = str(tmp_path / "out")
+    started = time.time()
+    live, killed, failed = (staged_run(root, ("scores",)) for _ in range(3))
+    outputs.record_failure(failed, {"error": "too many rejects"})
+    run = staged_run(root)
+    publish(run, NAMES, run_manifest(run))
+    now = started + 30 * 3600
+    lease = Lease(root, live.run_id, "score", timeout_s=600, clock=lambda: now)
+    lease.acquire()  # its heartbeat: now
+
+    remove_unlisted(run, keep_runs=3, now=now)
+    assert os.path.exists(live.staging)  # 30 hours unchanged, but its run is alive
+    assert not os.path.exists(killed.staging)  # 30 hours unchanged, nobody's
+    assert os.path.exists(failed.staging)  # a failed run's rejects stay a week
+
+    remove_unlisted(run, keep_runs=3, now=now + 601)  # the live run missed its heartbeat
+    assert not os.path.exists(live.staging) and os.path.exists(failed.staging)
+    remove_unlisted(run, keep_runs=3, now=started + FAILED_RUN_S + 60)
+    assert not os.path.exists(failed.staging) and os.path.exists(run.staging)
 
 
 def test_nothing_published_is_said_plainly(tmp_path):

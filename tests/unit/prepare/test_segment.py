@@ -4,6 +4,7 @@ invariants, speed."""
 from __future__ import annotations
 
 import random
+import sys
 import time
 
 import pytest
@@ -466,27 +467,53 @@ def test_cuts_only_follow_whitespace_cjk_or_think_close():
             ), (text, pos)
 
 
+def _calls(text: str, mode: str) -> int:
+    """Python and C function calls made segmenting ``text``: a count of work, not a time."""
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        steps = segment_steps(text, mode)
+    finally:
+        sys.setprofile(None)
+    assert "".join(steps) == text
+    return calls
+
+
 @pytest.mark.parametrize(
-    "text",
+    "unit",
     [
-        (
-            "Okay, so 3.14 is pi, e.g. roughly. Let $x = 1$ and \\(y = 2\\). Wait... Then J. Smith "
-            "said `f(x).y` is ok!\n1. Step one.\n\n```py\nx = 1. y\n```\n\\[\na. B\n\\]\n"
-        )
-        * 1800,
-        "$a `b \\( \\[ $$ ```\n" * 10000,
-        "J. " * 70000,
+        "Okay, so 3.14 is pi, e.g. roughly. Let $x = 1$ and \\(y = 2\\). Wait... Then J. Smith "
+        "said `f(x).y` is ok!\n1. Step one.\n\n```py\nx = 1. y\n```\n\\[\na. B\n\\]\n",
+        "$a `b \\( \\[ $$ ```\n",
+        "J. ",
     ],
     ids=["realistic", "unclosed-openers", "initials"],
 )
-def test_segments_200k_characters_fast(text):
-    assert len(text) >= 180_000
+def test_segmenting_costs_grow_linearly_with_the_text(unit):
+    """Four times the text, about four times the work, however the text opens and never closes
+    math, code or quotes: the calls made (which a scan in Python shows) and the time taken
+    (which a scan inside one C call shows; best of three, a ratio within one run, where a
+    quadratic scan would take 16 times as long)."""
+    small = unit * (20_000 // len(unit) + 1)
     for mode in SEGMENT_MODES:
-        start = time.perf_counter()
-        steps = segment_steps(text, mode)
-        elapsed = time.perf_counter() - start
-        assert "".join(steps) == text
-        assert elapsed < 1.0, f"{mode}: {elapsed:.2f}s"
+        calls = _calls(small * 4, mode) / _calls(small, mode)
+        assert calls < 4.6, f"{mode}: 4x the text makes {calls:.1f}x the calls"
+        seconds = _seconds(small * 4, mode) / _seconds(small, mode)
+        assert seconds < 8, f"{mode}: 4x the text takes {seconds:.1f}x as long"
+
+
+def _seconds(text: str, mode: str) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        segment_steps(text, mode)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 COT = r"""<think>

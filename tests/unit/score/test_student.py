@@ -23,12 +23,12 @@ def test_identity_follows_the_weights_retrained_in_place(tiny_tokenizer, tmp_pat
     cfg = StudentConfig(model=str(folder), cache_dir=str(tmp_path / "cache"))
     weights = folder / "model.safetensors"
     size = weights.stat().st_size
-    before = check_student(cfg)
-    assert check_student(cfg) == before and before.startswith(str(folder))
+    before = check_student(cfg).identity
+    assert check_student(cfg).identity == before and before.startswith(str(folder))
 
     make_tiny_llama(len(tiny_tokenizer), seed=1, attn="sdpa").save_pretrained(folder)
     assert weights.stat().st_size == size  # same architecture: only the content differs
-    after = check_student(cfg)
+    after = check_student(cfg).identity
     assert after != before
 
     # The weights' digest is kept, not recomputed on every start.
@@ -36,13 +36,13 @@ def test_identity_follows_the_weights_retrained_in_place(tiny_tokenizer, tmp_pat
         raise AssertionError(f"{path} hashed again")
 
     monkeypatch.setattr(student, "_file_sha256", no_hashing)
-    assert check_student(cfg) == after
+    assert check_student(cfg).identity == after
 
 
 def test_identity_holds_the_dtype_the_model_runs_in(tiny_student_dir, tmp_path):
     def identity(dtype: str, want_gpu: bool = False) -> str:
         cfg = StudentConfig(model=tiny_student_dir, dtype=dtype, cache_dir=str(tmp_path))
-        return check_student(cfg, want_gpu=want_gpu)
+        return check_student(cfg, want_gpu=want_gpu).identity
 
     assert identity("auto") == identity("float32")  # auto is fp32 on CPU
     assert identity("auto", want_gpu=True) == identity("bfloat16") != identity("float32")
@@ -81,3 +81,64 @@ def test_a_multi_head_latent_attention_student_is_refused_before_any_work(tmp_pa
     ).save_pretrained(folder)
     with pytest.raises(StudentError, match="value heads of size 16 and query heads of size 24"):
         check_student(StudentConfig(model=str(folder), cache_dir=str(tmp_path / "cache")))
+
+
+def _hub_snapshot(cache, repo: str, commit: str, files: dict[str, bytes]) -> None:
+    """A snapshot of ``repo`` in a Hugging Face cache laid out as the Hub's client writes it:
+    files linked to blobs named by their content, and refs/main naming the commit."""
+    import hashlib
+    import os
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_students_identity_is_its_snapshot(tiny_tokenizer, tmp_path, monkeypatch):
+    """A new snapshot of the same name (new weights, a fixed template) is another student; the
+    same snapshot is the same student, in any cache."""
+    import huggingface_hub
+
+    from bench.tiny import CHATML
+
+    saved = tmp_path / "saved"
+    make_tiny_llama(len(tiny_tokenizer), seed=0, attn="sdpa").save_pretrained(saved)
+    tiny_tokenizer.save_pretrained(saved)
+    files = {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()}
+    retrained = tmp_path / "retrained"
+    make_tiny_llama(len(tiny_tokenizer), seed=1, attn="sdpa").save_pretrained(retrained)
+
+    def identity(cache) -> str:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        return check_student(StudentConfig(model="org/tiny", cache_dir=str(tmp_path))).identity
+
+    _hub_snapshot(tmp_path / "hub-a", "org/tiny", "a" * 40, files)
+    first = identity(tmp_path / "hub-a")
+    assert first.startswith("org/tiny@")
+    _hub_snapshot(tmp_path / "hub-b", "org/tiny", "a" * 40, files)
+    assert identity(tmp_path / "hub-b") == first  # the same snapshot on another node
+    weights = (retrained / "model.safetensors").read_bytes()
+    _hub_snapshot(tmp_path / "hub-a", "org/tiny", "b" * 40, {**files, "model.safetensors": weights})
+    assert identity(tmp_path / "hub-a") != first  # refs/main moved to new weights
+    fixed = CHATML.replace("assistant\n", "assistant\n\n")  # a template fixed upstream
+    assert fixed != CHATML
+    template = {**files, "chat_template.jinja": fixed.encode()}
+    _hub_snapshot(tmp_path / "hub-c", "org/tiny", "a" * 40, template)  # even at one commit
+    assert identity(tmp_path / "hub-c") not in (first, identity(tmp_path / "hub-a"))
+
+
+def test_a_hub_student_missing_from_the_cache_says_so(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from ln_ray.score.student import hub_snapshot
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(StudentError, match="not in the local Hugging Face cache"):
+        hub_snapshot("org/absent")

@@ -23,6 +23,7 @@ tokenized as before, jointly and in one call.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,10 +50,11 @@ def control_tokens(tokenizer: Any, keep: Iterable[str] = ()) -> list[str]:
 
 
 def holds_controls(messages: list[dict[str, str]], controls: list[str]) -> bool:
-    """Whether any message's text holds a control token's string."""
-    return bool(controls) and any(
-        control in message["content"] for message in messages for control in controls
-    )
+    """Whether any message's text holds a control token's string (one scan per message)."""
+    if not controls:
+        return False
+    pattern = _alternatives(controls)
+    return any(pattern.search(message["content"]) for message in messages)
 
 
 def mark_controls(
@@ -181,5 +183,10 @@ def _placeholder_tokenizer(tokenizer: Any, controls: list[str]) -> tuple[Any, di
     return clone, ids_of
 
 
-def _alternatives(strings: list[str]) -> re.Pattern[str]:
+@functools.lru_cache(maxsize=16)
+def _compiled(strings: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(re.escape(s) for s in strings))
+
+
+def _alternatives(strings: list[str]) -> re.Pattern[str]:
+    return _compiled(tuple(strings))

@@ -115,9 +115,9 @@ def prove_student(scorer: Any, name: str) -> Proof:
         The proof, for the manifest.
 
     Raises:
-        ProofError: The log-probs differ by more than the dtype's tolerances (the largest
-            difference, or the mean one), or a decoder layer's attention never ran in the packed
-            path.
+        ProofError: The packed path fails on the probe, the log-probs differ by more than the
+            dtype's tolerances (the largest difference, or the mean one), or a decoder layer's
+            attention never ran in the packed path.
     """
     model = scorer.model
     param = next(model.parameters())
@@ -134,6 +134,14 @@ def prove_student(scorer: Any, name: str) -> Proof:
     scorer.layers_attended.clear()
     try:
         fast = scorer.score(traces)
+    except StudentError:
+        raise
+    except Exception as exc:  # an architecture the packed path cannot even run
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise ProofError(
+            f"student {name!r} failed its self-check: the packed path cannot score it "
+            f"({detail}): choose another student"
+        ) from None
     finally:
         scorer.model_tokens, scorer.seconds = counters
     missing = sorted(attention_layers(model) - scorer.layers_attended)

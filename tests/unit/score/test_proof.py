@@ -84,3 +84,18 @@ def test_attention_sinks_are_refused_where_the_attention_receives_them(tiny_toke
         prove_student(scorer, "gpt-oss")
     with pytest.raises(StudentError, match="sinks"):
         vetting.check_structure(model)
+
+
+def test_a_student_the_packed_path_cannot_even_run_fails_in_one_line(tiny_tokenizer, monkeypatch):
+    """Llama-4 with its refusal lifted: its model returns no ``last_hidden_state``."""
+    monkeypatch.setattr(scorer_module, "check_scorable", lambda config, cap: None)
+    model = make_tiny_causal_lm(
+        "llama4_text",
+        len(tiny_tokenizer),
+        attention_chunk_size=8,
+        layer_types=["chunked_attention", "full_attention"],
+    )
+    scorer = StudentScorer(model, window=2, token_budget=128)
+    with pytest.raises(ProofError, match="the packed path cannot score it") as failed:
+        prove_student(scorer, "llama-4")
+    assert "\n" not in str(failed.value)

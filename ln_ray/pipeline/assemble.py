@@ -166,14 +166,38 @@ def _find_duplicates(keys: Any) -> pa.Table:
     Returns:
         source_file, row_number and reason of each duplicate row.
     """
-    valid = keys.map_batches(lambda t: t.filter(pc.is_valid(t["dup_key"])), batch_format="pyarrow")
-    ordered = valid.sort("dup_key").materialize()
-    partials = ordered.map_batches(_block_firsts, batch_format="pyarrow", batch_size=None)
-    firsts = _merge_firsts(collect(partials, _FIRSTS))
-    if firsts.num_rows == 0:
+    return _reject_across_blocks(
+        keys, "dup_key", "dup_key", _block_firsts, _FIRSTS, _merge_firsts, _later_copies
+    )
+
+
+def _reject_across_blocks(
+    rows: Any,
+    valid: str,
+    key: str,
+    summarize: Any,
+    summary_schema: pa.Schema,
+    merge: Any,
+    mark: Any,
+) -> pa.Table:
+    """The two passes of a check that groups rows by ``key``, with no Python per row or key.
+
+    Rows (those with ``valid`` set) are sorted by ``key``, so a key's rows share a block but at
+    blocks' edges; ``summarize`` reports, per block, what the driver needs of it (a few rows per
+    key that matters, and the edge keys); ``merge`` joins the blocks' reports into the keys
+    found; a second pass, ``mark(block, found=...)``, hands back the rows to reject.
+
+    Returns:
+        source_file, row_number, reason and kind of each rejected row.
+    """
+    kept = rows.map_batches(lambda t: t.filter(pc.is_valid(t[valid])), batch_format="pyarrow")
+    ordered = kept.sort(key).materialize()
+    partials = ordered.map_batches(summarize, batch_format="pyarrow", batch_size=None)
+    found = merge(collect(partials, summary_schema))
+    if found.num_rows == 0:
         return _DUPLICATES.empty_table()
     marks = ordered.map_batches(
-        _later_copies, fn_kwargs={"firsts": firsts}, batch_format="pyarrow", batch_size=None
+        mark, fn_kwargs={"found": found}, batch_format="pyarrow", batch_size=None
     )
     return collect(marks, _DUPLICATES)
 
@@ -220,11 +244,12 @@ def _merge_firsts(partials: pa.Table) -> pa.Table:
     return merged.to_arrow().select(_FIRSTS.names).cast(_FIRSTS)
 
 
-def _later_copies(block: pa.Table, firsts: pa.Table) -> pa.Table:
-    """The block's rows that repeat an earlier row of their key, with the reason."""
-    where = pc.index_in(block["dup_key"], value_set=firsts["dup_key"])
-    first_file = pc.take(firsts["first_file"], where)
-    first_row = pc.take(firsts["first_row"], where)
+def _later_copies(block: pa.Table, found: pa.Table) -> pa.Table:
+    """The block's rows that repeat an earlier row of their key (``found``: the keys held more
+    than once, with their first copy), with the reason."""
+    where = pc.index_in(block["dup_key"], value_set=found["dup_key"])
+    first_file = pc.take(found["first_file"], where)
+    first_row = pc.take(found["first_row"], where)
     is_first = pc.and_(
         pc.equal(block["source_file"], first_file), pc.equal(block["row_number"], first_row)
     )
@@ -258,21 +283,15 @@ def _find_conflicts(rows: Any) -> pa.Table:
     Returns:
         source_file, row_number, reason and kind of each rejected row.
     """
-    valid = rows.map_batches(
-        lambda t: t.filter(pc.is_valid(t["context_key"])), batch_format="pyarrow"
-    )
-    ordered = valid.sort("prompt_id").materialize()
-    partials = ordered.map_batches(_block_contexts, batch_format="pyarrow", batch_size=None)
-    conflicts = _merge_contexts(collect(partials, _CONTEXTS))
-    if conflicts.num_rows == 0:
-        return _DUPLICATES.empty_table()
-    marks = ordered.map_batches(
+    return _reject_across_blocks(
+        rows,
+        "context_key",
+        "prompt_id",
+        _block_contexts,
+        _CONTEXTS,
+        _merge_contexts,
         _conflicting_rows,
-        fn_kwargs={"conflicts": conflicts},
-        batch_format="pyarrow",
-        batch_size=None,
     )
-    return collect(marks, _DUPLICATES)
 
 
 _CONTEXTS = pa.schema(
@@ -333,14 +352,15 @@ def _merge_contexts(partials: pa.Table) -> pa.Table:
     )
 
 
-def _conflicting_rows(block: pa.Table, conflicts: pa.Table) -> pa.Table:
-    """The block's rows whose prompt_id names different prompts, with the reason."""
-    where = pc.index_in(block["prompt_id"], value_set=conflicts["prompt_id"])
+def _conflicting_rows(block: pa.Table, found: pa.Table) -> pa.Table:
+    """The block's rows whose prompt_id names different prompts (``found``: those prompt ids,
+    with the reason), with the reason."""
+    where = pc.index_in(block["prompt_id"], value_set=found["prompt_id"])
     table = pa.table(
         {
             "source_file": block["source_file"],
             "row_number": block["row_number"],
-            "reason": pc.take(conflicts["reason"], where),
+            "reason": pc.take(found["reason"], where),
             "kind": pa.array(["input"] * block.num_rows, pa.string()),
         }
     )

@@ -202,8 +202,7 @@ class ScoreStage:
         if len(rows) == 1:
             if is_out_of_memory(error):
                 return self._score_in_smaller_packs(rows[0])
-            reason = " ".join(f"scoring failed: {type(error).__name__}: {error}".split())
-            return {}, {rows[0]["trace_id"]: (reason, "scoring_error")}
+            return {}, {rows[0]["trace_id"]: _scoring_failed(error)}
         half = len(rows) // 2
         first, first_failed = self._score(rows[:half], 0)
         second, second_failed = self._score(rows[half:], 0)
@@ -225,8 +224,7 @@ class ScoreStage:
             except Exception as exc:
                 error = self._triage(exc)
                 if not is_out_of_memory(error):
-                    reason = f"scoring failed: {type(error).__name__}: {error}"
-                    return {}, {row["trace_id"]: (" ".join(reason.split()), "scoring_error")}
+                    return {}, {row["trace_id"]: _scoring_failed(error)}
                 log.warning("out of memory alone in packs of %d tokens", smaller)
             smaller //= 2
         reason = f"too long for this device at compute.token_budget={budget}"
@@ -286,6 +284,11 @@ class ScoreStage:
 
 MIN_PACK_TOKENS = 64  # the smallest packs a trace out of memory alone is tried with
 DEVICE_ERROR_EXIT = 75  # the exit status of an actor a device error poisoned
+
+
+def _scoring_failed(error: Exception) -> tuple[str, str]:
+    """The reject reason (on one line) and kind of a trace whose scoring kept failing."""
+    return " ".join(f"scoring failed: {type(error).__name__}: {error}".split()), "scoring_error"
 
 
 def _exit_actor(status: int) -> None:

@@ -65,19 +65,18 @@ def test_a_student_the_scorer_cannot_score_exactly_fails_before_any_work(
 def test_a_multi_head_latent_attention_student_is_refused_before_any_work(tmp_path):
     """DeepSeek-V3-style attention: value heads smaller than query heads (RoPE and no-RoPE
     parts), which the packed attention's output buffer cannot hold."""
-    from transformers import DeepseekV3Config
+    from bench.tiny import tiny_config
 
     folder = tmp_path / "mla"
-    DeepseekV3Config(
-        hidden_size=64,
-        num_attention_heads=4,
+    tiny_config(
+        "deepseek_v3",
+        128,
         num_hidden_layers=1,
         qk_nope_head_dim=16,
         qk_rope_head_dim=8,
         v_head_dim=16,
         kv_lora_rank=16,
         q_lora_rank=None,
-        vocab_size=128,
     ).save_pretrained(folder)
     with pytest.raises(StudentError, match="value heads of size 16 and query heads of size 24"):
         check_student(StudentConfig(model=str(folder), cache_dir=str(tmp_path / "cache")))

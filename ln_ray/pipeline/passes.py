@@ -158,9 +158,10 @@ def _count_rows(table: pa.Table) -> pa.Table:
     kind = pc.if_else(
         is_new(table), "new", pc.coalesce(table["reject_kind"], pa.scalar("ok", pa.string()))
     )
-    summed = pa.table({"kind": kind, "rows": pa.array([1] * table.num_rows, pa.int64())})
-    summed = summed.group_by("kind", use_threads=False).aggregate([("rows", "sum")])
-    return summed.rename_columns(["kind", "rows"]).select(_ROW_COUNTS.names).cast(_ROW_COUNTS)
+    counted = (
+        pa.table({"kind": kind}).group_by("kind", use_threads=False).aggregate([("kind", "count")])
+    )  # columns by name: their order differs between pyarrow releases
+    return pa.table({"kind": counted["kind"], "rows": counted["kind_count"]}, schema=_ROW_COUNTS)
 
 
 class ScoringHalted(RuntimeError):

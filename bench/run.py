@@ -285,7 +285,7 @@ def _time_job(corpus: Corpus, args) -> float:
     manifest = run_score(cfg)
     seconds = time.perf_counter() - started
     ray.shutdown()
-    assert manifest["counts"]["rows_scored"] == len(corpus.rows), manifest["counts"]
+    assert manifest.counts["rows_scored"] == len(corpus.rows), manifest.counts
     return seconds
 
 

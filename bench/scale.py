@@ -308,7 +308,7 @@ def _one_run(spec: dict[str, Any]) -> dict[str, Any]:
     spilled = _spilled_bytes()
     ray.shutdown()
     return {
-        "manifest": manifest,
+        "manifest": manifest.to_json(),
         "job_s": job_s,
         "peak_rss_mb": _peak_rss_mb(),
         "spilled_bytes": spilled,

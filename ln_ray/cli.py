@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from ln_ray.config import ConfigError, LnRayConfig, load_config, to_dict
+
+if TYPE_CHECKING:
+    from ln_ray.io.manifest import RunManifest
 
 USAGE_OVERRIDES = "key=value overrides, e.g. scoring.window=2 input.path=s3://bucket/traces/"
 
@@ -96,7 +100,7 @@ def config_yaml(cfg: LnRayConfig) -> str:
     end up in a log); text with line breaks is written in double quotes, escapes and all."""
     import yaml
 
-    from ln_ray.pipeline.outputs import redacted
+    from ln_ray.io.storage import redacted
 
     class Dumper(yaml.SafeDumper):
         pass
@@ -113,7 +117,7 @@ def config_yaml(cfg: LnRayConfig) -> str:
 def _select(output_path: str, overrides: list[str]) -> int:
     from ln_ray.pipeline.job import run_select
 
-    cfg = finished_run_config(_read_manifest(output_path)["config"], output_path, overrides)
+    cfg = finished_run_config(_read_manifest(output_path).config, output_path, overrides)
     manifest = run_select(cfg)
     print(_summary_of(manifest, output_path))
     return 0
@@ -132,13 +136,12 @@ def _summary(output_path: str) -> int:
     return 0
 
 
-def _summary_of(manifest: dict, output_path: str) -> str:
-    from ln_ray.pipeline.job import read_teacher_table
+def _summary_of(manifest: RunManifest, output_path: str) -> str:
+    from ln_ray.io.run_folder import OutputRoot, PublishedRun
     from ln_ray.pipeline.summary import format_summary
 
-    teachers = read_teacher_table(output_path, manifest=manifest)
-    pairs = read_teacher_table(output_path, "teacher_pairs", manifest)
-    return format_summary(manifest, teachers, pairs)
+    published = PublishedRun(OutputRoot(output_path), manifest)
+    return format_summary(manifest, published.table("teachers"), published.table("teacher_pairs"))
 
 
 def _report(output_path: str) -> int:
@@ -174,7 +177,7 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_manifest(output_path: str) -> dict:
+def _read_manifest(output_path: str) -> RunManifest:
     from ln_ray.pipeline.job import read_manifest
 
     return read_manifest(output_path)

@@ -15,8 +15,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
-from ln_ray.prepare.reasoning import REASONING_MODES
-from ln_ray.prepare.render import VIEWS
+from ln_ray.prepare.reasoning import REASONING_MODES, ReasoningFormat
+from ln_ray.prepare.render import VIEWS, RenderOptions
 from ln_ray.prepare.segment import SEGMENT_MODES
 
 # conf/ at the top of the checkout; ln_ray/conf links to it, and a wheel carries a copy.
@@ -323,3 +323,19 @@ def _explain(exc: OmegaConfBaseException) -> str:
     if "not in struct" in message or "Key '" in message and "not in" in message:
         return f"unknown config key {key!r}" if key else message
     return f"bad value for {key!r}: {message}" if key else message
+
+
+def render_options(student: StudentConfig, scoring: ScoringConfig) -> RenderOptions:
+    """The student's view of a trace, from the config."""
+    return RenderOptions(
+        view=scoring.render,
+        template_kwargs=dict(student.template_kwargs),
+        reasoning_markers=(student.reasoning_open, student.reasoning_close),
+    )
+
+
+def reasoning_format(student: StudentConfig, scoring: ScoringConfig) -> ReasoningFormat:
+    """How reasoning is presented to the student, from the config."""
+    return ReasoningFormat(
+        mode=scoring.reasoning, open=student.reasoning_open, close=student.reasoning_close
+    )

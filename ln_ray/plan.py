@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ln_ray.config import LnRayConfig
+from ln_ray.config import LnRayConfig, reasoning_format, render_options
 from ln_ray.io import storage
 from ln_ray.io.shards import count_source_rows, iter_jsonl, iter_parquet
-from ln_ray.pipeline.stages import reasoning_format, render_options
 from ln_ray.prepare.rows import RowRejected, prepare_row
 from ln_ray.score.windows import plan_windows
 

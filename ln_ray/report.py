@@ -19,14 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ln_ray.io import storage
-from ln_ray.pipeline.outputs import (
-    ROWS_DIR,
-    OutputError,
-    published_manifest,
-    read_published,
-    text_output,
-)
+from ln_ray.io.manifest import ROWS_DIR, RunManifest
+from ln_ray.io.run_folder import OutputError, OutputRoot, PublishedRun
 from ln_ray.pipeline.summary import printable, yes_no
 from ln_ray.schema import better_direction
 
@@ -40,23 +34,19 @@ def write_report(output_path: str) -> str:
     """Render the report of the run under ``output_path``; returns the page's URL."""
     run = load_run(output_path)
     page = render_report(run)
-    fs, root = storage.filesystem(output_path)
-    target = storage.join(root, REPORT_NAME)
-    with fs.open(target, "w", encoding="utf-8") as handle:
+    root = OutputRoot(output_path)
+    with root.open(REPORT_NAME, "w", encoding="utf-8") as handle:
         handle.write(page)
-    return storage.full_url(fs, target)
+    return root.url_of(REPORT_NAME)
 
 
 def load_run(output_path: str) -> dict[str, Any]:
     """The tables and manifest of the run published under ``output_path``."""
     try:
-        manifest = published_manifest(output_path)
+        published = PublishedRun.open(output_path)
     except OutputError as exc:
         raise FileNotFoundError(str(exc)) from None
-
-    def table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
-        return read_published(output_path, manifest, name, columns)
-
+    table, manifest = published.table, published.manifest
     return {
         "manifest": manifest,
         "scores": table("scores"),
@@ -65,7 +55,7 @@ def load_run(output_path: str) -> dict[str, Any]:
         "pairs": table("teacher_pairs"),
         "stability": table("teacher_stability"),
         "rows": table(ROWS_DIR, ["trace_id", "step_chars"]).merge(
-            table(text_output(manifest), ["trace_id", "messages"]).drop_duplicates("trace_id"),
+            table(manifest.text_output, ["trace_id", "messages"]).drop_duplicates("trace_id"),
             on="trace_id",
         ),
     }
@@ -88,13 +78,13 @@ def _render(run: dict[str, Any]) -> str:
     ].tolist() or sorted(scores["teacher"].unique())
     nothing = "<p>No trace was scored in this run: <code>rejects/</code> says why.</p>"
     sections = _sections(run, order) if len(scores) else [_section("Teachers", nothing)]
-    counts = manifest.get("counts", {})
+    counts = manifest.counts
     header = (
-        f"<p>Run <code>{_e(manifest.get('run_id', ''))}</code>, student "
-        f"<code>{_e(manifest['student']['identity'])}</code>, finished "
-        f"{_e(manifest.get('finished_at', ''))}. Rows read {counts.get('rows_read', 0)}, "
+        f"<p>Run <code>{_e(manifest.run_id)}</code>, student "
+        f"<code>{_e(manifest.student['identity'])}</code>, finished "
+        f"{_e(manifest.finished_at)}. Rows read {counts.get('rows_read', 0)}, "
         f"scored {counts.get('rows_scored', 0)}, rejected {counts.get('rows_rejected', 0)}; "
-        f"{manifest.get('selection', {}).get('prompts', 0)} prompts.</p>"
+        f"{manifest.selection.get('prompts', 0)} prompts.</p>"
     )
     return _PAGE.format(body=header + "".join(sections))
 
@@ -181,12 +171,12 @@ def _teacher_tables(teachers: pd.DataFrame) -> str:
     return "".join(parts)
 
 
-def _pair_matrices(pairs: pd.DataFrame, order: list[str], manifest: dict[str, Any]) -> str:
+def _pair_matrices(pairs: pd.DataFrame, order: list[str], manifest: RunManifest) -> str:
     """Per metric, a teachers x teachers matrix: the row teacher's mean difference from the
     column teacher and its win rate over their shared prompts; pairs told apart in bold."""
     if pairs.empty:
         return "<p>No paired comparisons in this run (fewer than two teachers).</p>"
-    confidence = manifest.get("selection", {}).get("confidence", 0.95)
+    confidence = manifest.selection.get("confidence", 0.95)
     parts = [
         f"<p>Each cell compares the row teacher with the column teacher on the prompts both "
         f"answered: the mean difference of their per-prompt values (row minus column, in the "
@@ -218,10 +208,10 @@ def _pair_matrices(pairs: pd.DataFrame, order: list[str], manifest: dict[str, An
     return "".join(parts)
 
 
-def _stability(curve: pd.DataFrame, manifest: dict[str, Any]) -> str:
+def _stability(curve: pd.DataFrame, manifest: RunManifest) -> str:
     if curve.empty:
         return "<p>No stability curve in this run.</p>"
-    statements = manifest.get("selection", {}).get("stability", {})
+    statements = manifest.selection.get("stability", {})
     items = "".join(
         f"<li>{_e(entry['statement'])}</li>"
         for entry in statements.values()

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from bench.tiny import make_tiny_causal_lm
 from ln_ray.config import ColumnsConfig
-from ln_ray.io.shards import _blocks, iter_jsonl
-from ln_ray.pipeline.outputs import published_manifest, read_published
+from ln_ray.io.run_folder import PublishedRun
+from ln_ray.io.shards import blocks, iter_jsonl
 from ln_ray.prepare.render import tokenize_trace
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: tests/ sits at its top
@@ -154,7 +154,7 @@ def tiny_job_config(input_path, output_path, student: str, *extra: str):
 
 def read_output(url: str, name: str) -> pd.DataFrame:
     """An output of the run published under ``url``, found through its manifest."""
-    return read_published(url, published_manifest(url), name)
+    return PublishedRun.open(url).table(name)
 
 
 def parquet_with_a_corrupt_row_group(rows: list[dict]) -> bytes:
@@ -207,7 +207,7 @@ GOOD_ROW = {
 def raw_table(lines: bytes, columns: ColumnsConfig | None = None) -> pa.Table:
     """JSONL ``lines`` as the reader's blocks (``RAW_SCHEMA``), concatenated."""
     rows = iter_jsonl(io.BytesIO(lines), columns or ColumnsConfig())
-    return pa.concat_tables(list(_blocks(rows, "mem://shard.jsonl")))
+    return pa.concat_tables(list(blocks(rows, "mem://shard.jsonl")))
 
 
 TRACE_METRICS = ["lalp", "galp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"]

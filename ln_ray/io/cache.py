@@ -6,14 +6,15 @@ that changes a score (the view and the reasoning presentation among them) and th
 what a score means (``score/version.py``); the trace_id already hashes the trace's content, as
 scored, and its steps.
 
-Scoring actors write one ``part-*.parquet`` file per batch, atomically (a hidden temporary file
-renamed into place, or a single object PUT), so a killed driver or actor never leaves a
-half-written file behind and everything scored before an interruption is reused by the next run.
-Once a run's scoring is done, the parts are folded into a fixed number of buckets (by a hash of
-trace_id, ``output.cache_buckets``), one row per trace, and removed: the cache holds at most the
-buckets plus the parts of runs in progress, however many refreshes there are. Until then a trace
-scored twice (a retried batch, a duplicate row) may be stored twice, with equal values; readers
-keep one.
+The cache is a ``ScoreCache``, a folder (``io/folder.py``) that pickles into the Ray tasks that
+read and write it. Scoring actors write one ``part-*.parquet`` file per batch, atomically (a
+hidden temporary file renamed into place, or a single object PUT), so a killed driver or actor
+never leaves a half-written file behind and everything scored before an interruption is reused
+by the next run. Once a run's scoring is done, the parts are folded (``ScoreCache.compact``)
+into a fixed number of buckets (by a hash of trace_id, ``output.cache_buckets``), one row per
+trace, and removed: the cache holds at most the buckets plus the parts of runs in progress,
+however many refreshes there are. Until then a trace scored twice (a retried batch, a duplicate
+row) may be stored twice, with equal values; readers keep one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import posixpath
+import time
 import uuid
 from typing import Any
 
@@ -30,9 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ln_ray.config import ScoringConfig
-from ln_ray.io import storage
+from ln_ray.io.folder import Folder
 from ln_ray.schema import CACHE_SCHEMA
 from ln_ray.score.version import SCORING_VERSION
+
+log = logging.getLogger(__name__)
 
 # Scoring settings that decide only which rows are scored, never a score.
 _NOT_IN_KEY = frozenset({"max_response_chars"})
@@ -55,33 +60,126 @@ def cache_key(student_identity: str, scoring: ScoringConfig) -> str:
     return digest[:20]
 
 
-def cache_files(url: str) -> list[str]:
-    """Completed cache files under ``url`` (paths inside the filesystem)."""
-    fs, root = storage.filesystem(url)
-    if not fs.exists(root):
-        return []
-    return sorted(
-        p
-        for p in fs.find(root)
-        if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
-    )
+class ScoreCache(Folder):
+    """One score cache folder (``<output.path>/_cache/<key>/``).
+
+    Args:
+        url: The folder.
+    """
+
+    def files(self) -> list[str]:
+        """Completed cache files (names relative to the cache)."""
+        return self.parquet_files()
+
+    def trace_ids(self) -> np.ndarray:
+        """Sorted unique trace_ids already in the cache (a compact array for fast membership)."""
+        files = self.files()
+        if not files:
+            return np.array([], dtype="S32")
+        table = pq.read_table(
+            [self.full(name) for name in files], columns=["trace_id"], filesystem=self.arrow_fs
+        )
+        return np.unique(np.asarray(table["trace_id"].to_pylist(), dtype="S32"))
+
+    def stored_rows(self) -> int:
+        """Rows in the cache's files, from their footers (once folded, one row per trace)."""
+        arrow_fs = self.arrow_fs
+        return sum(
+            pq.read_metadata(self.full(name), filesystem=arrow_fs).num_rows for name in self.files()
+        )
+
+    def write_part(self, table: pa.Table) -> str:
+        """Publish one batch of scores as a new cache file; returns its name."""
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        self.write_table(name, table.cast(CACHE_SCHEMA))
+        return name
+
+    def unfolded(self, buckets: int) -> list[str]:
+        """Cache files that are not buckets of ``buckets``: the parts written since the last
+        fold (by this run, or by runs killed before folding theirs) and buckets of another
+        count."""
+        current = {bucket_name(b, buckets) for b in range(buckets)}
+        return [name for name in self.files() if posixpath.basename(name) not in current]
+
+    def read_bucket(self, bucket: int, buckets: int) -> pa.Table:
+        """One bucket's rows (none when it has no file yet)."""
+        name = bucket_name(bucket, buckets)
+        if not self.exists(name):
+            return CACHE_SCHEMA.empty_table()
+        return self.read_table(name, schema=CACHE_SCHEMA)
+
+    def fold_bucket(self, bucket: int, buckets: int, new: pa.Table) -> tuple[int, int]:
+        """Merge ``new`` cache rows into one bucket's file, one row per trace; returns the rows
+        in the bucket and how many of them are new to it.
+
+        The bucket's file is replaced in one step (a rename, or a single object PUT), so a reader
+        sees the old bucket or the new one. Rows already in the bucket win over new copies (a
+        trace's scores are the same either way).
+        """
+        import polars as pl
+
+        old = self.read_bucket(bucket, buckets)
+        before = old.num_rows
+        new = pa.concat_tables([old, new.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)])
+        merged = pl.from_arrow(new).unique(subset="trace_id", keep="first", maintain_order=True)
+        table = merged.to_arrow().cast(CACHE_SCHEMA)
+        self.write_table(bucket_name(bucket, buckets), table)
+        return table.num_rows, table.num_rows - before
+
+    def dataset(self, files: list[str] | None = None) -> Any:
+        """The cache's files (default: all of them) as a Ray dataset."""
+        import ray
+
+        names = self.files() if files is None else files
+        return ray.data.read_parquet(
+            [self.full(name) for name in names], filesystem=self.arrow_fs, schema=CACHE_SCHEMA
+        )
+
+    def compact(self, buckets: int, partitions: int) -> dict[str, Any]:
+        """Fold every unfolded file into the buckets (Ray tasks, one a bucket), then remove it.
+
+        The parts are read, grouped by bucket, and each group is merged into its bucket's file
+        (``fold_bucket``); the folded parts are removed only once every bucket is written, so a
+        run killed while folding loses nothing (its parts are folded again next time, and rows
+        already in a bucket are kept once).
+
+        Args:
+            buckets: The bucket count (``output.cache_buckets``).
+            partitions: Shuffle partitions for the grouping by bucket.
+
+        Returns:
+            What was done: files folded, buckets written, rows in them, traces new to the
+            buckets (scored by this run, or by a run killed before it folded), seconds.
+        """
+        started = time.time()
+        files = self.unfolded(buckets)
+        if not files:
+            return {"files_folded": 0, "buckets_written": 0, "traces_added": 0, "seconds": 0.0}
+        written = (
+            self.dataset(files)
+            .map_batches(with_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
+            .groupby("bucket", num_partitions=partitions)
+            .map_groups(
+                _fold, fn_kwargs={"cache": self, "buckets": buckets}, batch_format="pyarrow"
+            )
+            .take_all()
+        )
+        for name in files:
+            self.rm(name)
+        log.info("score cache: folded %d files into %d buckets", len(files), len(written))
+        return {
+            "files_folded": len(files),
+            "buckets_written": len(written),
+            "rows_in_written_buckets": sum(row["rows"] for row in written),
+            "traces_added": sum(row["added"] for row in written),
+            "seconds": round(time.time() - started, 3),
+        }
 
 
-def cached_trace_ids(url: str) -> np.ndarray:
-    """Sorted unique trace_ids already in the cache (a compact array for fast membership)."""
-    fs, _ = storage.filesystem(url)
-    files = cache_files(url)
-    if not files:
-        return np.array([], dtype="S32")
-    table = pq.read_table(files, columns=["trace_id"], filesystem=storage.arrow_filesystem(fs))
-    return np.unique(np.asarray(table["trace_id"].to_pylist(), dtype="S32"))
-
-
-def stored_rows(url: str) -> int:
-    """Rows in the cache's files, from their footers (once folded, one row per trace)."""
-    fs, _ = storage.filesystem(url)
-    arrow_fs = storage.arrow_filesystem(fs)
-    return sum(pq.read_metadata(path, filesystem=arrow_fs).num_rows for path in cache_files(url))
+def _fold(group: pa.Table, cache: ScoreCache, buckets: int) -> pa.Table:
+    bucket = group["bucket"][0].as_py()
+    rows, added = cache.fold_bucket(bucket, buckets, group.drop_columns(["bucket"]))
+    return pa.table({"bucket": [bucket], "rows": [rows], "added": [added]})
 
 
 def contains(sorted_ids: np.ndarray, trace_ids: list[str]) -> np.ndarray:
@@ -93,26 +191,10 @@ def contains(sorted_ids: np.ndarray, trace_ids: list[str]) -> np.ndarray:
     return sorted_ids[where] == probe
 
 
-def write_part(url: str, table: pa.Table) -> str:
-    """Publish one batch of scores as a new cache file; returns its path."""
-    fs, root = storage.filesystem(url)
-    fs.makedirs(root, exist_ok=True)
-    final = storage.join(root, f"part-{uuid.uuid4().hex}.parquet")
-    _write_atomically(fs, final, table.cast(CACHE_SCHEMA))
-    return final
-
-
 def bucket_name(bucket: int, buckets: int) -> str:
     """The file of one bucket; the bucket count is in the name, so files of another count are
     told apart (and folded like parts)."""
     return f"bucket-{buckets}-{bucket:05d}.parquet"
-
-
-def unfolded_files(url: str, buckets: int) -> list[str]:
-    """Cache files that are not buckets of ``buckets``: the parts written since the last fold
-    (by this run, or by runs killed before folding theirs) and buckets of another count."""
-    current = {bucket_name(b, buckets) for b in range(buckets)}
-    return [p for p in cache_files(url) if posixpath.basename(p) not in current]
 
 
 def bucket_of(trace_ids: pa.Array, buckets: int) -> pa.Array:
@@ -123,40 +205,3 @@ def bucket_of(trace_ids: pa.Array, buckets: int) -> pa.Array:
 def with_bucket(table: pa.Table, buckets: int) -> pa.Table:
     """``table`` (with trace_id) and each row's bucket."""
     return table.append_column("bucket", bucket_of(table["trace_id"], buckets))
-
-
-def read_bucket(url: str, bucket: int, buckets: int) -> pa.Table:
-    """One bucket's rows (none when it has no file yet)."""
-    fs, root = storage.filesystem(url)
-    path = storage.join(root, bucket_name(bucket, buckets))
-    if not fs.exists(path):
-        return CACHE_SCHEMA.empty_table()
-    return pq.read_table(path, filesystem=storage.arrow_filesystem(fs), schema=CACHE_SCHEMA)
-
-
-def fold_bucket(url: str, bucket: int, buckets: int, new: pa.Table) -> tuple[int, int]:
-    """Merge ``new`` cache rows into one bucket's file, one row per trace; returns the rows in
-    the bucket and how many of them are new to it.
-
-    The bucket's file is replaced in one step (a rename, or a single object PUT), so a reader
-    sees the old bucket or the new one. Rows already in the bucket win over new copies (a trace's
-    scores are the same either way).
-    """
-    import polars as pl
-
-    fs, root = storage.filesystem(url)
-    path = storage.join(root, bucket_name(bucket, buckets))
-    old = read_bucket(url, bucket, buckets)
-    before = old.num_rows
-    new = pa.concat_tables([old, new.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)])
-    merged = pl.from_arrow(new).unique(subset="trace_id", keep="first", maintain_order=True)
-    table = merged.to_arrow().cast(CACHE_SCHEMA)
-    _write_atomically(fs, path, table)
-    return table.num_rows, table.num_rows - before
-
-
-def _write_atomically(fs: Any, final: str, table: pa.Table) -> None:
-    arrow_fs = storage.arrow_filesystem(fs)
-    storage.write_atomically(
-        fs, final, lambda target: pq.write_table(table, target, filesystem=arrow_fs)
-    )

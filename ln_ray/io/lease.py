@@ -15,26 +15,22 @@ when it started) and carries a heartbeat that a thread renews every ``timeout / 
   broken or replaced has lost it and must not publish (``check``).
 
 Filesystems other than local and S3 get the same protocol without the atomic writes (a warning
-says so).
+says so). How each filesystem takes and replaces the object is in ``io/lease_store.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import posixpath
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from ln_ray.io import storage
+from ln_ray.io.lease_store import LeaseRecord, Taken, encode, store_for
 
 log = logging.getLogger(__name__)
 
@@ -43,32 +39,6 @@ LEASE_FILE = "_lease.json"
 
 class LeaseHeld(RuntimeError):
     """Another live run holds the output's lease (or this run lost it)."""
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """What the lease object holds."""
-
-    run_id: str
-    owner: str  # host:pid of the driver
-    command: str
-    started: float  # seconds since the epoch, by the holder's clock
-    heartbeat: float
-    timeout_s: float
-
-    def stale(self, now: float) -> bool:
-        """Whether its holder has missed its heartbeat for longer than its timeout."""
-        return now - self.heartbeat > self.timeout_s
-
-    def describe(self, now: float) -> str:
-        return (
-            f"run {self.run_id} ({self.command}, {self.owner}, started {_iso(self.started)}, "
-            f"last heartbeat {now - self.heartbeat:.0f}s ago)"
-        )
-
-
-class _Taken(Exception):
-    """A conditional write lost its race."""
 
 
 class Lease:
@@ -91,7 +61,7 @@ class Lease:
         clock: Callable[[], float] = time.time,
     ) -> None:
         fs, root = storage.filesystem(output_url)
-        self._store = _store_for(fs, storage.join(root.rstrip("/"), LEASE_FILE))
+        self._store = store_for(fs, storage.join(root.rstrip("/"), LEASE_FILE))
         self.run_id = run_id
         self.command = command
         self.timeout_s = timeout_s
@@ -120,10 +90,10 @@ class Lease:
         )
         for _ in range(3):  # each round either takes it or finds a live holder
             try:
-                self._token = self._store.create(_encode(record))
+                self._token = self._store.create(encode(record))
                 self._record = record
                 return
-            except _Taken:
+            except Taken:
                 pass
             current = self._store.read()
             if current is None:
@@ -136,8 +106,8 @@ class Lease:
                     f"{max(0.0, held.heartbeat + held.timeout_s - now):.0f}s from now"
                 )
             try:
-                self._token = self._store.replace(_encode(record), token)
-            except _Taken:
+                self._token = self._store.replace(encode(record), token)
+            except Taken:
                 continue  # another run broke it first, or its holder renewed it
             self._record, self.broken = record, held
             log.warning(
@@ -155,9 +125,9 @@ class Lease:
             return
         record = LeaseRecord(**{**asdict(self._record), "heartbeat": self.clock()})
         try:
-            self._token = self._store.replace(_encode(record), self._token)
+            self._token = self._store.replace(encode(record), self._token)
             self._record = record
-        except _Taken:
+        except Taken:
             current = self._store.read()
             holder = current[0].describe(self.clock()) if current else "nobody"
             self._lost = f"this run lost the lease of output.path (now held by {holder})"
@@ -215,173 +185,5 @@ class Lease:
 def read_lease(output_url: str) -> LeaseRecord | None:
     """The lease at ``output_url`` (live or stale), if any."""
     fs, root = storage.filesystem(output_url)
-    current = _store_for(fs, storage.join(root.rstrip("/"), LEASE_FILE)).read()
+    current = store_for(fs, storage.join(root.rstrip("/"), LEASE_FILE)).read()
     return current[0] if current else None
-
-
-def _encode(record: LeaseRecord) -> bytes:
-    return json.dumps(asdict(record), sort_keys=True).encode()
-
-
-def _decode(data: bytes) -> LeaseRecord:
-    return LeaseRecord(**json.loads(data))
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
-
-
-def _store_for(fs: Any, path: str) -> Any:
-    kind = storage.protocol(fs)
-    if kind == "file":
-        return _LocalStore(path)
-    if kind in ("s3", "s3a"):
-        return _S3Store(fs, path)
-    log.warning(
-        "the lease on %s:// is taken without an atomic write: two runs started in the same "
-        "instant could both take it",
-        kind,
-    )
-    return _PlainStore(fs, path)
-
-
-class _LocalStore:
-    """The lease file on a local (or shared POSIX) disk: every change made under an exclusive
-    ``flock`` of a lock file beside it (released by the system if its holder dies), the lease
-    itself replaced in one rename."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.lock = path.removesuffix(".json") + ".lock"
-
-    def read(self) -> tuple[LeaseRecord, bytes] | None:
-        try:
-            with open(self.path, "rb") as handle:
-                data = handle.read()
-        except FileNotFoundError:
-            return None
-        return _decode(data), data
-
-    def create(self, data: bytes) -> bytes:
-        with self._locked():
-            if os.path.exists(self.path):
-                raise _Taken
-            self._write(data)
-        return data
-
-    def replace(self, data: bytes, expected: bytes) -> bytes:
-        with self._locked():
-            current = self.read()
-            if current is None or current[1] != expected:
-                raise _Taken
-            self._write(data)
-        return data
-
-    def delete(self, expected: bytes) -> None:
-        with self._locked():
-            current = self.read()
-            if current is not None and current[1] == expected:
-                os.unlink(self.path)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        import fcntl
-
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        handle = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(handle)  # releases the lock
-
-    def _write(self, data: bytes) -> None:
-        folder, name = posixpath.split(self.path)
-        staging = os.path.join(folder, f".{name}.{uuid.uuid4().hex}")
-        with open(staging, "wb") as handle:
-            handle.write(data)
-        os.replace(staging, self.path)
-
-
-class _S3Store:
-    """The lease object on S3: conditional PUTs on its ETag."""
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs = fs
-        self.path = path
-        self.bucket, self.key, _ = fs.split_path(path)
-
-    def read(self) -> tuple[LeaseRecord, str] | None:
-        for _ in range(3):  # the object may be replaced between its head and its body
-            self.fs.invalidate_cache(self.path)
-            try:
-                with self.fs.open(self.path, "rb") as handle:  # reads only the head's version
-                    return _decode(handle.read()), handle.details["ETag"]
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                if not _precondition_failed(exc):
-                    raise
-        raise OSError(f"the lease at {self.path} keeps changing")
-
-    def create(self, data: bytes) -> str:
-        return self._put(data, IfNoneMatch="*")
-
-    def replace(self, data: bytes, expected: str) -> str:
-        return self._put(data, IfMatch=expected)
-
-    def delete(self, expected: str) -> None:
-        current = self.read()
-        if current is not None and current[1] == expected:
-            self.fs.rm_file(self.path)
-
-    def _put(self, data: bytes, **condition: str) -> str:
-        try:
-            response = self.fs.call_s3(
-                "put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition
-            )
-        except Exception as exc:
-            if _precondition_failed(exc):
-                raise _Taken from None
-            raise
-        finally:
-            self.fs.invalidate_cache(self.path)
-        return response["ETag"]
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc} {getattr(exc, '__cause__', '')}"
-    return "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text
-
-
-class _PlainStore:
-    """Any other fsspec filesystem: the same protocol, each step a plain read or write."""
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs = fs
-        self.path = path
-
-    def read(self) -> tuple[LeaseRecord, bytes] | None:
-        try:
-            data = self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None
-        return _decode(data), data
-
-    def create(self, data: bytes) -> bytes:
-        if self.fs.exists(self.path):
-            raise _Taken
-        self.fs.pipe_file(self.path, data)
-        return data
-
-    def replace(self, data: bytes, expected: bytes) -> bytes:
-        current = self.read()
-        if current is None or current[1] != expected:
-            raise _Taken
-        self.fs.pipe_file(self.path, data)
-        return data
-
-    def delete(self, expected: bytes) -> None:
-        current = self.read()
-        if current is not None and current[1] == expected:
-            self.fs.rm_file(self.path)

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.datasource import FileBasedDatasource
 
 from ln_ray.config import ColumnsConfig
 from ln_ray.io import jsontext
@@ -26,43 +25,6 @@ from ln_ray.schema import RAW_SCHEMA
 
 BLOCK_ROWS = 256
 _READ_CHUNK = 1 << 20
-
-
-class TraceShardDatasource(FileBasedDatasource):
-    """A Ray Data datasource over trace shards (each file is read by one task, streaming).
-
-    Args:
-        paths: Files to read (inside ``filesystem``).
-        formats: ``parquet`` or ``jsonl`` per path.
-        urls: The URL recorded as ``source_file`` per path (with its protocol).
-        columns: Names of the input columns.
-        **kwargs: Passed to FileBasedDatasource (``filesystem``).
-    """
-
-    def __init__(
-        self,
-        paths: list[str],
-        formats: dict[str, str],
-        urls: dict[str, str],
-        columns: ColumnsConfig,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(paths, **kwargs)
-        self._formats = {_bare(p): fmt for p, fmt in formats.items()}
-        self._urls = {_bare(p): url for p, url in urls.items()}
-        self._columns = columns
-
-    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
-        # Parquet needs random access (the footer comes first); JSONL streams.
-        if self._formats.get(_bare(path)) == "parquet":
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
-
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        fmt = self._formats.get(_bare(path), "jsonl")
-        source = self._urls.get(_bare(path), path)
-        rows = iter_parquet(f, self._columns) if fmt == "parquet" else iter_jsonl(f, self._columns)
-        yield from _blocks(rows, source)
 
 
 def iter_jsonl(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
@@ -252,7 +214,9 @@ def _is_utf8(value: Any) -> bool:
     return True
 
 
-def _blocks(rows: Iterator[dict[str, Any]], source: str) -> Iterator[pa.Table]:
+def blocks(rows: Iterator[dict[str, Any]], source: str) -> Iterator[pa.Table]:
+    """Raw rows as Arrow blocks of ``BLOCK_ROWS``, each row's ``source_file`` set to
+    ``source``."""
     batch: list[dict[str, Any]] = []
     for row in rows:
         row["source_file"] = source
@@ -345,5 +309,6 @@ def _split_lines(f: Any) -> Iterator[bytes]:
         yield rest.rstrip(b"\r")
 
 
-def _bare(path: str) -> str:
+def bare(path: str) -> str:
+    """A path or URL without its protocol and leading slashes (how paths are matched)."""
     return path.split("://", 1)[-1].lstrip("/")

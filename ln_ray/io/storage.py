@@ -6,7 +6,6 @@ never from config files. Ray Data gets the same fsspec filesystem wrapped as a p
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -52,10 +51,45 @@ class InputFiles(NamedTuple):
     skipped: list[str]  # files whose suffix names no input format (input.format auto)
 
 
+class Inputs(NamedTuple):
+    """A run's input files, on one filesystem."""
+
+    fs: fsspec.AbstractFileSystem
+    files: list[tuple[str, str]]  # (path inside ``fs``, format), sorted
+    skipped: list[str]
+
+    @classmethod
+    def list(cls, url: str, input_format: str = "auto") -> Inputs:
+        """The files ``url`` expands to (``list_input_files``)."""
+        fs, _ = filesystem(url)
+        files, skipped = list_input_files(url, input_format)
+        return cls(fs, files, skipped)
+
+    def url(self, path: str) -> str:
+        """A file's URL, to open it (it may carry credentials)."""
+        return full_url(self.fs, path)
+
+    def shown(self, path: str) -> str:
+        """A file's URL as it is recorded and shown (``source_file``): credentials masked."""
+        return redact_url(full_url(self.fs, path))
+
+
 def redact_url(text: str) -> str:
     """``text`` with the credentials of every URL in it masked: userinfo (``s3://***@bucket``)
     and query-string secrets (``?X-Amz-Signature=***``, ``&sig=***``)."""
     return re.sub(SECRET_PARAMETER, MASKED_PARAMETER, re.sub(USERINFO, MASKED, text))
+
+
+def redacted(tree: Any) -> Any:
+    """A copy of ``tree`` (nested dicts and lists, as a config or a manifest) with every URL's
+    credentials masked."""
+    if isinstance(tree, dict):
+        return {k: redacted(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redacted(v) for v in tree]
+    if isinstance(tree, str):
+        return redact_url(tree)
+    return tree
 
 
 def redact_urls_arrow(texts: Any) -> Any:
@@ -164,19 +198,6 @@ def check_output_apart(input_url: str, output_url: str) -> None:
         )
 
 
-def write_json(url: str, payload: dict[str, Any]) -> None:
-    """Write a JSON document to any fsspec URL, atomically (``write_atomically``)."""
-    fs, path = filesystem(url)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
-
-    def write(target: str) -> None:
-        with fs.open(target, "w") as handle:
-            handle.write(text)
-
-    write_atomically(fs, path, write)
-
-
 def write_atomically(fs: Any, path: str, write: Callable[[str], None]) -> None:
     """Have ``write(target)`` produce ``path``; readers see the old file or the whole new one.
 
@@ -195,12 +216,6 @@ def write_atomically(fs: Any, path: str, write: Callable[[str], None]) -> None:
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
-
-
-def read_json(url: str) -> dict[str, Any]:
-    fs, path = filesystem(url)
-    with fs.open(path, "r") as handle:
-        return json.load(handle)
 
 
 def _is_glob(path: str) -> bool:

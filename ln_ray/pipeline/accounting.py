@@ -16,8 +16,9 @@ import pyarrow.compute as pc
 
 from ln_ray.io import cache
 from ln_ray.io.shards import count_source_rows
+from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.assemble import is_unscored
-from ln_ray.pipeline.reduce import cluster_cpus
+from ln_ray.pipeline.ray_ops import cluster_cpus
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
@@ -47,20 +48,21 @@ class RowCounts:
     kinds: dict[str, int]
 
 
-def start_counting(sources: list[tuple[str, str]]) -> list[Any]:
+def start_counting(inputs: Inputs) -> list[Any]:
     """Count the rows of every input file in the background, apart from the pipeline.
 
     A few tasks each count a contiguous slice of the files (about one task per two CPUs of the
     cluster): one task per file would start a worker process for every concurrent count.
 
     Args:
-        sources: ``(url, format)`` of each input file, in order.
+        inputs: The input files.
 
     Returns:
         Object refs; ``counted`` turns them into one ``count_source_rows`` result per file.
     """
     import ray
 
+    sources = [(inputs.url(path), fmt) for path, fmt in inputs.files]
     tasks = max(1, min(len(sources), cluster_cpus() // 2))
     per_task = -(-len(sources) // tasks) if sources else 1
     count = ray.remote(num_cpus=0.1)(_count_files)
@@ -153,10 +155,7 @@ def reason_kind(reason: str | None) -> str | None:
 
 
 def check_inputs(
-    files: list[tuple[str, str]],
-    urls: dict[str, str],
-    per_file: dict[str, dict[str, int]],
-    expected: list[dict[str, Any]],
+    inputs: Inputs, per_file: dict[str, dict[str, int]], expected: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Per input file: rows read == rows scored + rows rejected, and nothing went missing.
 
@@ -164,28 +163,29 @@ def check_inputs(
     (a corrupt Parquet footer, one reject row): a file whose rows were read while the count
     failed on it has no proof that none went missing.
     """
-    inputs, lost = [], []
-    for (path, fmt), source in zip(files, expected):
-        counts = per_file.get(urls[path], dict.fromkeys(PER_FILE, 0))
-        entry = {"path": urls[path], "format": fmt, **source}
+    entries, lost = [], []
+    for (path, fmt), source in zip(inputs.files, expected):
+        shown = inputs.shown(path)
+        counts = per_file.get(shown, dict.fromkeys(PER_FILE, 0))
+        entry = {"path": shown, "format": fmt, **source}
         entry.update(counts)
         entry["rows_read"] = counts["rows_scored"] + counts["rows_rejected"]
         readable = entry["rows_read"] - counts["shard_errors"]
         if source.get("rows_in_file") is None:
             if not counts["shard_errors"]:
                 lost.append(
-                    f"{urls[path]}: the independent row count could not read the file "
+                    f"{shown}: the independent row count could not read the file "
                     f"({source.get('unreadable')}), yet {readable} rows were read from it"
                 )
         elif readable != source["rows_in_file"]:
-            lost.append(f"{urls[path]}: {source['rows_in_file']} rows in the file, {readable} read")
-        inputs.append(entry)
+            lost.append(f"{shown}: {source['rows_in_file']} rows in the file, {readable} read")
+        entries.append(entry)
     if lost:
         raise AccountingError(
             "rows went missing between reading and writing, or cannot be shown not to "
             "have:\n  " + "\n  ".join(lost)
         )
-    return inputs
+    return entries
 
 
 def check_reject_budget(rows_read: int, kinds: dict[str, int], max_fraction: float) -> None:

@@ -25,10 +25,19 @@ import pyarrow.parquet as pq
 
 from ln_ray.config import LnRayConfig
 from ln_ray.io import storage
-from ln_ray.io.shards import TraceShardDatasource
-from ln_ray.pipeline.outputs import VALID_DIR, RunPaths, ensure_table, write_dataset
+from ln_ray.io.cache import ScoreCache
+from ln_ray.io.datasource import TraceShardDatasource
+from ln_ray.io.manifest import VALID_DIR
+from ln_ray.io.run_folder import RunFolder
+from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
-from ln_ray.pipeline.reduce import cluster_cpus, collect, reduce_partitions
+from ln_ray.pipeline.ray_ops import (
+    cluster_cpus,
+    collect,
+    reduce_partitions,
+    task_retries,
+    write_dataset,
+)
 from ln_ray.pipeline.score_stage import ScoreStage
 from ln_ray.pipeline.stages import TOKENIZE_INPUT, is_new, tokenize_batch, validate_batch
 from ln_ray.schema import (
@@ -51,21 +60,15 @@ class Validated:
 
 
 def validate_rows(
-    cfg: LnRayConfig,
-    files: list[tuple[str, str]],
-    urls: dict[str, str],
-    in_fs: Any,
-    paths: RunPaths,
-    cached: np.ndarray,
+    cfg: LnRayConfig, inputs: Inputs, run: RunFolder, cached: np.ndarray
 ) -> Validated:
-    """Read every shard, validate each row and mark the ones whose trace is cached.
+    """Read every shard, validate each row and mark the ones whose trace is cached; write them
+    to the run's ``_valid/``.
 
     Args:
         cfg: The run's config.
-        files: ``(path, format)`` of each input file.
-        urls: The URL recorded as each file's ``source_file``.
-        in_fs: The input filesystem.
-        paths: The run's paths.
+        inputs: The input files.
+        run: The run's folder.
         cached: Sorted trace ids in the score cache.
 
     Returns:
@@ -73,18 +76,19 @@ def validate_rows(
     """
     import ray
 
+    files = inputs.files
     datasource = TraceShardDatasource(
         [path for path, _ in files],
         dict(files),
-        urls,
+        {path: inputs.shown(path) for path, _ in files},
         cfg.input.columns,
-        filesystem=storage.arrow_filesystem(in_fs),
+        filesystem=storage.arrow_filesystem(inputs.fs),
     )
     # Ray Data runs reading, validating and writing as one task only when no file is split
     # across read tasks; a read task left waiting on its consumer while holding a CPU could
     # leave none for the write (a 2-CPU machine hangs). Small shards are grouped, a few to a
     # task, and each task writes its rows as one file.
-    task = {"num_cpus": cfg.compute.prepare_cpus, **_task_retries(cfg)}
+    task = {"num_cpus": cfg.compute.prepare_cpus, **task_retries(cfg.compute)}
     validated = ray.data.read_datasource(
         datasource,
         override_num_blocks=read_tasks(len(files), datasource.estimate_inmemory_data_size()),
@@ -101,11 +105,11 @@ def validate_rows(
         batch_size=None,  # whole read blocks (of BLOCK_ROWS): a batch size would stop the fusion
         **task,
     )
-    write_dataset(validated, paths.staged(VALID_DIR), paths.arrow_fs, task_args=task)
-    ensure_table(paths.fs, paths.staged(VALID_DIR), VALIDATED_SCHEMA)
+    write_dataset(validated, run, VALID_DIR, task_args=task)
+    run.ensure_table(VALID_DIR, VALIDATED_SCHEMA)
     counts = collect(
         read_valid(
-            paths, columns=["reject_reason", "reject_kind", "cached"], blocks=reduce_partitions()
+            run, columns=["reject_reason", "reject_kind", "cached"], blocks=reduce_partitions()
         ).map_batches(_count_rows, batch_format="pyarrow"),
         _ROW_COUNTS,
     ).to_pandas()
@@ -118,17 +122,14 @@ def validate_rows(
     )
 
 
-def write_validation_rejects(paths: RunPaths) -> None:
+def write_validation_rejects(run: RunFolder) -> None:
     """The rows validation rejected, as the run's ``rejects/`` (for a run that fails before
     scoring)."""
-    rejected = read_valid(paths, columns=ROW_META_SCHEMA.names, blocks=reduce_partitions())
+    rejected = read_valid(run, columns=ROW_META_SCHEMA.names, blocks=reduce_partitions())
     write_dataset(
-        rejected.map_batches(rejects_of, batch_format="pyarrow"),
-        paths.staged("rejects"),
-        paths.arrow_fs,
-        task_args={},
+        rejected.map_batches(rejects_of, batch_format="pyarrow"), run, "rejects", task_args={}
     )
-    ensure_table(paths.fs, paths.staged("rejects"), REJECTS_SCHEMA)
+    run.ensure_table("rejects", REJECTS_SCHEMA)
 
 
 def read_tasks(files: int, input_bytes: int | None) -> int:
@@ -185,7 +186,7 @@ class ScoringPass:
 
 
 def score_new_rows(
-    cfg: LnRayConfig, paths: RunPaths, cache_url: str, new_rows: int, identity: str
+    cfg: LnRayConfig, run: RunFolder, cache: ScoreCache, new_rows: int, identity: str
 ) -> ScoringPass:
     """Tokenize and score the rows ``validate_rows`` found new, into the score cache.
 
@@ -210,9 +211,7 @@ def score_new_rows(
     )
     reporter.start()
     try:
-        rejects = _tokenize_and_score(
-            cfg, paths, cache_url, actors, identity, ProgressReport(counter)
-        )
+        rejects = _tokenize_and_score(cfg, run, cache, actors, identity, ProgressReport(counter))
     except Exception:
         halted = ray.get(counter.halt_reason.remote())
         if halted is not None:
@@ -231,8 +230,8 @@ def score_new_rows(
 
 def _tokenize_and_score(
     cfg: LnRayConfig,
-    paths: RunPaths,
-    cache_url: str,
+    run: RunFolder,
+    cache: ScoreCache,
     actors: int,
     identity: str,
     progress: ProgressReport,
@@ -244,14 +243,15 @@ def _tokenize_and_score(
     # actors. Ray Data's Parquet reader would split large files into read tasks of their own,
     # and a read task waiting on a busy pool while holding a CPU could leave none for the tasks
     # that would let it go on (a 2-CPU machine hangs).
-    task = {"num_cpus": compute.prepare_cpus, **_task_retries(cfg)}
-    files = sorted(paths.fs.glob(storage.join(paths.staged(VALID_DIR), "*.parquet")))
+    task = {"num_cpus": compute.prepare_cpus, **task_retries(compute)}
+    files = run.parquet_files(VALID_DIR)
     rejects = (
         ray.data.from_items(
-            [{"url": storage.full_url(paths.fs, path)} for path in files],
-            override_num_blocks=max(1, len(files)),
+            [{"name": name} for name in files], override_num_blocks=max(1, len(files))
         )
-        .map_batches(_new_rows, batch_format="pyarrow", batch_size=1, **task)
+        .map_batches(
+            _new_rows, fn_kwargs={"run": run}, batch_format="pyarrow", batch_size=1, **task
+        )
         .map_batches(
             tokenize_batch,
             fn_kwargs={"student": cfg.student, "segment": cfg.segment, "scoring": cfg.scoring},
@@ -265,7 +265,7 @@ def _tokenize_and_score(
                 "student": cfg.student,
                 "scoring": cfg.scoring,
                 "compute": compute,
-                "cache_url": cache_url,
+                "cache": cache,
                 "identity": identity,
                 "progress": progress,
             },
@@ -284,11 +284,10 @@ def _tokenize_and_score(
     return collect(rejects, LATE_REJECTS_SCHEMA)
 
 
-def _new_rows(files: pa.Table) -> Iterator[pa.Table]:
+def _new_rows(files: pa.Table, run: RunFolder) -> Iterator[pa.Table]:
     """The rows of the named ``_valid/`` files that need tokenizing and scoring, streamed."""
-    for url in files["url"].to_pylist():
-        fs, path = storage.filesystem(url)
-        with fs.open(path, "rb") as handle:
+    for name in files["name"].to_pylist():
+        with run.open(name, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             for batch in parquet.iter_batches(batch_size=256, columns=TOKENIZE_INPUT.names):
                 table = pa.Table.from_batches([batch]).cast(TOKENIZE_INPUT)
@@ -298,7 +297,7 @@ def _new_rows(files: pa.Table) -> Iterator[pa.Table]:
 
 
 def read_valid(
-    paths: RunPaths, columns: list[str] | None = None, blocks: int | None = None, **read_args: Any
+    run: RunFolder, columns: list[str] | None = None, blocks: int | None = None, **read_args: Any
 ) -> Any:
     """The run's validated rows (``_valid/``) as a dataset: ``columns`` only (default: all), in
     about ``blocks`` blocks (default: Ray Data's choice); ``read_args`` go to ``read_parquet``."""
@@ -310,15 +309,10 @@ def read_valid(
         else pa.schema([VALIDATED_SCHEMA.field(name) for name in columns])
     )
     return ray.data.read_parquet(
-        paths.staged(VALID_DIR),
-        filesystem=paths.arrow_fs,
+        run.full(VALID_DIR),
+        filesystem=run.arrow_fs,
         columns=columns,
         schema=schema,
         override_num_blocks=blocks,
         **read_args,
     )
-
-
-def _task_retries(cfg: LnRayConfig) -> dict[str, int]:
-    # Ray Data retries failed tasks without end by default; a poison input would loop forever.
-    return {"max_retries": cfg.compute.max_retries}

@@ -1,18 +1,17 @@
 """The reduce stage on Ray Data: selections and teacher table (groupbys), the curated set.
 
-It reads a run's ``scores/`` and ``_rows/`` and writes ``selections/``, ``teachers/`` and
-``curated/`` into a run's folder, so it serves both a scoring run and ``ln-ray select`` over a
-finished run.
+It reads a run's ``scores/``, ``_rows/`` and the rows' text from wherever they lie (the scoring
+run's own folder, or a published run's, ``PublishedRun``) and writes ``selections/``,
+``teachers/``, ``teacher_pairs/``, ``teacher_stability/`` and ``curated/`` into a run's folder,
+so it serves both a scoring run and ``ln-ray select`` over a finished run.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ln_ray.aggregate.curate import (
     CURATED_KEYS,
@@ -34,8 +33,15 @@ from ln_ray.aggregate.select import CANDIDATE_COLUMNS, merge_selections, partial
 from ln_ray.aggregate.stability import ranking_stability, stability_statement, stable_from
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import SelectionConfig
-from ln_ray.io import storage
-from ln_ray.pipeline.outputs import ensure_table, write_dataset
+from ln_ray.io.manifest import ROWS_DIR
+from ln_ray.io.run_folder import RunFolder
+from ln_ray.pipeline.ray_ops import (
+    collect,
+    count_valid,
+    reduce_partitions,
+    to_pandas,
+    write_dataset,
+)
 from ln_ray.schema import (
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
@@ -60,23 +66,25 @@ _ROW_KEYS = pa.schema(
 )
 
 
+class Tables(Protocol):
+    """Where a run's outputs lie: a ``RunFolder`` or a ``PublishedRun``."""
+
+    arrow_fs: Any
+
+    def full(self, name: str) -> str: ...
+
+
 def reduce_scores(
-    fs: Any,
-    scores_dir: str,
-    rows_dir: str,
-    text_dir: str,
-    target: str,
-    selection: SelectionConfig,
+    source: Tables, text: str, target: RunFolder, selection: SelectionConfig
 ) -> dict[str, Any]:
-    """Write selections/, teachers/, teacher_pairs/, teacher_stability/ and curated/ under
+    """Write selections/, teachers/, teacher_pairs/, teacher_stability/ and curated/ into
     ``target`` from a run's scores.
 
     Args:
-        fs: The output filesystem (fsspec).
-        scores_dir: The run's ``scores/``.
-        rows_dir: The run's ``_rows/`` (which rows hold the selected traces).
-        text_dir: Where the run's rows' text is (``_valid/``), joined back for the curated set.
-        target: Folder to write into.
+        source: Where the run's ``scores/`` and ``_rows/`` (which rows hold the selected traces)
+            lie.
+        text: The output holding the rows' text (``_valid/``), joined back for the curated set.
+        target: The run folder to write into.
         selection: Selection options.
 
     Returns:
@@ -85,9 +93,9 @@ def reduce_scores(
     import ray
 
     started = time.time()
-    arrow_fs = storage.arrow_filesystem(fs)
+    arrow_fs = source.arrow_fs
     scores = ray.data.read_parquet(
-        scores_dir, filesystem=arrow_fs, schema=SCORES_SCHEMA
+        source.full("scores"), filesystem=arrow_fs, schema=SCORES_SCHEMA
     ).materialize()
     filter_correct = selection.require_correct and count_valid(scores, "correct") > 0
     summary = {
@@ -104,7 +112,7 @@ def reduce_scores(
             ("teacher_stability", TEACHER_STABILITY_SCHEMA),
             ("curated", curated_schema(extra_schema([]))),
         ):
-            ensure_table(fs, storage.join(target, name), schema)
+            target.ensure_table(name, schema)
         return {**summary, "prompts": 0, "prompts_selected": 0, "reduce_s": _since(started)}
     partitions = reduce_partitions()
     # A sort keeps each prompt's rows in one block (but at blocks' edges); each block's winners
@@ -122,7 +130,7 @@ def reduce_scores(
         batch_size=None,
     )
     selections = merge_selections(collect(partials, SELECTIONS_SCHEMA))
-    _write_table(selections, target, "selections", arrow_fs)
+    target.write_table("selections/part-0.parquet", selections)
     prompts = merge_prompt_sums(
         collect(
             ordered.map_batches(prompt_sums, batch_format="pyarrow", batch_size=None),
@@ -150,17 +158,15 @@ def reduce_scores(
         confidence=selection.confidence,
         seed=selection.seed,
     )
-    _write_table(pairs, target, "teacher_pairs", arrow_fs)
+    target.write_table("teacher_pairs/part-0.parquet", pairs)
     curve = ranking_stability(
         prompts, replicates=selection.stability_replicates, seed=selection.seed
     )
-    _write_table(curve, target, "teacher_stability", arrow_fs)
-    table = rank_teachers(_to_pandas(stats, _STATS), count_wins(chosen), pairs.to_pandas())
-    _write_table(
+    target.write_table("teacher_stability/part-0.parquet", curve)
+    table = rank_teachers(to_pandas(stats, _STATS), count_wins(chosen), pairs.to_pandas())
+    target.write_table(
+        "teachers/part-0.parquet",
         pa.Table.from_pandas(table, schema=TEACHERS_SCHEMA, preserve_index=False),
-        target,
-        "teachers",
-        arrow_fs,
     )
     summary["stability"] = {
         metric: {
@@ -174,7 +180,7 @@ def reduce_scores(
     picked = chosen[chosen["metric"] == "lalp"]
     # The rows holding the selected traces (one a prompt), then their text, read once.
     chosen_rows = ray.data.read_parquet(
-        rows_dir, filesystem=arrow_fs, columns=_ROW_KEYS.names, schema=_ROW_KEYS
+        source.full(ROWS_DIR), filesystem=arrow_fs, columns=_ROW_KEYS.names, schema=_ROW_KEYS
     ).map_batches(
         keep_selected,
         fn_kwargs={"selected": pa.array(sorted(set(picked["trace_id"])), pa.string())},
@@ -183,7 +189,9 @@ def reduce_scores(
     selected = collect(chosen_rows, _SELECTED_ROWS)
     subset = (
         ray.data.read_parquet(
-            text_dir, filesystem=arrow_fs, columns=["source_file", "row_number", *TEXT_COLUMNS]
+            source.full(text),
+            filesystem=arrow_fs,
+            columns=["source_file", "row_number", *TEXT_COLUMNS],
         )
         .map_batches(with_text, fn_kwargs={"selected": selected}, batch_format="pyarrow")
         .materialize()
@@ -192,10 +200,10 @@ def reduce_scores(
     schema = curated_schema(extra_schema([(k["column"], k["kind"]) for k in kinds]))
     write_dataset(
         subset.map_batches(curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"),
-        storage.join(target, "curated"),
-        arrow_fs,
+        target,
+        "curated",
     )
-    ensure_table(fs, storage.join(target, "curated"), schema)
+    target.ensure_table("curated", schema)
     return {
         **summary,
         "prompts": len(prompts.prompts),
@@ -204,59 +212,5 @@ def reduce_scores(
     }
 
 
-def _write_table(table: pa.Table, target: str, name: str, arrow_fs: Any) -> None:
-    """A small output, as one file."""
-    path = storage.join(target, name)
-    arrow_fs.create_dir(path, recursive=True)
-    pq.write_table(table, storage.join(path, "part-0.parquet"), filesystem=arrow_fs)
-
-
-def _to_pandas(ds: Any, columns: list[str]) -> pd.DataFrame:
-    """A dataset as a DataFrame, with ``columns`` also when it has no rows (Ray Data then returns
-    a frame without any)."""
-    frame = ds.to_pandas()
-    return frame if len(frame.columns) else pd.DataFrame(columns=columns)
-
-
 def _since(started: float) -> float:
     return round(time.time() - started, 3)
-
-
-def count_valid(ds: Any, column: str) -> int:
-    """Non-null values of ``column`` in a dataset."""
-    counts = ds.select_columns([column]).map_batches(
-        lambda t: pa.table({"n": [t.num_rows - t[column].null_count]}), batch_format="pyarrow"
-    )
-    return int(counts.sum("n") or 0)
-
-
-def reduce_partitions() -> int:
-    """Shuffle partitions for groupbys: one per cluster CPU (Ray defaults to 200, for big data)."""
-    return cluster_cpus()
-
-
-def cluster_cpus() -> int:
-    """CPUs of the connected Ray cluster (at least 1)."""
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def collect(ds: Any, schema: pa.Schema) -> pa.Table:
-    """A (small) dataset as one table of ``schema`` in the driver (Ray Data may hand back empty
-    blocks without columns)."""
-    import ray
-
-    blocks = ray.get(ds.to_arrow_refs())
-    return pa.concat_tables(
-        [schema.empty_table(), *(b.select(schema.names).cast(schema) for b in blocks if b.num_rows)]
-    )
-
-
-def cast_to(schema: pa.Schema):
-    """A batch function selecting and casting a table to ``schema``."""
-
-    def cast(table: pa.Table) -> pa.Table:
-        return table.select(schema.names).cast(schema)
-
-    return cast

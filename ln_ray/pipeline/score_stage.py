@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig
-from ln_ray.io import cache
+from ln_ray.io.cache import ScoreCache
 from ln_ray.prepare.render import TokenizedTrace
 from ln_ray.schema import (
     CACHE_SCHEMA,
@@ -47,7 +47,7 @@ class ScoreStage:
         student: The student to load.
         scoring: What to compute.
         compute: Batch sizes, token budget, threads, retries and whether a GPU is used.
-        cache_url: The score cache folder for this student and scoring settings.
+        cache: The score cache for this student and scoring settings.
         identity: The student's identity as the driver computed it (None: not checked).
         progress: Told ``add(traces, tokens)`` after each batch (the job's progress report),
             the actor's kernel and proof, and ``halt(reason)`` when the job must stop.
@@ -58,7 +58,7 @@ class ScoreStage:
         student: StudentConfig,
         scoring: ScoringConfig,
         compute: ComputeConfig,
-        cache_url: str,
+        cache: ScoreCache,
         identity: str | None = None,
         progress: Any = None,
     ) -> None:
@@ -103,7 +103,7 @@ class ScoreStage:
         except StudentError as exc:
             self._halt(str(exc))
             raise
-        self.cache_url = cache_url
+        self.cache = cache
         self.max_retries = compute.max_retries
         self.kernel = attention_kernel(self.student.model)
         if progress is not None:
@@ -151,7 +151,7 @@ class ScoreStage:
         scored, failed = self._score(list(todo.values()), self.max_retries)
         if scored:
             records = pa.Table.from_pylist(list(scored.values()), schema=CACHE_SCHEMA)
-            cache.write_part(self.cache_url, records)
+            self.cache.write_part(records)
         if self.progress is not None:
             tokens = sum(record["n_tokens"] for record in scored.values())
             self.progress.add(len(rows), tokens)

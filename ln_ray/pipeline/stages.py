@@ -21,10 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ln_ray.config import ScoringConfig, SegmentConfig, StudentConfig
+from ln_ray.config import (
+    ScoringConfig,
+    SegmentConfig,
+    StudentConfig,
+    reasoning_format,
+    render_options,
+)
 from ln_ray.io import cache, jsontext
-from ln_ray.prepare.reasoning import ReasoningFormat
-from ln_ray.prepare.render import RenderOptions
 from ln_ray.prepare.rows import (
     RowRejected,
     TraceRow,
@@ -73,7 +77,7 @@ def validate_batch(
         segment: Segmenter settings (part of a trace's id when the row has no ``steps``).
         scoring: The reasoning presentation and the cap on a response's length.
         student: The student's reasoning markers.
-        cached: Sorted trace ids in the score cache (``cache.cached_trace_ids``).
+        cached: Sorted trace ids in the score cache (``ScoreCache.trace_ids``).
 
     Returns:
         Rows in ``VALIDATED_SCHEMA``, one per input row, in order; rejected rows keep their reason.
@@ -186,22 +190,6 @@ def tokenize_batch(
     return pa.Table.from_pylist(
         [{name: row.get(name) for name in PREPARED_SCHEMA.names} for row in out],
         schema=PREPARED_SCHEMA,
-    )
-
-
-def render_options(student: StudentConfig, scoring: ScoringConfig) -> RenderOptions:
-    """The student's view of a trace, from the config."""
-    return RenderOptions(
-        view=scoring.render,
-        template_kwargs=dict(student.template_kwargs),
-        reasoning_markers=(student.reasoning_open, student.reasoning_close),
-    )
-
-
-def reasoning_format(student: StudentConfig, scoring: ScoringConfig) -> ReasoningFormat:
-    """How reasoning is presented to the student, from the config."""
-    return ReasoningFormat(
-        mode=scoring.reasoning, open=student.reasoning_open, close=student.reasoning_close
     )
 
 

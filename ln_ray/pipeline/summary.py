@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from ln_ray.io.manifest import RunManifest
 from ln_ray.schema import SHARED_PROMPT_ID, better_direction
 
 _METRIC_NAMES = {
@@ -118,22 +119,18 @@ def _proof_lines(proof: dict[str, Any] | None) -> list[str]:
 
 
 def format_summary(
-    manifest: dict[str, Any], table: pd.DataFrame, pairs: pd.DataFrame | None = None
+    manifest: RunManifest, table: pd.DataFrame, pairs: pd.DataFrame | None = None
 ) -> str:
     """Counts, throughput and the teacher table of a finished run (with its paired
     comparisons, ``teacher_pairs/``, when given)."""
-    counts = manifest.get("counts", {})
-    timings = manifest.get("timings", {})
-    speed = manifest.get("throughput", {})
-    selection = manifest.get("selection", {})
-    reasons = manifest.get("reject_reasons", {})
-    kinds = manifest.get("reject_kinds", {})
+    counts, timings, speed = manifest.counts, manifest.timings, manifest.throughput
+    selection, reasons, kinds = manifest.selection, manifest.reject_reasons, manifest.reject_kinds
     shared = reasons.get(SHARED_PROMPT_ID, 0)
     lines = [
-        f"ln-ray run {manifest.get('run_id', '?')}  student {manifest['student']['identity']}",
-        *_proof_lines(manifest["student"].get("proof")),
+        f"ln-ray run {manifest.run_id or '?'}  student {manifest.student['identity']}",
+        *_proof_lines(manifest.student.get("proof")),
         f"  rows read {counts.get('rows_read', 0)}: scored {counts.get('rows_scored', 0)}, "
-        f"rejected {counts.get('rows_rejected', 0)}  ({len(manifest.get('inputs', []))} files)",
+        f"rejected {counts.get('rows_rejected', 0)}  ({len(manifest.inputs)} files)",
         *(
             [f"  rejected by kind: {', '.join(f'{k} {v}' for k, v in kinds.items())}"]
             if kinds

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ln_ray.config import ComputeConfig, load_config
-from ln_ray.pipeline.job import connect_ray, read_teacher_table, run_score, run_select
+from ln_ray.pipeline.job import run_score, run_select
+from ln_ray.pipeline.ray_ops import connect_ray
 from ln_ray.pipeline.summary import format_summary
 from tests.helpers import TEACHERS, make_rows, read_output
 from tests.templates import R1_DISTILL
@@ -149,12 +150,12 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     manifest = run_score(job_config(str(tmp_path / "in"), out, tiny_student_dir))
     check_outputs(out, rows)
 
-    counts = manifest["counts"]
+    counts = manifest.counts
     assert counts["rows_read"] == len(rows) + 2
     assert counts["rows_scored"] == len(rows) and counts["rows_rejected"] == 2
-    for entry in manifest["inputs"]:
+    for entry in manifest.inputs:
         assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
-    stages = manifest["stages"]
+    stages = manifest.stages
     assert stages["tokenize_score"]["traces_scored_now"] == len(rows)
     assert stages["tokenize_score"]["tokens_scored_now"] == counts["tokens_scored"] > 0
     assert stages["tokenize_score"]["attention"] == ["sdpa per segment, float32"]
@@ -171,23 +172,23 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "selection.require_correct=false")
     selected = run_select(cfg)
     check_outputs(out, rows, filter_correct=False)
-    assert selected == json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert selected["stages"]["reduce"]["seconds"] == selected["timings"]["reduce_s"]
-    assert selected["stages"]["reduce"]["prompts"] == 6
-    assert selected["finished_at"] >= on_disk["finished_at"]
+    assert selected.to_json() == json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert selected.stages["reduce"]["seconds"] == selected.timings["reduce_s"]
+    assert selected.stages["reduce"]["prompts"] == 6
+    assert selected.finished_at >= on_disk["finished_at"]
     scores_after = sorted(p.stat().st_mtime_ns for p in scores_dir.iterdir())
     assert scores_before == scores_after
     # the new reduce outputs lie in a folder of their own; the published scores stay where they are
-    assert selected["outputs"]["scores"] == on_disk["outputs"]["scores"]
-    assert selected["outputs"]["selections"] == f"_runs/{selected['run_id']}/selections"
-    assert selected["run_id"] != on_disk["run_id"]
-    assert not read_teacher_table(out).empty
-    assert selected["outputs"]["teacher_pairs"] == f"_runs/{selected['run_id']}/teacher_pairs"
+    assert selected.outputs["scores"] == on_disk["outputs"]["scores"]
+    assert selected.outputs["selections"] == f"_runs/{selected.run_id}/selections"
+    assert selected.run_id != on_disk["run_id"]
+    assert not read_output(out, "teachers").empty
+    assert selected.outputs["teacher_pairs"] == f"_runs/{selected.run_id}/teacher_pairs"
     summary = format_summary(
-        selected, read_teacher_table(out), read_teacher_table(out, "teacher_pairs")
+        selected, read_output(out, "teachers"), read_output(out, "teacher_pairs")
     )
     assert "Pairs told apart" in summary or "Pairs not told apart" in summary
-    statement = selected["selection"]["stability"]["lalp"]["statement"]
+    statement = selected.selection["stability"]["lalp"]["statement"]
     assert f"{statement[0].upper()}{statement[1:]}." in summary
 
 
@@ -219,11 +220,11 @@ def test_job_reads_and_writes_s3(ray_cluster, s3_server, tiny_student_dir):
     fs.invalidate_cache()
     assert fs.exists("ln-ray-test/runs/r1/manifest.json")
     check_outputs("s3://ln-ray-test/runs/r1", rows)
-    assert {entry["path"] for entry in manifest["inputs"]} == {
+    assert {entry["path"] for entry in manifest.inputs} == {
         "s3://ln-ray-test/traces/part-0.jsonl",
         "s3://ln-ray-test/traces/part-1.parquet",
     }
-    text = json.dumps(manifest)
+    text = json.dumps(manifest.to_json())
     assert "testing-secret-key" not in text and "testing-key-id" not in text
 
 
@@ -303,8 +304,8 @@ def test_job_scores_every_teacher_for_a_thinking_student(ray_cluster, tiny_stude
     cfg = job_config(str(tmp_path / "in"), out, tiny_student_dir, "scoring.reasoning=student")
     cfg.student.chat_template = R1_DISTILL
     manifest = run_score(cfg)
-    assert manifest["counts"]["rows_rejected"] == 0
-    assert manifest["config"]["scoring"]["render"] == "generation"
+    assert manifest.counts["rows_rejected"] == 0
+    assert manifest.config["scoring"]["render"] == "generation"
     scores = read_output(out, "scores")
     assert len(scores) == len(rows) and scores["lalp"].notna().all()
     # the three marked teachers present one and the same trace per prompt
@@ -323,7 +324,7 @@ def test_duplicates_are_found_across_blocks(ray_cluster):
     """Copies of a row spread over many blocks: every later copy is marked, the first is not."""
     import ray
 
-    from ln_ray.pipeline.assemble import _find_duplicates
+    from ln_ray.pipeline.row_checks import find_duplicates
 
     rng = random.Random(3)
     rows = [
@@ -333,7 +334,7 @@ def test_duplicates_are_found_across_blocks(ray_cluster):
     rows += [{"dup_key": None, "source_file": "f0", "row_number": 999}]  # a rejected row
     table = pa.Table.from_pylist(rows)
     blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
-    found = _find_duplicates(ray.data.from_arrow(blocks).repartition(9))
+    found = find_duplicates(ray.data.from_arrow(blocks).repartition(9))
     got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
     expected = {}
     for key in {r["dup_key"] for r in rows if r["dup_key"]}:
@@ -348,7 +349,7 @@ def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster
     every row of those ids is marked, naming the first row of two contexts; no other row is."""
     import ray
 
-    from ln_ray.pipeline.assemble import _find_conflicts
+    from ln_ray.pipeline.row_checks import find_conflicts
 
     rng = random.Random(4)
     rows = []
@@ -366,7 +367,7 @@ def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster
     rows.append({"prompt_id": "p00", "context_key": None, "source_file": "f0", "row_number": 999})
     table = pa.Table.from_pylist(rows)
     blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
-    found = _find_conflicts(ray.data.from_arrow(blocks).repartition(9))
+    found = find_conflicts(ray.data.from_arrow(blocks).repartition(9))
     got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
     expected = {}
     valid = [r for r in rows if r["context_key"] is not None]

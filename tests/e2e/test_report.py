@@ -57,7 +57,7 @@ def test_report_content(demo_run):
     assert set(run["stability"]["metric"]) == set(pairs["metric"])
     page = render_report(run)
     assert page.count("<h3>lalp</h3><table><tr><th></th>") == 1  # the lalp pair matrix
-    for entry in run["manifest"]["selection"]["stability"].values():
+    for entry in run["manifest"].selection["stability"].values():
         assert html.escape(entry["statement"], quote=True) in page
     separated = pairs[(pairs["metric"] == "lalp") & pairs["separated"]]
     for row in separated.itertuples():
@@ -157,10 +157,11 @@ def test_markup_mathtext_and_escapes_in_the_input_show_as_text(hostile_run, tmp_
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    from ln_ray.pipeline.job import read_manifest, read_teacher_table
+    from ln_ray.pipeline.job import read_manifest
     from ln_ray.pipeline.summary import format_summary
+    from tests.helpers import read_output
 
-    summary = format_summary(read_manifest(hostile_run), read_teacher_table(hostile_run))
+    summary = format_summary(read_manifest(hostile_run), read_output(hostile_run, "teachers"))
     assert "\x1b" not in summary and "\\x1b[2J\\x1b[31mred\\x1b[0m" in summary
     assert "<script>window.pwned = 1</script>" in summary  # a terminal shows it as it is
 

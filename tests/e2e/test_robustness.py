@@ -101,7 +101,7 @@ def reference_run(ray_cluster, tiny_student_dir, corpus, tmp_path_factory):
     """An undisturbed run over the corpus."""
     out = str(tmp_path_factory.mktemp("reference") / "out")
     manifest = run_score(tiny_job_config(corpus[0], out, tiny_student_dir))
-    assert manifest["counts"]["rows_scored"] == len(corpus[1])
+    assert manifest.counts["rows_scored"] == len(corpus[1])
     return out
 
 
@@ -172,23 +172,23 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
     assert sorted(group["row_number"]) == [4, 5, 6]
     assert group["reason"].str.startswith("cannot read Parquet row group: group 2 of 2").all()
 
-    by_file = {Path(entry["path"]).name: entry for entry in manifest["inputs"]}
+    by_file = {Path(entry["path"]).name: entry for entry in manifest.inputs}
     assert by_file["a.jsonl"]["rows_in_file"] == 14
     assert by_file["a.jsonl"]["rows_read"] == 14 == 2 + 12
     assert by_file["b.parquet"]["rows_scored"] == 1
     d = by_file["d.parquet"]
     assert (d["rows_in_file"], d["rows_scored"], d["rows_rejected"]) == (6, 3, 3)
-    assert manifest["skipped_files"] == [str(folder / "notes.csv")]
+    assert manifest.skipped_files == [str(folder / "notes.csv")]
     assert by_file["c.parquet"]["rows_in_file"] is None and "unreadable" in by_file["c.parquet"]
-    for entry in manifest["inputs"]:
+    for entry in manifest.inputs:
         assert entry["rows_read"] == entry["rows_scored"] + entry["rows_rejected"]
-    assert manifest["counts"]["rows_read"] == 22
-    reasons = manifest["reject_reasons"]
+    assert manifest.counts["rows_read"] == 22
+    reasons = manifest.reject_reasons
     assert reasons["duplicate"] == 1 and reasons["invalid JSON"] == 2
     assert reasons["cannot read Parquet shard"] == 1
     assert reasons["cannot read Parquet row group"] == 3 and sum(reasons.values()) == 16
-    assert manifest["stages"]["assemble"]["duplicates"] == 1
-    assert manifest["stages"]["read_validate"]["shard_errors"] == 1
+    assert manifest.stages["assemble"]["duplicates"] == 1
+    assert manifest.stages["read_validate"]["shard_errors"] == 1
     # t1, t5 and t6 tie and t1 wins by name; line 9 repeats line 1 and shares its trace_id,
     # yet the curated set holds one row for the prompt.
     curated = read_output(out, "curated").sort_values("prompt_id")
@@ -200,7 +200,6 @@ def test_malformed_shards_are_rejected_row_by_row(ray_cluster, tiny_student_dir,
 def test_a_run_over_its_reject_budget_fails_and_the_published_results_stay(
     ray_cluster, tiny_student_dir, tmp_path
 ):
-    from ln_ray.pipeline.job import read_teacher_table
     from ln_ray.pipeline.summary import format_summary
     from ln_ray.report import write_report
 
@@ -221,7 +220,7 @@ def test_a_run_over_its_reject_budget_fails_and_the_published_results_stay(
     )
     assert "input 3), more than output.max_reject_fraction=0.05 allows" in message
     assert (tmp_path / "out" / "manifest.json").read_bytes() == before  # untouched
-    assert read_output(out, "scores").shape[0] == published["counts"]["rows_scored"]
+    assert read_output(out, "scores").shape[0] == published.counts["rows_scored"]
     # The failed run's rejects stay readable, where the error says.
     where = message.split("this run's rejects are in ")[1].split(". Raise")[0]
     rejects = pq.read_table(where).to_pandas()
@@ -243,12 +242,14 @@ def test_a_run_over_its_reject_budget_fails_and_the_published_results_stay(
     manifest = run_score(
         tiny_job_config(tmp_path / "bad", out, tiny_student_dir, "output.max_reject_fraction=1")
     )
-    assert manifest["counts"]["rows_read"] == 3 == manifest["counts"]["rows_rejected"]
-    assert manifest["reject_kinds"] == {"input": 3}
-    assert manifest["selection"]["prompts"] == 0
+    assert manifest.counts["rows_read"] == 3 == manifest.counts["rows_rejected"]
+    assert manifest.reject_kinds == {"input": 3}
+    assert manifest.selection["prompts"] == 0
     for name in ("scores", "selections", "teachers", "curated"):
         assert read_output(out, name).empty
-    assert "rows read 3: scored 0, rejected 3" in format_summary(manifest, read_teacher_table(out))
+    assert "rows read 3: scored 0, rejected 3" in format_summary(
+        manifest, read_output(out, "teachers")
+    )
     page = Path(write_report(out).removeprefix("file://")).read_text()
     assert "No trace was scored" in page
 
@@ -259,9 +260,9 @@ def test_a_run_where_no_trace_is_eligible_still_publishes(ray_cluster, tiny_stud
     write_jsonl(tmp_path / "in" / "a.jsonl", [row, {**row, "teacher": "t2"}])
     out = str(tmp_path / "out")
     manifest = run_score(tiny_job_config(tmp_path / "in", out, tiny_student_dir))
-    assert manifest["counts"]["rows_scored"] == 2
-    assert manifest["selection"]["filtered_on_correct"] is True
-    assert manifest["selection"]["prompts"] == 1 and manifest["selection"]["prompts_selected"] == 0
+    assert manifest.counts["rows_scored"] == 2
+    assert manifest.selection["filtered_on_correct"] is True
+    assert manifest.selection["prompts"] == 1 and manifest.selection["prompts_selected"] == 0
     assert read_output(out, "selections").empty and read_output(out, "curated").empty
     teachers = read_output(out, "teachers")
     assert sorted(set(teachers["teacher"])) == ["t1", "t2"]
@@ -340,7 +341,7 @@ def test_killed_scoring_actor_is_restarted(
         f"not killed mid-run (cache parts at the kill: {killed_with})"
     )
     assert "manifest" in result, f"the run failed: {result.get('error')!r}"
-    assert result["manifest"]["counts"]["rows_scored"] == len(corpus[1]), result["manifest"]
+    assert result["manifest"].counts["rows_scored"] == len(corpus[1]), result["manifest"]
     assert_same_scores(out, reference_run)
 
 
@@ -375,16 +376,16 @@ def test_interrupted_driver_resumes_where_it_stopped(
         run_score(tiny_job_config(corpus[0], str(out), tiny_student_dir))
     time.sleep(max(0.0, killed_at + 3.5 - time.time()))
     manifest = run_score(tiny_job_config(corpus[0], str(out), tiny_student_dir))
-    scored_before = len(cache.cached_trace_ids(str(next((out / "_cache").iterdir()))))
-    assert manifest["counts"]["traces_scored_now"] < len(corpus[1])
+    scored_before = len(cache.ScoreCache(str(next((out / "_cache").iterdir()))).trace_ids())
+    assert manifest.counts["traces_scored_now"] < len(corpus[1])
     assert scored_before == len(corpus[1])
     assert_same_scores(str(out), reference_run)
     # the killed run's folder stays until it is stale (a day unchanged), beside the published one
     left = sorted(p.name for p in (out / "_runs").iterdir())
-    assert len(left) == 2 and manifest["run_id"] in left
-    killed = next(out / "_runs" / name for name in left if name != manifest["run_id"])
+    assert len(left) == 2 and manifest.run_id in left
+    killed = next(out / "_runs" / name for name in left if name != manifest.run_id)
     assert not (killed / "manifest.json").exists()
-    assert manifest["lease"]["broke"]["run_id"] == killed.name  # and the run said so
+    assert manifest.lease["broke"]["run_id"] == killed.name  # and the run said so
 
 
 def _cache_is_folded(out: str, buckets: int) -> list[str]:
@@ -410,27 +411,27 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path,
             folder, out, tiny_student_dir, "output.cache_buckets=4", "compute.progress_s=0.2"
         )
     )
-    assert first["counts"]["traces_scored_now"] == 12
+    assert first.counts["traces_scored_now"] == 12
     # progress lines while scoring (as many as the machine's speed allows), the final count last
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring: ")]
     done = [int(line.split()[1].replace(",", "")) for line in progress]
     assert done == sorted(done) and all(n <= 12 for n in done)
     assert progress[-1].startswith("scoring: 12 of 12 traces (100%)")
     assert len(_cache_is_folded(out, 4)) == 12
-    assert first["stages"]["compact_cache"]["files_folded"] == 6  # one part per batch of 2
+    assert first.stages["compact_cache"]["files_folded"] == 6  # one part per batch of 2
     day_one = read_output(out, "scores").set_index("trace_id").sort_index()
 
     write_jsonl(folder / "day-2.jsonl", rows[12:])
     second = run_score(tiny_job_config(folder, out, tiny_student_dir, "output.cache_buckets=4"))
     assert len(_cache_is_folded(out, 4)) == len(rows)
-    assert second["counts"]["traces_scored_now"] == len(rows) - 12
-    assert second["counts"]["rows_scored"] == len(rows)
-    scored_now = second["stages"]["tokenize_score"]["tokens_scored_now"]
-    assert 0 < scored_now < second["counts"]["tokens_scored"]
+    assert second.counts["traces_scored_now"] == len(rows) - 12
+    assert second.counts["rows_scored"] == len(rows)
+    scored_now = second.stages["tokenize_score"]["tokens_scored_now"]
+    assert 0 < scored_now < second.counts["tokens_scored"]
     # only the new rows were tokenized and sent to the scoring actors
-    assert first["stages"]["tokenize_score"]["rows"] == 12
-    assert second["stages"]["tokenize_score"]["rows"] == len(rows) - 12
-    assert second["stages"]["read_validate"]["rows"] == len(rows)
+    assert first.stages["tokenize_score"]["rows"] == 12
+    assert second.stages["tokenize_score"]["rows"] == len(rows) - 12
+    assert second.stages["read_validate"]["rows"] == len(rows)
     scores = read_output(out, "scores")
     assert len(scores) == len(rows)
     # day-1 rows took their scores from the cache (joined), day-2 rows from this run's scoring
@@ -443,11 +444,11 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path,
 
     # nothing new: nothing is tokenized, no scoring actor starts, the results stay the same
     rerun = run_score(tiny_job_config(folder, out, tiny_student_dir, "output.cache_buckets=4"))
-    assert rerun["stages"]["tokenize_score"]["rows"] == 0
-    assert rerun["stages"]["compact_cache"]["files_folded"] == 0
+    assert rerun.stages["tokenize_score"]["rows"] == 0
+    assert rerun.stages["compact_cache"]["files_folded"] == 0
     assert len(_cache_is_folded(out, 4)) == len(rows)
-    assert rerun["counts"]["traces_scored_now"] == 0
-    assert rerun["counts"]["rows_scored"] == len(rows)
+    assert rerun.counts["traces_scored_now"] == 0
+    assert rerun.counts["rows_scored"] == len(rows)
     pd.testing.assert_frame_equal(
         read_output(out, "scores").set_index("trace_id").sort_index(),
         scores.set_index("trace_id").sort_index(),
@@ -455,7 +456,7 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path,
 
     # another scoring setting is another cache key: everything is scored again
     third = run_score(tiny_job_config(folder, out, tiny_student_dir, "scoring.window=1"))
-    assert third["counts"]["traces_scored_now"] == len(rows)
+    assert third.counts["traces_scored_now"] == len(rows)
 
 
 def test_scores_do_not_depend_on_batching_actors_or_order(

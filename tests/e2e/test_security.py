@@ -59,11 +59,11 @@ def test_credentials_in_input_urls_are_never_stored_or_logged(
         url = f"http://alice:{secret}@{host}/b.jsonl?{query}"
         run_score(load_config("default", [f"input.path={url}", f"output.path={out}2"]))
 
-    rejects = pq.read_table(out / manifest["outputs"]["rejects"]).to_pandas()
+    rejects = pq.read_table(out / manifest.outputs["rejects"]).to_pandas()
     shown = f"http://***@{host}/a.jsonl?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=600"
     assert set(rejects["source_file"]) == {shown}
     assert sorted(rejects["reason"])[0] == f"duplicate of {shown} row 1"
-    printed = [json.dumps(manifest), str(missing.value), caplog.text, *capfd.readouterr()]
+    printed = [json.dumps(manifest.to_json()), str(missing.value), caplog.text, *capfd.readouterr()]
     for path in out.rglob("*"):
         if path.suffix == ".parquet":
             printed.append(str(pq.read_table(path).to_pylist()))

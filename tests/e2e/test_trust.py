@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ln_ray.io.lease import Lease
-from ln_ray.pipeline.job import JobError, read_manifest, read_teacher_table, run_score
+from ln_ray.io.manifest import RunManifest
+from ln_ray.pipeline.job import JobError, read_manifest, run_score
 from ln_ray.pipeline.summary import format_summary
 from ln_ray.prepare.rows import prepare_row
 from tests.helpers import (
@@ -36,9 +37,9 @@ def test_published_scores_equal_an_independent_computation_through_the_cache(
     out = str(tmp_path / "out")
     cfg = tiny_job_config(tmp_path / "in", out, tiny_student_dir, "scoring.window=1")
     first = run_score(cfg)
-    assert first["counts"]["traces_scored_now"] == len(rows)
+    assert first.counts["traces_scored_now"] == len(rows)
     again = run_score(cfg)
-    assert again["counts"]["traces_scored_now"] == 0  # every score from the cache
+    assert again.counts["traces_scored_now"] == 0  # every score from the cache
 
     reference_model = make_tiny_llama(len(tiny_tokenizer), attn="sdpa")  # the student's weights
     published = read_output(out, "scores").set_index(["prompt_id", "teacher"])
@@ -58,8 +59,8 @@ def test_a_student_that_fails_its_self_check_stops_the_job_before_any_output(
     write_jsonl(tmp_path / "in" / "a.jsonl", make_rows(n_prompts=2))
     out = str(tmp_path / "out")
     good = run_score(tiny_job_config(tmp_path / "in", out, tiny_student_dir))
-    assert good["student"]["proof"]["proven_by"] == "tests and self-check"
-    assert good["student"]["proof"]["self_check"]["max_difference"] < 1e-4
+    assert good.student["proof"]["proven_by"] == "tests and self-check"
+    assert good.student["proof"]["self_check"]["max_difference"] < 1e-4
     before = (tmp_path / "out" / "manifest.json").read_bytes()
 
     leaky = tiny_job_config(
@@ -72,7 +73,7 @@ def test_a_student_that_fails_its_self_check_stops_the_job_before_any_output(
     assert "differs from a plain transformers forward by" in message
     assert "\n" not in message and "Traceback" not in message
     assert (tmp_path / "out" / "manifest.json").read_bytes() == before
-    leaky_runs = [p for p in (tmp_path / "out" / "_runs").iterdir() if p.name != good["run_id"]]
+    leaky_runs = [p for p in (tmp_path / "out" / "_runs").iterdir() if p.name != good.run_id]
     assert leaky_runs == []  # its folder is gone too
     caches = list((tmp_path / "out" / "_cache").iterdir())
     assert len(caches) == 1  # nothing was scored under the leaky student's key
@@ -120,7 +121,7 @@ def test_one_prompt_id_for_two_prompts_is_rejected_with_both_sources(
     scores = read_output(out, "scores")
     assert set(scores["prompt_id"]) == {"q1"}  # q0 is never selected across the two
     assert "q0" not in set(read_output(out, "selections")["prompt_id"])
-    summary = format_summary(manifest, read_teacher_table(out))
+    summary = format_summary(manifest, read_output(out, "teachers"))
     assert "6 rows share a prompt_id with rows of another prompt" in summary
 
 
@@ -139,7 +140,7 @@ def test_control_tokens_in_a_trace_are_scored_as_text_and_kept_as_text(
     manifest = run_score(
         tiny_job_config(tmp_path / "in", out, tiny_student_dir, "selection.require_correct=false")
     )
-    assert manifest["counts"]["rows_scored"] == 2
+    assert manifest.counts["rows_scored"] == 2
     scores = read_output(out, "scores").set_index("teacher")
     # Scored as text: the response's tokens hold no control token, and decode to it exactly.
     tokens = prepare_row(rows[1], tiny_tokenizer).tokens
@@ -169,7 +170,7 @@ def test_a_second_run_on_one_output_stops_at_once_naming_the_holder(
     finally:
         holder.release()
     manifest = run_score(tiny_job_config(tmp_path / "in", out, tiny_student_dir))
-    assert "broke" not in manifest["lease"] and read_manifest(out)["run_id"] == manifest["run_id"]
+    assert "broke" not in manifest.lease and read_manifest(out).run_id == manifest.run_id
     assert not (tmp_path / "out" / "_lease.json").exists()  # given back
 
 
@@ -191,11 +192,11 @@ def test_two_runs_started_together_on_one_output_leave_one_published(
         thread.start()
     for thread in threads:
         thread.join()
-    published = [r for r in results.values() if isinstance(r, dict)]
+    published = [r for r in results.values() if isinstance(r, RunManifest)]
     refused = [r for r in results.values() if isinstance(r, JobError)]
     assert len(published) == 1 and len(refused) == 1
     assert "in use by run" in str(refused[0])
-    assert read_manifest(out)["run_id"] == published[0]["run_id"]
+    assert read_manifest(out).run_id == published[0].run_id
 
 
 def test_the_independent_row_count_either_runs_or_fails_the_run(ray_cluster):

@@ -19,7 +19,7 @@ from ln_ray.config import (
     load_config,
     to_dict,
 )
-from ln_ray.pipeline.outputs import redacted
+from ln_ray.io.storage import redacted
 from tests.helpers import REPO
 
 

@@ -66,7 +66,7 @@ def test_no_module_takes_part_in_an_import_cycle():
 
 def test_preparing_scoring_and_aggregating_never_import_ray():
     """The math runs, and is tested, in-process; Ray is the executor around it (ln_ray/pipeline,
-    and the Datasource in ln_ray/io/shards.py)."""
+    and the Datasource in ln_ray/io/datasource.py)."""
     for folder in ("prepare", "score", "aggregate"):
         for path in (PACKAGE / folder).rglob("*.py"):
             text = path.read_text()
@@ -78,3 +78,80 @@ def test_a_scoring_plan_needs_neither_torch_nor_transformers():
     code += "print(sorted({'torch', 'transformers'} & {*sys.modules}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_planning_reading_shards_and_reading_a_published_run_need_no_ray():
+    """``ln-ray plan`` and the readers of a finished run (report, summary) run without a
+    cluster: only the job's own modules and the Datasource import Ray."""
+    code = "import sys, ln_ray.plan, ln_ray.io.shards, ln_ray.io.run_folder, ln_ray.report; "
+    code += "print(sorted({'ray', 'torch'} & {*sys.modules}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+# The data flow, earliest first: what every layer may use is defined before it. Definitions
+# (columns, what a score means), the per-row preparation, the config over them, storage, the
+# scoring math, the aggregates; then the job's own modules in the order its data passes through
+# them; then the commands around the job.
+FLOW = (
+    "ln_ray.schema",
+    "ln_ray.score.version",
+    "ln_ray.prepare",
+    "ln_ray.config",
+    "ln_ray.io",
+    "ln_ray.score",
+    "ln_ray.aggregate",
+    "ln_ray.pipeline.ray_ops",  # the Ray toolbox every stage uses
+    "ln_ray.pipeline.stages",  # per-row callables: validate, tokenize
+    "ln_ray.pipeline.progress",
+    "ln_ray.pipeline.score_stage",
+    "ln_ray.pipeline.passes",  # read + validate, tokenize + score
+    "ln_ray.pipeline.row_checks",
+    "ln_ray.pipeline.assemble",
+    "ln_ray.pipeline.accounting",
+    "ln_ray.pipeline.reduce",
+    "ln_ray.pipeline.record",
+    "ln_ray.pipeline.summary",
+    "ln_ray.pipeline.job",
+    "ln_ray.plan",
+    "ln_ray.report",
+    "ln_ray.cli",
+    "ln_ray.demo",
+)
+
+
+def _stage(module: str) -> int:
+    """The position in ``FLOW`` of the longest entry that is ``module`` or holds it."""
+    found = [i for i, name in enumerate(FLOW) if module == name or module.startswith(name + ".")]
+    assert found, f"{module} has no place in FLOW"
+    return max(found, key=lambda i: len(FLOW[i]))
+
+
+def _later_imports(graph: dict[str, set[str]]) -> list[str]:
+    skip = {"ln_ray", "ln_ray.pipeline", "ln_ray.io", "ln_ray.score", "ln_ray.prepare"}
+    skip |= {"ln_ray.aggregate", "ln_ray.demo"}  # the packages' empty __init__ modules
+    return [
+        f"{module} imports {used}"
+        for module, imports in sorted(graph.items())
+        if module not in skip
+        for used in sorted(imports - skip)
+        if _stage(used) > _stage(module)
+    ]
+
+
+def test_no_module_imports_from_a_later_stage_of_the_data_flow():
+    graph = _imports()
+    assert _later_imports(graph) == []
+    # The check finds one when there is one: storage reaching into the job.
+    graph["ln_ray.io.cache"].add("ln_ray.pipeline.passes")
+    assert _later_imports(graph) == ["ln_ray.io.cache imports ln_ray.pipeline.passes"]
+
+
+def test_the_job_and_its_storage_read_in_modules_of_at_most_350_lines():
+    long = {
+        path.relative_to(REPO).as_posix(): lines
+        for folder in ("pipeline", "io")
+        for path in sorted((PACKAGE / folder).glob("*.py"))
+        if (lines := len(path.read_text().splitlines())) > 350
+    }
+    assert long == {}

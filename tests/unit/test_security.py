@@ -7,7 +7,7 @@ import re
 import pyarrow as pa
 
 from ln_ray.config import load_config
-from ln_ray.pipeline.outputs import redacted
+from ln_ray.io.storage import redacted
 from tests.helpers import REPO
 
 PACKAGE = REPO / "ln_ray"

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ln_ray.config import (
     ScoringConfig,
@@ -57,33 +55,52 @@ def test_every_scoring_setting_but_the_row_filter_is_in_the_cache_key():
 
 
 def test_folding_keeps_one_row_per_trace_in_its_bucket(tmp_path):
-    url = str(tmp_path / "cache")
+    store = cache.ScoreCache(str(tmp_path / "cache"))
     ids = [hashlib.sha256(str(n).encode()).hexdigest()[:32] for n in range(32)]
     buckets = cache.bucket_of(pa.array(ids), 4).to_pylist()
     assert buckets == [int(i[:12], 16) % 4 for i in ids] and set(buckets) == {0, 1, 2, 3}
-    cache.write_part(url, _cache_rows(ids[:20], -1.0))
-    cache.write_part(url, _cache_rows(ids[10:], -2.0))  # ten traces again (a retried batch)
-    other = cache.write_part(url, _cache_rows(ids[:2], -1.0))  # a bucket of another count
-    os.rename(other, os.path.join(url, cache.bucket_name(3, 16)))
-    parts = cache.unfolded_files(url, 4)
+    store.write_part(_cache_rows(ids[:20], -1.0))
+    store.write_part(_cache_rows(ids[10:], -2.0))  # ten traces again (a retried batch)
+    other = store.write_part(_cache_rows(ids[:2], -1.0))  # a bucket of another count
+    store.mv(other, cache.bucket_name(3, 16))
+    parts = store.unfolded(4)
     assert len(parts) == 3
     for bucket in range(4):
-        rows = pa.concat_tables([pq.read_table(p) for p in parts])
+        rows = pa.concat_tables([store.read_table(p) for p in parts])
         in_bucket = [b == bucket for b in cache.bucket_of(rows["trace_id"], 4).to_pylist()]
         mine = rows.filter(pa.array(in_bucket))
-        cache.fold_bucket(url, bucket, 4, mine)
-        cache.fold_bucket(url, bucket, 4, mine)  # folding again changes nothing
-    for path in parts:
-        os.remove(path)
-    files = cache.cache_files(url)
-    assert sorted(os.path.basename(p) for p in files) == [cache.bucket_name(b, 4) for b in range(4)]
-    assert cache.unfolded_files(url, 4) == []
-    stored = pa.concat_tables([pq.read_table(p) for p in files])
+        store.fold_bucket(bucket, 4, mine)
+        store.fold_bucket(bucket, 4, mine)  # folding again changes nothing
+    for name in parts:
+        store.rm(name)
+    files = store.files()
+    assert files == [cache.bucket_name(b, 4) for b in range(4)]
+    assert store.unfolded(4) == []
+    stored = pa.concat_tables([store.read_table(name) for name in files])
     assert sorted(stored["trace_id"].to_pylist()) == sorted(ids)  # each trace once
-    for path in files:  # every row sits in its own bucket
-        bucket = int(os.path.basename(path).split("-")[2].split(".")[0])
-        assert set(cache.bucket_of(pq.read_table(path)["trace_id"], 4).to_pylist()) == {bucket}
-    assert np.array_equal(cache.cached_trace_ids(url), np.unique(np.asarray(ids, dtype="S32")))
+    for name in files:  # every row sits in its own bucket
+        bucket = int(name.split("-")[2].split(".")[0])
+        assert set(cache.bucket_of(store.read_table(name)["trace_id"], 4).to_pylist()) == {bucket}
+    assert np.array_equal(store.trace_ids(), np.unique(np.asarray(ids, dtype="S32")))
+    assert store.stored_rows() == len(ids)
+
+
+def test_a_score_cache_travels_to_other_processes_as_it_is(tmp_path):
+    """Ray tasks receive the cache pickled: the copy reads and writes the same folder."""
+    import pickle
+    import subprocess
+    import sys
+
+    store = cache.ScoreCache(str(tmp_path / "cache"))
+    store.write_part(_cache_rows(["a" * 32], -1.0))
+    code = (
+        "import pickle, sys; store = pickle.loads(sys.stdin.buffer.read()); "
+        "print(store.url, len(store.files()), store.trace_ids().tolist())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(store), capture_output=True, check=True
+    )
+    assert done.stdout.decode().split() == [store.url, "1", "[b'" + "a" * 32 + "']"]
 
 
 def test_the_view_and_the_template_arguments_key_the_cache(tiny_student_dir):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ln_ray.config import ColumnsConfig
-from ln_ray.io.shards import _blocks, canonical_row, iter_parquet
+from ln_ray.io.shards import blocks, canonical_row, iter_parquet
 from ln_ray.schema import (
     RAW_SCHEMA,
 )
@@ -86,7 +86,7 @@ def test_odd_jsonl_lines_are_rejected_alone():
 def test_a_row_arrow_cannot_store_fails_alone():
     rows = [{"row_number": n, "read_error": None, "prompt": "Q?"} for n in (1, 2, 3)]
     rows[1]["prompt"] = "\ud800"  # as if it had slipped past canonical_row
-    table = pa.concat_tables(list(_blocks(iter(rows), "mem://shard.jsonl")))
+    table = pa.concat_tables(list(blocks(iter(rows), "mem://shard.jsonl")))
     assert table["prompt"].to_pylist() == ["Q?", None, "Q?"]
     assert table["read_error"][1].as_py().startswith("row cannot be stored: UnicodeEncodeError")
     assert table["source_file"].to_pylist() == ["mem://shard.jsonl"] * 3

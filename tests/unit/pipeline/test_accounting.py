@@ -4,7 +4,9 @@ budget for rejects."""
 from __future__ import annotations
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
+from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.accounting import (
     PER_FILE,
     AccountingError,
@@ -13,8 +15,9 @@ from ln_ray.pipeline.accounting import (
     check_reject_budget,
 )
 
-FILES = [("in/a.jsonl", "jsonl"), ("in/b.parquet", "parquet")]
-URLS = {"in/a.jsonl": "in/a.jsonl", "in/b.parquet": "in/b.parquet"}
+FILES = Inputs(
+    LocalFileSystem(), [("in/a.jsonl", "jsonl"), ("in/b.parquet", "parquet")], skipped=[]
+)
 
 
 def _counts(scored: int, rejected: int, shard_errors: int = 0) -> dict[str, int]:
@@ -29,10 +32,10 @@ def _counts(scored: int, rejected: int, shard_errors: int = 0) -> dict[str, int]
 def test_every_row_is_accounted_for_per_file():
     per_file = {"in/a.jsonl": _counts(3, 1), "in/b.parquet": _counts(0, 1, shard_errors=1)}
     unreadable = {"rows_in_file": None, "unreadable": "ArrowInvalid: bad footer"}
-    inputs = check_inputs(FILES, URLS, per_file, [{"rows_in_file": 4}, unreadable])
+    inputs = check_inputs(FILES, per_file, [{"rows_in_file": 4}, unreadable])
     assert [entry["rows_read"] for entry in inputs] == [4, 1]
     with pytest.raises(AccountingError, match=r"in/a.jsonl: 5 rows in the file, 4 read"):
-        check_inputs(FILES, URLS, per_file, [{"rows_in_file": 5}, unreadable])
+        check_inputs(FILES, per_file, [{"rows_in_file": 5}, unreadable])
 
 
 def test_a_file_the_independent_count_could_not_read_but_the_pipeline_did_fails_the_run():
@@ -41,7 +44,7 @@ def test_a_file_the_independent_count_could_not_read_but_the_pipeline_did_fails_
     per_file = {"in/a.jsonl": _counts(3, 1), "in/b.parquet": _counts(2, 0)}
     failed = {"rows_in_file": None, "unreadable": "OSError: connection reset"}
     with pytest.raises(AccountingError, match=r"in/b.parquet: the independent row count could"):
-        check_inputs(FILES, URLS, per_file, [{"rows_in_file": 4}, failed])
+        check_inputs(FILES, per_file, [{"rows_in_file": 4}, failed])
 
 
 def test_a_run_over_its_reject_budget_fails_with_the_rejects_by_kind():

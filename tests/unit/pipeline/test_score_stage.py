@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq_
 import pytest
 import torch
 
 from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig
-from ln_ray.io import cache
+from ln_ray.io.cache import ScoreCache
 from ln_ray.pipeline.score_stage import ScoreStage
 from tests.helpers import GOOD_ROW, prepared_rows, raw_table
 
@@ -24,7 +23,7 @@ def test_a_trace_that_keeps_failing_is_rejected_and_the_rest_scored(
     student = StudentConfig(model=tiny_student_dir)
     _, prepared = prepared_rows(student, raw)
     stage = ScoreStage(
-        student, ScoringConfig(window=1), ComputeConfig(max_retries=1), str(tmp_path)
+        student, ScoringConfig(window=1), ComputeConfig(max_retries=1), ScoreCache(str(tmp_path))
     )
     poison = prepared["input_ids"][2].as_py()
     real_score, calls = stage.scorer.score, []
@@ -45,7 +44,7 @@ def test_a_trace_that_keeps_failing_is_rejected_and_the_rest_scored(
     }
     # the batch twice (max_retries=1), then halves, each once, down to the one trace
     assert calls == [5, 5, 2, 3, 1, 2]
-    stored = pq_.read_table(cache.cache_files(str(tmp_path))).to_pylist()
+    stored = ScoreCache(str(tmp_path)).read_table("").to_pylist()
     poisoned = prepared["trace_id"][2].as_py()
     assert len(stored) == 4 and poisoned not in {r["trace_id"] for r in stored}
 
@@ -54,17 +53,21 @@ def test_a_prompt_that_fills_the_global_cap_is_rejected(tiny_student_dir, tmp_pa
     student = StudentConfig(model=tiny_student_dir)
     _, prepared = prepared_rows(student, raw_table(json.dumps(GOOD_ROW).encode()))
     cap = prepared["prefix_len"][0].as_py()
-    stage = ScoreStage(student, ScoringConfig(max_tokens=cap), ComputeConfig(), str(tmp_path))
+    stage = ScoreStage(
+        student, ScoringConfig(max_tokens=cap), ComputeConfig(), ScoreCache(str(tmp_path))
+    )
     (row,) = stage(prepared).to_pylist()
     assert row["reason"] == f"prompt longer than scoring.max_tokens ({cap} tokens)"
-    assert not cache.cache_files(str(tmp_path))
+    assert not ScoreCache(str(tmp_path)).files()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_actor_without_a_gpu_refuses_to_score(tiny_student_dir, tmp_path):
     student = StudentConfig(model=tiny_student_dir)
     with pytest.raises(RuntimeError, match="sees no CUDA device"):
-        ScoreStage(student, ScoringConfig(), ComputeConfig(gpus_per_actor=1), str(tmp_path))
+        ScoreStage(
+            student, ScoringConfig(), ComputeConfig(gpus_per_actor=1), ScoreCache(str(tmp_path))
+        )
 
 
 class Reports:
@@ -93,7 +96,9 @@ def test_an_actor_proves_its_student_before_its_first_batch(tiny_student_dir, tm
     student = StudentConfig(model=tiny_student_dir)
     reports = Reports()
     identity = check_student(student).identity
-    ScoreStage(student, ScoringConfig(), ComputeConfig(), str(tmp_path), identity, reports)
+    ScoreStage(
+        student, ScoringConfig(), ComputeConfig(), ScoreCache(str(tmp_path)), identity, reports
+    )
     (proof,) = reports.proofs
     assert proof["covered_by_tests"] and proof["max_difference"] < proof["tolerance"]
     assert reports.halted == []
@@ -108,7 +113,7 @@ def test_an_actor_whose_student_differs_from_the_drivers_stops_the_job(tiny_stud
             StudentConfig(model=tiny_student_dir),
             ScoringConfig(),
             ComputeConfig(),
-            str(tmp_path),
+            ScoreCache(str(tmp_path)),
             identity="another-snapshot@0123456789abcdef",
             progress=reports,
         )
@@ -122,10 +127,12 @@ def test_an_actor_whose_student_fails_its_self_check_stops_the_job(leaky_student
     reports = Reports()
     student = StudentConfig(model=leaky_student_dir, trust_remote_code=True)
     with pytest.raises(ProofError):
-        ScoreStage(student, ScoringConfig(), ComputeConfig(), str(tmp_path), progress=reports)
+        ScoreStage(
+            student, ScoringConfig(), ComputeConfig(), ScoreCache(str(tmp_path)), progress=reports
+        )
     (reason,) = reports.halted
     assert reason.startswith(f"student {leaky_student_dir!r} failed its self-check: the ")
-    assert not cache.cache_files(str(tmp_path))  # nothing scored
+    assert not ScoreCache(str(tmp_path)).files()  # nothing scored
 
 
 def _five_traces(tiny_student_dir):
@@ -141,7 +148,7 @@ def test_a_trace_out_of_memory_alone_is_tried_in_smaller_packs_then_rejected(
 ):
     student, prepared = _five_traces(tiny_student_dir)
     stage = ScoreStage(
-        student, ScoringConfig(window=1), ComputeConfig(token_budget=256), str(tmp_path)
+        student, ScoringConfig(window=1), ComputeConfig(token_budget=256), ScoreCache(str(tmp_path))
     )
     long_trace = prepared["input_ids"][4].as_py()
     real_forward, real_plan = stage.scorer._forward_pack, stage.scorer.plan
@@ -175,7 +182,7 @@ def test_a_trace_out_of_memory_alone_is_tried_in_smaller_packs_then_rejected(
     }
     assert {128, 64} <= set(budgets)  # alone, in smaller packs, before giving up
     assert stage.scorer.token_budget == 256  # and back to the configured budget
-    stored = pq_.read_table(cache.cache_files(str(tmp_path))).to_pylist()
+    stored = ScoreCache(str(tmp_path)).read_table("").to_pylist()
     assert len(stored) == 4  # the four others were scored, in packs of 64 tokens
 
 
@@ -183,7 +190,7 @@ def test_a_device_error_that_poisons_the_actor_restarts_it(tiny_student_dir, tmp
     from ln_ray.pipeline import score_stage
 
     student, prepared = _five_traces(tiny_student_dir)
-    stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(), str(tmp_path))
+    stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(), ScoreCache(str(tmp_path)))
 
     def poisoned(traces):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -199,4 +206,4 @@ def test_a_device_error_that_poisons_the_actor_restarts_it(tiny_student_dir, tmp
     with pytest.raises(Exited) as exited:
         stage(prepared)  # never a reject: the process ends, and Ray restarts it
     assert exited.value.args == (score_stage.DEVICE_ERROR_EXIT,)
-    assert not cache.cache_files(str(tmp_path))
+    assert not ScoreCache(str(tmp_path)).files()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq_
-
 from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig
-from ln_ray.io import cache
+from ln_ray.io.cache import ScoreCache
 from ln_ray.pipeline.score_stage import ScoreStage
 from ln_ray.schema import (
     CACHE_SCHEMA,
@@ -40,13 +38,13 @@ def test_validate_tokenize_and_score_stages(tiny_student_dir, tmp_path):
     assert validated["cached"].to_pylist() == [False, False, False]
     assert prepared.num_rows == 1 and prepared["step_chars"].to_pylist() == [[24, 17]]
 
-    cache_dir = str(tmp_path / "cache")
+    cache_dir = ScoreCache(str(tmp_path / "cache"))
     stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(token_budget=64), cache_dir)
     out = stage(prepared)
     assert out.schema == LATE_REJECTS_SCHEMA and out.num_rows == 0  # scored: nothing rejected
-    files = cache.cache_files(cache_dir)
+    files = cache_dir.files()
     assert len(files) == 1
-    stored = pq_.read_table(files[0])
+    stored = cache_dir.read_table(files[0])
     assert stored.schema == CACHE_SCHEMA
     row = stored.to_pylist()[0]
     assert row["trace_id"] == prepared["trace_id"][0].as_py() == validated["trace_id"][0].as_py()

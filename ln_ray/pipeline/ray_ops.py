@@ -1,0 +1,130 @@
+"""The Ray toolbox every stage of the job uses: joining the cluster, sizing shuffles, writing
+datasets into a folder, and bringing small results into the driver."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from ln_ray.config import ComputeConfig
+from ln_ray.io.folder import Folder
+
+FILE_BYTES = 128 * 2**20  # in-memory bytes of rows per written file (Parquet compresses them)
+COMPRESSION = "zstd"
+
+
+def connect_ray(compute: ComputeConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets), else start local Ray;
+    then set this driver's Ray Data options (its tasks inherit them)."""
+    import ray
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            # "local": a new Ray of its own, never a cluster that `ray start` left on this node
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    # The reduce stage's groupbys move small tables; a sort shuffle runs them as plain tasks,
+    # where the hash shuffle first starts aggregator actors (seconds each on a small cluster).
+    context = DataContext.get_current()
+    context.shuffle_strategy = (
+        ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        if compute.shuffle == "sort"
+        else ShuffleStrategy.SHUFFLE_V2
+    )
+    # The job reads back its own staged Parquet several times. Ray Data's V2 Parquet reader plans
+    # each read as a file-listing task before its read tasks, a task's start-up at every read;
+    # the V1 reader lists in the driver. RAY_DATA_USE_DATASOURCE_V2 overrides.
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        context.use_datasource_v2 = False
+    # Ray Data splits every read into at least 200 blocks; the job's reads of its own staged
+    # Parquet would then run as hundreds of tiny tasks. Blocks of the default size (128 MB), and
+    # at least two per CPU, keep every CPU busy with a fraction of the tasks.
+    context.read_op_min_num_blocks = 2 * cluster_cpus()
+
+
+def cluster_cpus() -> int:
+    """CPUs of the connected Ray cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def reduce_partitions() -> int:
+    """Shuffle partitions for groupbys: one per cluster CPU (Ray defaults to 200, for big data)."""
+    return cluster_cpus()
+
+
+def task_retries(compute: ComputeConfig) -> dict[str, int]:
+    """A task's retries: Ray Data retries failed tasks without end by default, and a poison
+    input would loop forever."""
+    return {"max_retries": compute.max_retries}
+
+
+def write_dataset(
+    ds: Any, folder: Folder, name: str, task_args: dict[str, Any] | None = None
+) -> None:
+    """Write a Ray dataset as Parquet into ``folder/name``, compressed with zstd (which writes
+    text about twice as fast as Parquet's default, snappy, into about half the bytes).
+
+    Args:
+        ds: The dataset.
+        folder: The folder to write into.
+        name: The dataset's folder in it.
+        task_args: The Ray remote args of the tasks that make ``ds`` (tasks already sized to a
+            file's worth of rows): each of them writes its own rows, as one file. Otherwise
+            files of about ``FILE_BYTES``: Ray Data writes one file per block, and a run over
+            thousands of small shards would write (and every later stage read, task by task)
+            thousands of small files; but gathering blocks into files makes the write an
+            operator of its own, with tasks of its own.
+    """
+    sizing = {"min_bytes_per_file": FILE_BYTES} if task_args is None else {}
+    ds.write_parquet(
+        folder.full(name),
+        filesystem=folder.arrow_fs,
+        compression=COMPRESSION,
+        ray_remote_args=task_args,
+        **sizing,
+    )
+
+
+def collect(ds: Any, schema: pa.Schema) -> pa.Table:
+    """A (small) dataset as one table of ``schema`` in the driver (Ray Data may hand back empty
+    blocks without columns)."""
+    import ray
+
+    blocks = ray.get(ds.to_arrow_refs())
+    return pa.concat_tables(
+        [schema.empty_table(), *(b.select(schema.names).cast(schema) for b in blocks if b.num_rows)]
+    )
+
+
+def to_pandas(ds: Any, columns: list[str]) -> pd.DataFrame:
+    """A (small) dataset as a DataFrame, with ``columns`` also when it has no rows (Ray Data
+    then returns a frame without any)."""
+    frame = ds.to_pandas()
+    return frame if len(frame.columns) else pd.DataFrame(columns=columns)
+
+
+def cast_to(schema: pa.Schema):
+    """A batch function selecting and casting a table to ``schema``."""
+
+    def cast(table: pa.Table) -> pa.Table:
+        return table.select(schema.names).cast(schema)
+
+    return cast
+
+
+def count_valid(ds: Any, column: str) -> int:
+    """Non-null values of ``column`` in a dataset."""
+    counts = ds.select_columns([column]).map_batches(
+        lambda t: pa.table({"n": [t.num_rows - t[column].null_count]}), batch_format="pyarrow"
+    )
+    return int(counts.sum("n") or 0)

@@ -156,6 +156,9 @@ class ComputeConfig:
     shuffle: str = "sort"
     max_retries: int = 2
     progress_s: float = 30.0
+    min_cpus: float = 0.0  # the job waits for a cluster this large before it plans its reads
+    min_gpus: float = 0.0
+    wait_for_cluster_s: float = 1800.0
 
 
 @dataclass
@@ -290,6 +293,9 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.compute.shuffle in SHUFFLES, f"compute.shuffle must be one of {SHUFFLES}")
     need(cfg.compute.max_retries >= 0, "compute.max_retries must be >= 0")
     need(cfg.compute.progress_s > 0, "compute.progress_s must be > 0")
+    need(cfg.compute.min_cpus >= 0, "compute.min_cpus must be >= 0")
+    need(cfg.compute.min_gpus >= 0, "compute.min_gpus must be >= 0")
+    need(cfg.compute.wait_for_cluster_s > 0, "compute.wait_for_cluster_s must be > 0")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -50,7 +50,7 @@ from ln_ray.pipeline.passes import (
     validate_rows,
     write_validation_rejects,
 )
-from ln_ray.pipeline.ray_ops import connect_ray, reduce_partitions
+from ln_ray.pipeline.ray_ops import ClusterTooSmall, connect_ray, reduce_partitions
 from ln_ray.pipeline.record import (
     ASSEMBLE,
     COMPACT,
@@ -107,7 +107,6 @@ def run_score(cfg: LnRayConfig) -> RunManifest:
     except (storage.InputError, StudentError, OutputError) as exc:
         raise JobError(storage.redact_url(str(exc))) from None
     try:
-        connect_ray(cfg.compute)
         manifest = _score(cfg, inputs, student, run, lease, started)
         return _publish(run, (*SCORE_OUTPUTS, *REDUCE_OUTPUTS), manifest, cfg.output.keep_runs)
     finally:
@@ -135,9 +134,10 @@ def _score(
         else f"model type {student.model_type}: proven by its self-check alone",
         len(cached),
     )
-    expected_rows = start_counting(inputs)  # rows per file, counted apart from the pipeline
     timeline = Timeline(cfg.compute, run)
     with _unpublished(run, started):
+        connect_ray(cfg.compute)  # and wait for the cluster this run was configured for
+        expected_rows = start_counting(inputs)  # rows per file, counted apart from the pipeline
         with timeline.run(VALIDATE) as record:
             validated = validate_rows(cfg, inputs, run, cached)
             record.update(rows=validated.rows)
@@ -213,7 +213,7 @@ def _unpublished(run: RunFolder, started: float) -> Iterator[None]:
         )
         run.record_failure({"run_id": run.run_id, "error": error, "started_at": iso(started)})
         raise JobError(storage.redact_url(f"run {run.run_id} did not publish: {error}")) from None
-    except (ScoringHalted, AccountingError, LeaseHeld) as exc:
+    except (ClusterTooSmall, ScoringHalted, AccountingError, LeaseHeld) as exc:
         run.discard()
         raise JobError(storage.redact_url(str(exc))) from None
     except BaseException:
@@ -284,10 +284,10 @@ def run_select(cfg: LnRayConfig) -> RunManifest:
     except OutputError as exc:
         raise JobError(storage.redact_url(str(exc))) from None
     try:
-        connect_ray(cfg.compute)
         published = PublishedRun.open(cfg.output.path)  # the run published last, now ours
         timeline = Timeline(cfg.compute, run)
         with _unpublished(run, time.time()):
+            connect_ray(cfg.compute)
             with timeline.run(REDUCE) as record:
                 selection = reduce_scores(
                     published, published.manifest.text_output, run, cfg.selection

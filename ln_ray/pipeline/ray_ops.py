@@ -4,7 +4,9 @@ datasets into a folder, and bringing small results into the driver."""
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from typing import Any
 
 import pandas as pd
@@ -16,10 +18,21 @@ from ln_ray.io.folder import Folder
 FILE_BYTES = 128 * 2**20  # in-memory bytes of rows per written file (Parquet compresses them)
 COMPRESSION = "zstd"
 
+log = logging.getLogger(__name__)
+
+
+class ClusterTooSmall(RuntimeError):
+    """The cluster did not reach ``compute.min_cpus`` / ``compute.min_gpus`` in time."""
+
 
 def connect_ray(compute: ComputeConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets), else start local Ray;
-    then set this driver's Ray Data options (its tasks inherit them)."""
+    wait for the cluster the run was configured for (``wait_for_cluster``); then set this
+    driver's Ray Data options (its tasks inherit them), sized for that cluster.
+
+    Raises:
+        ClusterTooSmall: The cluster did not reach its configured size in time.
+    """
     import ray
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
@@ -31,6 +44,9 @@ def connect_ray(compute: ComputeConfig) -> None:
         else:
             # "local": a new Ray of its own, never a cluster that `ray start` left on this node
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    wait_for_cluster(compute)
+    resources = ray.cluster_resources()
+    log.info("Ray cluster: %g CPUs, %g GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
     # The reduce stage's groupbys move small tables; a sort shuffle runs them as plain tasks,
     # where the hash shuffle first starts aggregator actors (seconds each on a small cluster).
     context = DataContext.get_current()
@@ -48,6 +64,71 @@ def connect_ray(compute: ComputeConfig) -> None:
     # Parquet would then run as hundreds of tiny tasks. Blocks of the default size (128 MB), and
     # at least two per CPU, keep every CPU busy with a fraction of the tasks.
     context.read_op_min_num_blocks = 2 * cluster_cpus()
+
+
+def wait_for_cluster(compute: ComputeConfig, poll_s: float = 1.0) -> None:
+    """Wait until the cluster has ``compute.min_cpus`` CPUs and ``compute.min_gpus`` GPUs.
+
+    A RayJob's driver starts as soon as the head is ready, before its workers join (the shipped
+    head has no CPUs): the reads, shuffles and row counts sized from the cluster at that moment
+    would be planned for a cluster of one node. Waiting up to ``compute.wait_for_cluster_s``
+    lets the job plan for the cluster it will run on; a line every ``compute.progress_s`` says
+    what it still waits for. While it waits, it asks an autoscaler for that cluster
+    (``request_resources``: a cluster launched with no workers has no demand to scale on
+    before the job starts its tasks), and withdraws the request once the wait is over.
+
+    Raises:
+        ClusterTooSmall: The cluster is still smaller after ``compute.wait_for_cluster_s``.
+    """
+    import ray
+
+    if not _missing(ray.cluster_resources(), compute):
+        return
+    _request_cluster(compute)
+    try:
+        started = time.monotonic()
+        said: float | None = None  # when the last waiting line was logged
+        while missing := _missing(ray.cluster_resources(), compute):
+            now = time.monotonic()
+            if now - started >= compute.wait_for_cluster_s:
+                raise ClusterTooSmall(
+                    f"the Ray cluster has {missing} after {now - started:.0f}s "
+                    "(compute.wait_for_cluster_s); add nodes, or lower compute.min_cpus / "
+                    "compute.min_gpus to the cluster you have"
+                )
+            if said is None or now - said >= compute.progress_s:
+                log.info("waiting for the cluster: it has %s", missing)
+                said = now
+            time.sleep(poll_s)
+    finally:
+        _request_cluster(None)
+
+
+def _request_cluster(compute: ComputeConfig | None) -> None:
+    """Ask an autoscaler for ``compute``'s cluster (None: withdraw the request). Only a hint:
+    a cluster without an autoscaler ignores it, and a failure to ask is logged, not raised."""
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        if compute is None:
+            request_resources(num_cpus=0)
+        else:
+            request_resources(
+                num_cpus=math.ceil(compute.min_cpus),
+                bundles=[{"GPU": 1}] * math.ceil(compute.min_gpus),
+            )
+    except Exception as exc:
+        log.debug("could not ask the autoscaler for the cluster: %s", exc)
+
+
+def _missing(resources: dict[str, float], compute: ComputeConfig) -> str:
+    """What the cluster lacks, as ``"2 of 64 CPUs, 0 of 8 GPUs"`` ("" when nothing)."""
+    short = [
+        f"{resources.get(key, 0):g} of {want:g} {key}s"
+        for key, want in (("CPU", compute.min_cpus), ("GPU", compute.min_gpus))
+        if resources.get(key, 0) < want
+    ]
+    return ", ".join(short)
 
 
 def cluster_cpus() -> int:

@@ -1,25 +1,18 @@
 """`ray job submit` end to end: a real Ray head on loopback, the README's command, the outputs
-published. The head is this test's own (``ray start --head --block``) and only it is stopped."""
+published. The head is this test's own (``tests/local_ray.py``) and only it is stopped."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shlex
-import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO
-
-RAY = Path(sys.executable).with_name("ray")
+from tests.local_ray import RAY, LocalRay, free_port
 
 
 def readme_submit_command() -> list[str]:
@@ -29,67 +22,34 @@ def readme_submit_command() -> list[str]:
     return shlex.split(line)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head with its job server on 127.0.0.1; yields the dashboard's address."""
-    gcs, dashboard = _free_port(), _free_port()
-    # every port of its own: another Ray on this machine (the tests' own) holds the defaults
-    ports = [
-        f"--{name}={_free_port()}"
-        for name in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "ray-client-server-port",
-        )
-    ]
-    # `ray start` records its cluster here for later ray.init() calls; put back what was there
-    current = Path("/tmp/ray/ray_current_cluster")
-    before = current.read_text() if current.exists() else None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # the README's token setup: the job server refuses clients without it
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    env["PATH"] = f"{RAY.parent}{os.pathsep}{env['PATH']}"  # as in an activated virtualenv
-    head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", *ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
+def ray_head():
+    """A Ray head with its job server on 127.0.0.1; yields the dashboard's address and the
+    environment (with the README's token: the job server refuses clients without it)."""
+    cluster = LocalRay()
+    dashboard = free_port()
     try:
+        cluster.start_head(
+            2, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            "--include-dashboard=true",
+        )  # fmt: skip
+        address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 180
         while time.time() < deadline:
             # ready once a job can run: the job server and the node's job agent are both up
             probe = subprocess.run(
                 [str(RAY), "job", "submit", "--address", address, "--", "python", "-c", "pass"],
-                env=env, capture_output=True, text=True, check=False, timeout=120,
+                env=cluster.env, capture_output=True, text=True, check=False, timeout=120,
             )  # fmt: skip
             if probe.returncode == 0:
                 break
-            assert head.poll() is None, "the Ray head exited while starting"
+            assert cluster.nodes[0].poll() is None, "the Ray head exited while starting"
             time.sleep(2)
         else:
             pytest.fail("the Ray head's job server did not come up")
-        yield address, env
+        yield address, cluster.env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        if before is None:
-            current.unlink(missing_ok=True)
-        else:
-            current.write_text(before)
+        cluster.stop()
 
 
 @pytest.mark.slow  # starts a Ray head with its job server

@@ -127,6 +127,8 @@ def test_unknown_key_is_named():
         ("compute.actors=0", "compute.actors must be >= 1"),
         ("compute.shuffle=random", "compute.shuffle must be one of"),
         ("compute.head_chunk=-1", "compute.head_chunk must be >= 0"),
+        ("compute.min_gpus=-1", "compute.min_gpus must be >= 0"),
+        ("compute.wait_for_cluster_s=0", "compute.wait_for_cluster_s must be > 0"),
         ("scoring.max_tokens=0", "scoring.max_tokens must be >= 1 or null"),
         ("selection.seed=-1", "selection.seed must be >= 0"),
         ("scoring.window=[1", "bad override value"),

@@ -4,8 +4,9 @@
    no tokenizer, no student) and written once to the run's ``_valid/``.
 2. ``score_new_rows``: only the rows whose trace is not in the cache are read back, tokenized
    (CPU tasks) and scored by an actor pool that grows with the work, into the score cache; only
-   the rows it rejects come back. A run with nothing new never starts it, so a refresh over a
-   scored corpus loads no student.
+   the rows it rejects come back. A trace that several new rows hold is scored once (the rows
+   after its first are left out: ``row_checks.find_repeats``). A run with nothing new never
+   starts it, so a refresh over a scored corpus loads no student.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ln_ray.pipeline.ray_ops import (
     task_retries,
     write_dataset,
 )
+from ln_ray.pipeline.row_checks import find_repeats, repeated_rejects
 from ln_ray.pipeline.score_stage import ScoreStage
 from ln_ray.pipeline.stages import TOKENIZE_INPUT, is_new, tokenize_batch, validate_batch
 from ln_ray.schema import (
@@ -45,6 +47,7 @@ from ln_ray.schema import (
     REJECTS_SCHEMA,
     ROW_META_SCHEMA,
     VALIDATED_SCHEMA,
+    row_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -201,6 +204,13 @@ def score_new_rows(
     import ray
 
     compute = cfg.compute
+    repeats = find_repeats(
+        read_valid(run, columns=_NEW_KEYS, blocks=reduce_partitions()).map_batches(
+            lambda rows: rows.filter(is_new(rows)), batch_format="pyarrow"
+        )
+    )
+    run.write_table(REPEATS_FILE, repeats)  # the tokenizing tasks leave these rows out
+    new_rows -= repeats.num_rows
     actors = max(1, min(compute.actors, math.ceil(new_rows / compute.batch_traces)))
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     done, started = threading.Event(), time.time()
@@ -225,6 +235,7 @@ def score_new_rows(
     proofs = ray.get(counter.proven.remote())
     log.info(progress_line(traces, new_rows, tokens, time.time() - started))
     ray.kill(counter)
+    rejects = pa.concat_tables([rejects, repeated_rejects(repeats, rejects)])
     return ScoringPass(rejects, kernels, proofs)
 
 
@@ -284,14 +295,22 @@ def _tokenize_and_score(
     return collect(rejects, LATE_REJECTS_SCHEMA)
 
 
+_NEW_KEYS = ["trace_id", "source_file", "row_number", "reject_reason", "cached"]
+REPEATS_FILE = "_repeats.parquet"  # in the run's folder: rows whose trace an earlier row has
+
+
 def _new_rows(files: pa.Table, run: RunFolder) -> Iterator[pa.Table]:
-    """The rows of the named ``_valid/`` files that need tokenizing and scoring, streamed."""
+    """The rows of the named ``_valid/`` files that need tokenizing and scoring (their trace's
+    first copy only), streamed."""
+    repeats = row_keys(run.read_table(REPEATS_FILE, columns=["source_file", "row_number"]))
     for name in files["name"].to_pylist():
         with run.open(name, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             for batch in parquet.iter_batches(batch_size=256, columns=TOKENIZE_INPUT.names):
                 table = pa.Table.from_batches([batch]).cast(TOKENIZE_INPUT)
                 new = table.filter(is_new(table))
+                if len(repeats):
+                    new = new.filter(pc.invert(pc.is_in(row_keys(new), value_set=repeats)))
                 if new.num_rows:
                     yield new
 

@@ -1,6 +1,8 @@
 """The checks that group every accepted row by a key, with no Python per row or key: later
 copies of a (prompt_id, teacher, response) are duplicates, and a prompt_id that names different
-prompts (another context before the response) rejects its rows.
+prompts (another context before the response) rejects its rows. Before scoring, the same passes
+find the rows to score whose trace an earlier row also has (``find_repeats``): each trace costs
+model time once, however many files and batches hold it.
 
 Both run as the same two passes over Ray Data (``_reject_across_blocks``): the rows are sorted
 by key, each block reports what the driver needs of it (a few rows per key that matters, and its
@@ -16,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ln_ray.pipeline.ray_ops import collect
-from ln_ray.schema import LATE_REJECTS_SCHEMA, SHARED_PROMPT_ID
+from ln_ray.schema import LATE_REJECTS_SCHEMA, SHARED_PROMPT_ID, row_keys
 
 
 def find_duplicates(keys: Any) -> pa.Table:
@@ -39,6 +41,50 @@ def find_duplicates(keys: Any) -> pa.Table:
     )
 
 
+def find_repeats(keys: Any) -> pa.Table:
+    """Rows to score whose trace an earlier row (smallest source_file, row_number) also has.
+
+    Scoring skips them: their scores come from the cache, where the first copy's go, and a
+    first copy's reject is theirs too (``repeated_rejects``). Found as ``find_duplicates``
+    finds duplicates, by trace_id.
+
+    Args:
+        keys: The trace_id, source_file and row_number of every row to score.
+
+    Returns:
+        source_file and row_number of each repeat, with first_file and first_row of its first
+        copy (``REPEATS_SCHEMA``).
+    """
+    renamed = keys.map_batches(
+        lambda t: t.select(["trace_id", "source_file", "row_number"]).rename_columns(
+            ["dup_key", "source_file", "row_number"]
+        ),
+        batch_format="pyarrow",
+    )
+    return _reject_across_blocks(
+        renamed, "dup_key", "dup_key", _block_firsts, _FIRSTS, _merge_firsts, _repeats, REPEATS
+    )
+
+
+def repeated_rejects(repeats: pa.Table, rejects: pa.Table) -> pa.Table:
+    """The rejects of first copies (``LATE_REJECTS_SCHEMA``), given to their repeats."""
+    if not repeats.num_rows or not rejects.num_rows:
+        return _DUPLICATES.empty_table()
+    where = pc.index_in(
+        row_keys(repeats.select(["first_file", "first_row"]).rename_columns(_ROW)),
+        value_set=row_keys(rejects),
+    )
+    table = pa.table(
+        {
+            "source_file": repeats["source_file"],
+            "row_number": repeats["row_number"],
+            "reason": pc.take(rejects["reason"], where),
+            "kind": pc.take(rejects["kind"], where),
+        }
+    )
+    return table.filter(pc.is_valid(where)).cast(_DUPLICATES)
+
+
 def _reject_across_blocks(
     rows: Any,
     valid: str,
@@ -47,6 +93,7 @@ def _reject_across_blocks(
     summary_schema: pa.Schema,
     merge: Any,
     mark: Any,
+    marked: pa.Schema = LATE_REJECTS_SCHEMA,
 ) -> pa.Table:
     """The two passes of a check that groups rows by ``key``, with no Python per row or key.
 
@@ -56,18 +103,19 @@ def _reject_across_blocks(
     found; a second pass, ``mark(block, found=...)``, hands back the rows to reject.
 
     Returns:
-        source_file, row_number, reason and kind of each rejected row.
+        The rows ``mark`` hands back, in ``marked`` (default: source_file, row_number, reason
+        and kind of each rejected row).
     """
     kept = rows.map_batches(lambda t: t.filter(pc.is_valid(t[valid])), batch_format="pyarrow")
     ordered = kept.sort(key).materialize()
     partials = ordered.map_batches(summarize, batch_format="pyarrow", batch_size=None)
     found = merge(collect(partials, summary_schema))
     if found.num_rows == 0:
-        return _DUPLICATES.empty_table()
+        return marked.empty_table()
     marks = ordered.map_batches(
         mark, fn_kwargs={"found": found}, batch_format="pyarrow", batch_size=None
     )
-    return collect(marks, _DUPLICATES)
+    return collect(marks, marked)
 
 
 _FIRSTS = pa.schema(
@@ -79,6 +127,15 @@ _FIRSTS = pa.schema(
     ]
 )
 _DUPLICATES = LATE_REJECTS_SCHEMA
+REPEATS = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("row_number", pa.int64()),
+        ("first_file", pa.string()),
+        ("first_row", pa.int64()),
+    ]
+)
+_ROW = ["source_file", "row_number"]
 
 
 def _firsts(frame: pl.DataFrame) -> pl.DataFrame:
@@ -112,9 +169,9 @@ def _merge_firsts(partials: pa.Table) -> pa.Table:
     return merged.to_arrow().select(_FIRSTS.names).cast(_FIRSTS)
 
 
-def _later_copies(block: pa.Table, found: pa.Table) -> pa.Table:
+def _repeats(block: pa.Table, found: pa.Table) -> pa.Table:
     """The block's rows that repeat an earlier row of their key (``found``: the keys held more
-    than once, with their first copy), with the reason."""
+    than once, with their first copy), with their first copy (``REPEATS``)."""
     where = pc.index_in(block["dup_key"], value_set=found["dup_key"])
     first_file = pc.take(found["first_file"], where)
     first_row = pc.take(found["first_row"], where)
@@ -122,18 +179,32 @@ def _later_copies(block: pa.Table, found: pa.Table) -> pa.Table:
         pc.equal(block["source_file"], first_file), pc.equal(block["row_number"], first_row)
     )
     later = pc.and_(pc.is_valid(where), pc.invert(pc.fill_null(is_first, False)))
-    reason = pc.binary_join_element_wise(
-        "duplicate of ", first_file, " row ", pc.cast(first_row, pa.string()), ""
-    )
     table = pa.table(
         {
             "source_file": block["source_file"],
             "row_number": block["row_number"],
-            "reason": reason,
-            "kind": pa.array(["duplicate"] * block.num_rows, pa.string()),
+            "first_file": first_file,
+            "first_row": first_row,
         }
     )
-    return table.filter(pc.fill_null(later, False)).cast(_DUPLICATES)
+    return table.filter(pc.fill_null(later, False)).cast(REPEATS)
+
+
+def _later_copies(block: pa.Table, found: pa.Table) -> pa.Table:
+    """The block's rows that repeat an earlier row of their key, with the reason."""
+    later = _repeats(block, found)
+    reason = pc.binary_join_element_wise(
+        "duplicate of ", later["first_file"], " row ", pc.cast(later["first_row"], pa.string()), ""
+    )
+    table = pa.table(
+        {
+            "source_file": later["source_file"],
+            "row_number": later["row_number"],
+            "reason": reason,
+            "kind": pa.array(["duplicate"] * later.num_rows, pa.string()),
+        }
+    )
+    return table.cast(_DUPLICATES)
 
 
 def find_conflicts(rows: Any) -> pa.Table:

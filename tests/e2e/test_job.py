@@ -386,3 +386,49 @@ def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster
                 expected[(r["source_file"], r["row_number"])] = reason
     assert got == expected and len(expected) > 30
     assert set(found["kind"].to_pylist()) == {"input"}
+
+
+def test_repeated_traces_are_found_across_blocks_and_take_their_first_copys_reject(ray_cluster):
+    """Rows to score, many holding a trace an earlier row holds, spread over many blocks: every
+    later copy is found with its first copy, which alone is scored; a first copy's reject is
+    given to its copies."""
+    import ray
+
+    from ln_ray.pipeline.row_checks import find_repeats, repeated_rejects
+
+    rng = random.Random(5)
+    rows = [
+        {
+            "trace_id": f"t{rng.randrange(80)}",
+            "source_file": f"f{rng.randrange(3)}",
+            "row_number": n,
+        }
+        for n in range(1, 400)
+    ]
+    table = pa.Table.from_pylist(rows)
+    blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
+    repeats = find_repeats(ray.data.from_arrow(blocks).repartition(9))
+    got = {
+        (r["source_file"], r["row_number"]): (r["first_file"], r["first_row"])
+        for r in repeats.to_pylist()
+    }
+    expected, firsts = {}, {}
+    for trace in {r["trace_id"] for r in rows}:
+        copies = sorted((r["source_file"], r["row_number"]) for r in rows if r["trace_id"] == trace)
+        firsts[trace] = copies[0]
+        expected.update({copy: copies[0] for copy in copies[1:]})
+    assert got == expected and len(expected) > 300
+
+    failed = sorted(firsts.values())[:5]
+    rejects = pa.table(
+        {
+            "source_file": [f for f, _ in failed],
+            "row_number": [n for _, n in failed],
+            "reason": [f"bad {n}" for _, n in failed],
+            "kind": ["render"] * 5,
+        }
+    )
+    given = repeated_rejects(repeats, rejects)
+    assert {(r["source_file"], r["row_number"]): r["reason"] for r in given.to_pylist()} == {
+        copy: f"bad {first[1]}" for copy, first in expected.items() if first in failed
+    }

@@ -475,3 +475,36 @@ def test_scores_do_not_depend_on_batching_actors_or_order(
         )
     )  # fmt: skip
     assert_same_scores(out, reference_run)
+
+
+def test_a_trace_in_several_files_costs_model_time_once(
+    ray_cluster, tiny_student_dir, tmp_path, caplog
+):
+    """The same rows in two files, scored a batch of two at a time: each trace is scored once
+    (the progress counts the distinct traces); the second copies are duplicates, and a first
+    copy's late reject is its copy's too."""
+    rows = make_rows(n_prompts=2)
+    rows.append({**rows[0], "prompt_id": "long", "prompt": "Puzzle: " + "what is it? " * 300})
+    write_jsonl(tmp_path / "in" / "a.jsonl", rows)
+    write_jsonl(tmp_path / "in" / "b.jsonl", rows)
+    out = str(tmp_path / "out")
+    cfg = tiny_job_config(
+        tmp_path / "in",
+        out,
+        tiny_student_dir,
+        "scoring.max_tokens=256",
+        "output.max_reject_fraction=0.5",
+    )
+    with caplog.at_level(logging.INFO, logger="ln_ray"):
+        manifest = run_score(cfg)
+    distinct = len(rows) - 1  # the long prompt fills the global cap: rejected before the model
+    assert f"scoring: {len(rows):,} of {len(rows):,} traces" in caplog.text
+    assert manifest.counts["traces_scored_now"] == distinct
+    rejects = read_output(out, "rejects").set_index(["source_file", "row_number"])["reason"]
+    long_row = len(rows)
+    too_long = "prompt longer than scoring.max_tokens"
+    assert rejects.xs(long_row, level="row_number").str.startswith(too_long).all(), rejects
+    assert len(rejects.xs(long_row, level="row_number")) == 2  # both copies, the same reason
+    later = rejects[[path.endswith("b.jsonl") for path, _ in rejects.index]]
+    assert len(later) == len(rows)
+    assert later.drop(long_row, level="row_number").str.startswith("duplicate of").all()

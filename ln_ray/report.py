@@ -22,7 +22,7 @@ import pandas as pd
 from ln_ray.io.manifest import ROWS_DIR, RunManifest
 from ln_ray.io.run_folder import OutputError, OutputRoot, PublishedRun
 from ln_ray.pipeline.summary import printable, yes_no
-from ln_ray.schema import better_direction
+from ln_ray.schema import SCORES_SCHEMA, better_direction
 
 METRICS = ("lalp", "galp", "rsr")
 REPORT_NAME = "report.html"
@@ -41,24 +41,40 @@ def write_report(output_path: str) -> str:
 
 
 def load_run(output_path: str) -> dict[str, Any]:
-    """The tables and manifest of the run published under ``output_path``."""
+    """The tables and manifest of the run published under ``output_path``: one row per trace of
+    its scores (without their per-step log-probs) and per prompt of its selections; the text
+    of the few traces the report shows is read when it is rendered (``shown_traces``)."""
     try:
         published = PublishedRun.open(output_path)
     except OutputError as exc:
         raise FileNotFoundError(str(exc)) from None
-    table, manifest = published.table, published.manifest
+    table = published.table
     return {
-        "manifest": manifest,
-        "scores": table("scores"),
+        "published": published,
+        "manifest": published.manifest,
+        "scores": table("scores", [n for n in SCORES_SCHEMA.names if n != "step_logprobs"]),
         "selections": table("selections"),
         "teachers": table("teachers"),
         "pairs": table("teacher_pairs"),
         "stability": table("teacher_stability"),
-        "rows": table(ROWS_DIR, ["trace_id", "step_chars"]).merge(
-            table(manifest.text_output, ["trace_id", "messages"]).drop_duplicates("trace_id"),
-            on="trace_id",
-        ),
     }
+
+
+def shown_traces(published: PublishedRun, trace_ids: list[str]) -> pd.DataFrame:
+    """Messages, step boundaries and step log-probs of the traces ``trace_ids`` (by trace_id),
+    read with a filter on trace_id: never the whole run's text."""
+    if not trace_ids:
+        return pd.DataFrame(columns=["trace_id", "step_logprobs", "step_chars", "messages"])
+    where = [("trace_id", "in", list(trace_ids))]
+    parts = [
+        published.table("scores", ["trace_id", "step_logprobs"], where),
+        published.table(ROWS_DIR, ["trace_id", "step_chars"], where),
+        published.table(published.manifest.text_output, ["trace_id", "messages"], where),
+    ]
+    shown = parts[0].drop_duplicates("trace_id")
+    for part in parts[1:]:
+        shown = shown.merge(part.drop_duplicates("trace_id"), on="trace_id")
+    return shown
 
 
 def render_report(run: dict[str, Any]) -> str:
@@ -119,7 +135,7 @@ def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
             _agreement_table(agreement)
             + _figure(_plot_agreement(agreement), "Share of prompts where two metrics agree"),
         ),
-        _section("Where local and global disagree most", _disagreements(scores, run["rows"])),
+        _section("Where local and global disagree most", _disagreements(scores, run["published"])),
     ]
 
 
@@ -253,22 +269,23 @@ def _agreement_table(shares: pd.DataFrame) -> str:
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
-def _disagreements(scores: pd.DataFrame, rows: pd.DataFrame) -> str:
+def _disagreements(scores: pd.DataFrame, published: PublishedRun) -> str:
     chosen = disagreeing_traces(scores, _DISAGREEMENTS)
-    texts = rows.drop_duplicates("trace_id").set_index("trace_id")
+    texts = shown_traces(published, chosen["trace_id"].tolist()).set_index("trace_id")
     parts = [
         "<p>Least natural steps (lowest local log-prob) are highlighted; hover for values.</p>"
     ]
     for trace in chosen.itertuples():
-        messages = json.loads(texts.loc[trace.trace_id, "messages"])
+        shown = texts.loc[trace.trace_id]
+        messages = json.loads(shown["messages"])
         response = messages[-1]["content"]
         prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        step_chars = list(texts.loc[trace.trace_id, "step_chars"])
         parts.append(
             f"<div class='trace'><p><b>{_e(trace.teacher)}</b> on <code>{_e(trace.prompt_id)}"
             f"</code>: lalp {trace.lalp:.3f}, galp {trace.galp:.3f} (z-gap {trace.gap:+.2f})</p>"
             f"<p class='prompt'>{_e(prompt)}</p>"
-            f"<pre>{_highlight(response, step_chars, list(trace.step_logprobs))}</pre></div>"
+            f"<pre>{_highlight(response, list(shown['step_chars']), list(shown['step_logprobs']))}"
+            "</pre></div>"
         )
     return "".join(parts)
 

@@ -88,11 +88,20 @@ class Folder(DirFileSystem):
         storage.write_atomically(self.fs, self.full(name), write)
 
     def read_table(
-        self, name: str, columns: list[str] | None = None, schema: pa.Schema | None = None
+        self,
+        name: str,
+        columns: list[str] | None = None,
+        schema: pa.Schema | None = None,
+        filters: Any = None,
     ) -> pa.Table:
-        """A Parquet file or folder below the folder, as one table."""
+        """A Parquet file or folder below the folder, as one table (``columns`` only; the rows
+        that pass ``filters``, in pyarrow's form, filtered while reading)."""
         return pq.read_table(
-            self.full(name), columns=columns, schema=schema, filesystem=self.arrow_fs
+            self.full(name),
+            columns=columns,
+            schema=schema,
+            filters=filters,
+            filesystem=self.arrow_fs,
         )
 
     def write_table(self, name: str, table: pa.Table) -> None:

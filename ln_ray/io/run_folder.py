@@ -264,11 +264,13 @@ class PublishedRun:
     def url(self, name: str) -> str:
         return self.root.url_of(self.manifest.located(name))
 
-    def table(self, name: str, columns: list[str] | None = None) -> Any:
-        """Output ``name`` (``columns`` only, default all) as a pandas DataFrame; empty for one
-        of ``LATER_OUTPUTS`` that the run predates."""
+    def table(self, name: str, columns: list[str] | None = None, filters: Any = None) -> Any:
+        """Output ``name`` (``columns`` only, default all; the rows that pass ``filters``, in
+        pyarrow's form) as a pandas DataFrame; empty for one of ``LATER_OUTPUTS`` that the run
+        predates."""
         import pandas as pd
 
         if name in LATER_OUTPUTS and not self.manifest.has(name):
             return pd.DataFrame()
-        return self.root.read_table(self.manifest.located(name), columns=columns).to_pandas()
+        located = self.manifest.located(name)
+        return self.root.read_table(located, columns=columns, filters=filters).to_pandas()

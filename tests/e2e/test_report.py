@@ -16,6 +16,7 @@ from ln_ray.report import (
     load_run,
     metric_agreement,
     render_report,
+    shown_traces,
     write_report,
 )
 
@@ -50,6 +51,15 @@ def test_report_content(demo_run):
     )
     worst = disagreeing_traces(run["scores"], 5)
     assert len(worst) == 5 and worst["gap"].abs().is_monotonic_decreasing
+    # the run's text and per-step log-probs are read for the traces shown, and for them only
+    assert "step_logprobs" not in run["scores"].columns and "rows" not in run
+    shown = shown_traces(run["published"], worst["trace_id"].tolist())
+    assert sorted(shown["trace_id"]) == sorted(worst["trace_id"])
+    full = run["published"].table("scores").set_index("trace_id")
+    for trace in shown.itertuples():
+        assert list(trace.step_logprobs) == list(full.loc[trace.trace_id, "step_logprobs"])
+        assert len(trace.step_chars) == len(trace.step_logprobs) and trace.messages
+    assert shown_traces(run["published"], []).empty
     # the paired comparisons and the stability curve are in the run and on the page
     teachers = sorted(run["scores"]["teacher"].unique())
     pairs = run["pairs"]

@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install browser demo test test-fast bench bench-scale lint format report clean
+.PHONY: install browser demo test test-fast bench bench-scale gpu-wheels gpu-check lint format report clean
 
 install: $(STAMP)
 
@@ -61,6 +61,18 @@ bench: install
 # The scale rehearsal of the data flow (a tiny student, 200,000 rows) into bench/scale.json.
 bench-scale: install
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)
+
+# What a GPU machine without network needs for gpu-check beyond its own torch and transformers,
+# as wheels in .whl/ (pure Python; they travel with the tree).
+GPU_WHEELS := omegaconf==2.4.0 orjson==3.13.0
+gpu-wheels: install
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+# The GPU proof (scripts/gpu_check.sh), run on the GPU machine with its own python3: tests,
+# self-check, MFU and bf16 agreement into bench/gpu.json. GPU_ARGS="--device cpu --quick" dry-runs it.
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

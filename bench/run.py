@@ -102,7 +102,7 @@ def main() -> None:
     def score_all() -> list:
         return [r for batch in batches for r in scorer.score(batch)]
 
-    ln_s, ours = _time(score_all, device)
+    ln_s, ours = timed(score_all, device)
     model_tokens = sum(r.model_tokens for r in ours)
     plans = [scorer.plan(batch) for batch in batches]
     scored_rows = sum(
@@ -130,7 +130,7 @@ def main() -> None:
     )
 
     if not args.skip_naive:
-        naive_s, naive_out = _time(lambda: [naive.score(t) for t in corpus.traces], device)
+        naive_s, naive_out = timed(lambda: [naive.score(t) for t in corpus.traces], device)
         print(f"naive scorer    {naive_s:8.1f} s", flush=True)
         figures["speedup_vs_naive"] = naive_s / ln_s
         details.update(
@@ -147,7 +147,7 @@ def main() -> None:
         )
 
     if not args.skip_dense:
-        dense_s, dense_tokens = _time(
+        dense_s, dense_tokens = timed(
             lambda: sum(
                 dense_forward(
                     plain.model, plan, token_budget=args.token_budget, head_chunk=scorer.head_chunk
@@ -165,7 +165,7 @@ def main() -> None:
         job_s = _time_job(corpus, args)
         # The scorer again, right after the job: this machine's speed drifts over minutes, which
         # would otherwise move the figure more than the job's own costs do.
-        beside_s, _ = _time(score_all, device)
+        beside_s, _ = timed(score_all, device)
         figures["job_overhead"] = (job_s - beside_s) / job_s
         details.update(job_s=job_s, ln_ray_beside_job_s=beside_s)
         print(f"ray job         {job_s:8.1f} s (scorer right after: {beside_s:.1f} s)", flush=True)
@@ -199,15 +199,16 @@ def main() -> None:
     print(f"\nwrote {args.out}")
 
 
-def _time(fn, device: torch.device) -> tuple[float, Any]:
-    _sync(device)
+def timed(fn, device: torch.device) -> tuple[float, Any]:
+    """Seconds ``fn`` takes on ``device`` (its queued work included), and what it returns."""
+    sync(device)
     started = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - started, out
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -233,10 +234,10 @@ def _matmul_flops(
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - started)
     return 2 * n**3 / best
 

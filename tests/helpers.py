@@ -237,3 +237,23 @@ def difficulty_corpus(prompts: int = 30, seed: int = 0) -> pa.Table:
         rows.append(metric_trace(f"p{p:03d}", "a", base + 0.3 + rng.normal(0, 0.02)))
         rows.append(metric_trace(f"p{p:03d}", "b", base + rng.normal(0, 0.02)))
     return scores_table(rows)
+
+
+WINDOW = 8  # every sliding window below: shorter than the traces' prefixes and responses
+# Every covered family's tiny student: its config settings under test.
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": WINDOW},
+    "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+    "qwen3": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+    # Gemma-3: local layers with a window, global layers without one (per layer type).
+    "gemma3_text": {
+        "sliding_window": WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "phi3": {"sliding_window": WINDOW, "pad_token_id": 0},
+    "olmo2": {},
+    "granite": {"logits_scaling": 8.0},  # logits / 8
+    "hyperclovax": {"logits_scaling": 0.25},  # logits * 0.25: the same name, another meaning
+    "cohere": {"logit_scale": 0.5},  # logits * 0.5
+}

@@ -12,26 +12,8 @@ from ln_ray.score.planning import pack_sequences
 from ln_ray.score.proof import longest_sliding_window
 from ln_ray.score.scorer import StudentScorer
 from ln_ray.score.vetting import COVERED_MODEL_TYPES
-from tests.helpers import make_tiny_causal_lm, make_traces
+from tests.helpers import FAMILIES, make_tiny_causal_lm, make_traces
 from tests.reference import assert_matches_reference, reference_scores
-
-WINDOW = 8  # every sliding window below: shorter than the traces' prefixes and responses
-FAMILIES = {
-    "llama": {},
-    "mistral": {"sliding_window": WINDOW},
-    "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
-    "qwen3": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
-    # Gemma-3: local layers with a window, global layers without one (per layer type).
-    "gemma3_text": {
-        "sliding_window": WINDOW,
-        "layer_types": ["sliding_attention", "full_attention"],
-    },
-    "phi3": {"sliding_window": WINDOW, "pad_token_id": 0},
-    "olmo2": {},
-    "granite": {"logits_scaling": 8.0},  # logits / 8
-    "hyperclovax": {"logits_scaling": 0.25},  # logits * 0.25: the same name, another meaning
-    "cohere": {"logit_scale": 0.5},  # logits * 0.5
-}
 
 
 def test_the_covered_families_are_exactly_those_proven_here():

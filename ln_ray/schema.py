@@ -79,15 +79,24 @@ ROW_META_SCHEMA = pa.schema(
 )
 
 # Every input row after validation, before any tokenizing: its own columns, its text, the given
-# steps' lengths (null where the segmenter will cut them) and whether the score cache already
-# holds its trace (then it goes no further than the join with the cache). The run keeps it as
-# _valid/, the one copy of the rows' text.
+# steps' lengths (null where the segmenter will cut them). The run keeps it as _valid/, the one
+# copy of the rows' text.
 VALIDATED_SCHEMA = pa.schema(
+    [*ROW_META_SCHEMA, *[(name, pa.string()) for name in TEXT_COLUMNS], _STEP_CHARS]
+)
+
+# The accepted rows whose trace the score cache does not hold (the run's _new/), sorted by the
+# _valid/ file that holds them: each new trace's first copy (smallest source_file, row_number)
+# is scored (status "score"); the others repeat it (status "repeat", with the first copy's
+# source_file and row_number), take its scores and never cost model time.
+NEW_ROWS_SCHEMA = pa.schema(
     [
-        *ROW_META_SCHEMA,
-        *[(name, pa.string()) for name in TEXT_COLUMNS],
-        _STEP_CHARS,
-        ("cached", pa.bool_()),
+        ("valid_file", pa.string()),
+        ("source_file", pa.string()),
+        ("row_number", pa.int64()),
+        ("status", pa.string()),
+        ("first_file", pa.string()),
+        ("first_row", pa.int64()),
     ]
 )
 

@@ -114,16 +114,17 @@ def make_rows(n_prompts: int = 6, seed: int = 0) -> list[dict]:
     return rows
 
 
-def prepared_rows(student, raw: pa.Table, cached=()) -> tuple[pa.Table, pa.Table]:
-    """Validate and tokenize raw rows as the job does: (validated, prepared new rows)."""
+def prepared_rows(student, raw: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Validate and tokenize raw rows as the job does: (validated, prepared accepted rows)."""
+    import pyarrow.compute as pc
+
     from ln_ray.config import ScoringConfig, SegmentConfig
-    from ln_ray.pipeline.stages import is_new, tokenize_batch, validate_batch
+    from ln_ray.pipeline.stages import tokenize_batch, validate_batch
 
     settings = {"segment": SegmentConfig(), "scoring": ScoringConfig(max_response_chars=1000)}
-    ids = np.unique(np.asarray(list(cached), dtype="S32"))
-    validated = validate_batch(raw, student=student, cached=ids, **settings)
-    new = validated.filter(is_new(validated))
-    return validated, tokenize_batch(new, student=student, **settings)
+    validated = validate_batch(raw, student=student, **settings)
+    accepted = validated.filter(pc.is_null(validated["reject_reason"]))
+    return validated, tokenize_batch(accepted, student=student, **settings)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

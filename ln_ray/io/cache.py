@@ -101,12 +101,13 @@ class ScoreCache(Folder):
         current = {bucket_name(b, buckets) for b in range(buckets)}
         return [name for name in self.files() if posixpath.basename(name) not in current]
 
-    def read_bucket(self, bucket: int, buckets: int) -> pa.Table:
-        """One bucket's rows (none when it has no file yet)."""
+    def read_bucket(self, bucket: int, buckets: int, columns: list[str] | None = None) -> pa.Table:
+        """One bucket's rows, ``columns`` only (default: all); none when it has no file yet."""
         name = bucket_name(bucket, buckets)
+        schema = CACHE_SCHEMA if columns is None else pa.schema(map(CACHE_SCHEMA.field, columns))
         if not self.exists(name):
-            return CACHE_SCHEMA.empty_table()
-        return self.read_table(name, schema=CACHE_SCHEMA)
+            return schema.empty_table()
+        return self.read_table(name, columns=columns, schema=schema)
 
     def fold_bucket(self, bucket: int, buckets: int, new: pa.Table) -> tuple[int, int]:
         """Merge ``new`` cache rows into one bucket's file, one row per trace; returns the rows
@@ -180,15 +181,6 @@ def _fold(group: pa.Table, cache: ScoreCache, buckets: int) -> pa.Table:
     bucket = group["bucket"][0].as_py()
     rows, added = cache.fold_bucket(bucket, buckets, group.drop_columns(["bucket"]))
     return pa.table({"bucket": [bucket], "rows": [rows], "added": [added]})
-
-
-def contains(sorted_ids: np.ndarray, trace_ids: list[str]) -> np.ndarray:
-    """Boolean mask: which ``trace_ids`` are in ``sorted_ids``."""
-    if len(sorted_ids) == 0 or not trace_ids:
-        return np.zeros(len(trace_ids), dtype=bool)
-    probe = np.asarray(trace_ids, dtype="S32")
-    where = np.searchsorted(sorted_ids, probe).clip(max=len(sorted_ids) - 1)
-    return sorted_ids[where] == probe
 
 
 def bucket_name(bucket: int, buckets: int) -> str:

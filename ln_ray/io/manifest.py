@@ -27,6 +27,7 @@ RUNS_DIR = "_runs"
 CACHE_DIR = "_cache"
 ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected, without its text
 VALID_DIR = "_valid"  # every input row after validation, with its text (the one copy of it)
+NEW_DIR = "_new"  # the rows whose trace the score cache did not hold: to score, or repeats
 SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR, VALID_DIR)
 REDUCE_OUTPUTS = ("selections", "teachers", "teacher_pairs", "teacher_stability", "curated")
 # Outputs added after runs were first published: a run published before them has none.

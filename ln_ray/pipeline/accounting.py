@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ln_ray.io import cache
 from ln_ray.io.shards import count_source_rows
 from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.assemble import is_unscored
-from ln_ray.pipeline.ray_ops import cluster_cpus
+from ln_ray.pipeline.ray_ops import cast_to, cluster_cpus, reduce_partitions
+from ln_ray.schema import SCORED_ROWS_SCHEMA
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
@@ -92,22 +91,35 @@ def _count_files(sources: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return [count_source_rows(url, fmt) for url, fmt in sources]
 
 
-def count_rows(rows: Any, cached: np.ndarray) -> RowCounts:
+def count_rows(rows: Any, new_keys: Any | None) -> RowCounts:
     """Per input file, the manifest's row and token counters; over all files, how many rows were
     rejected for each reason and each kind (details stay in rejects/).
 
-    One pass over the finished rows: each block sums its own counters by (file, reason, kind),
-    the driver adds the blocks' sums.
+    One pass over the finished rows (their counted columns, joined with ``new_keys`` to tell
+    the rows scored now): each block sums its own counters by (file, reason, kind), the driver
+    adds the blocks' sums.
+
+    Args:
+        rows: The finished rows (``SCORED_ROWS_SCHEMA``).
+        new_keys: source_file and row_number of the rows whose trace this run found new
+            (``lookup.new_row_keys``); None when it found none.
 
     Raises:
         AccountingError: An accepted row has no scores (its trace is neither scored nor in the
             cache).
     """
+    rows = rows.select_columns(_COUNTED)
+    if new_keys is None:
+        rows = rows.map_batches(_now, fn_kwargs={"now": False}, batch_format="pyarrow")
+    else:
+        flags = new_keys.map_batches(_now, fn_kwargs={"now": True}, batch_format="pyarrow")
+        rows = rows.join(
+            flags, "left_outer", num_partitions=reduce_partitions(), on=_ROW
+        ).map_batches(cast_to(_COUNTED_NOW), batch_format="pyarrow")
 
     def partial_sums(table: pa.Table) -> pa.Table:
         rejected = pc.is_valid(table["reject_reason"])
-        ids = pc.fill_null(table["trace_id"], "").to_pylist()
-        new = pc.and_(pa.array(~cache.contains(cached, ids)), pc.invert(rejected))
+        new = pc.and_(pc.fill_null(table["now"], False), pc.invert(rejected))
         reasons = table["reject_reason"].to_pylist()
         counters = pa.table(
             {
@@ -146,6 +158,18 @@ def count_rows(rows: Any, cached: np.ndarray) -> RowCounts:
         {reason: int(n) for reason, n in sorted(reasons.items())},
         {kind: int(n) for kind, n in sorted(kinds.items())},
     )
+
+
+_ROW = ("source_file", "row_number")
+_COUNTED = ["source_file", "row_number", "reject_reason", "reject_kind", "n_tokens", "model_tokens"]
+_COUNTED_NOW = pa.schema(
+    [*(SCORED_ROWS_SCHEMA.field(name) for name in _COUNTED), pa.field("now", pa.bool_())]
+)
+
+
+def _now(table: pa.Table, now: bool) -> pa.Table:
+    """``table`` with a ``now`` column, ``now`` on every row."""
+    return table.append_column("now", pa.array([now] * table.num_rows, pa.bool_()))
 
 
 def reason_kind(reason: str | None) -> str | None:

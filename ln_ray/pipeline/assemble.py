@@ -20,8 +20,8 @@ from ln_ray.io import storage
 from ln_ray.io.cache import ScoreCache, with_bucket
 from ln_ray.io.manifest import ROWS_DIR
 from ln_ray.io.run_folder import RunFolder
-from ln_ray.pipeline.passes import read_valid, rejects_of
-from ln_ray.pipeline.ray_ops import cast_to, reduce_partitions, write_dataset
+from ln_ray.pipeline.passes import rejects_of
+from ln_ray.pipeline.ray_ops import cast_to, read_valid, reduce_partitions, write_dataset
 from ln_ray.pipeline.row_checks import find_conflicts, find_duplicates
 from ln_ray.schema import (
     CACHE_SCHEMA,

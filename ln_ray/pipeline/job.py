@@ -1,7 +1,8 @@
 """The Ray Data job, as a recipe in the order of its data flow:
 
     preflight               config, input files, student, output folder and its lease
-    passes.validate_rows    read, validate, look up the score cache        (every row, CPU)
+    passes.validate_rows    read and validate                               (every row, CPU)
+    lookup.find_new_rows    the rows whose trace the score cache lacks      (bucket by bucket)
     passes.score_new_rows   tokenize and score the new traces only          (CPU tasks, actors)
     ScoreCache.compact      fold the score cache's parts into its buckets
     assemble.assemble_rows  every row with its scores: _rows/, scores/, rejects/
@@ -43,6 +44,7 @@ from ln_ray.pipeline.accounting import (
     start_counting,
 )
 from ln_ray.pipeline.assemble import assemble_rows
+from ln_ray.pipeline.lookup import find_new_rows, new_row_keys
 from ln_ray.pipeline.passes import (
     ScoringHalted,
     ScoringPass,
@@ -54,6 +56,7 @@ from ln_ray.pipeline.ray_ops import ClusterTooSmall, connect_ray, reduce_partiti
 from ln_ray.pipeline.record import (
     ASSEMBLE,
     COMPACT,
+    LOOKUP,
     REDUCE,
     SCORE,
     VALIDATE,
@@ -123,42 +126,53 @@ def _score(
 ) -> RunManifest:
     """The passes of ``run_score``, once the run holds the output's lease; its manifest."""
     cache = run.root.cache(cache_key(student.identity, cfg.scoring))
-    cached = cache.trace_ids()
+    buckets = cfg.output.cache_buckets
     log.info(
-        "run %s: %d input files, student %s (%s), %d traces already in the score cache",
+        "run %s: %d input files, student %s (%s)",
         run.run_id,
         len(inputs.files),
         student.identity,
         "covered by the equivalence tests"
         if student.covered_by_tests
         else f"model type {student.model_type}: proven by its self-check alone",
-        len(cached),
     )
     timeline = Timeline(cfg.compute, run)
     with _unpublished(run, started):
         connect_ray(cfg.compute)  # and wait for the cluster this run was configured for
         expected_rows = start_counting(inputs)  # rows per file, counted apart from the pipeline
         with timeline.run(VALIDATE) as record:
-            validated = validate_rows(cfg, inputs, run, cached)
+            validated = validate_rows(cfg, inputs, run)
             record.update(rows=validated.rows)
         _check_early_rejects(cfg, run, validated.rows, validated.rejected)
-        log.info("%d rows to tokenize and score (the rest are cached or rejected)", validated.new)
+        with timeline.run(LOOKUP) as record:
+            # Parts left by an interrupted run are folded first: the lookup reads buckets.
+            leftover = _compact(cache, buckets) if cache.unfolded(buckets) else {}
+            cached_before = _cached_traces(cache, "error" not in leftover)
+            new = find_new_rows(run, cache, buckets)
+            cached_rows = validated.accepted - new.to_score - new.repeats
+            record.update(rows=validated.accepted, to_score=new.to_score, repeats=new.repeats)
+            record.update(cached=cached_rows, **({"folded_first": leftover} if leftover else {}))
+        log.info(
+            "%d traces in the score cache; %d rows to score (%d more repeat them, %d cached)",
+            *(cached_before, new.to_score, new.repeats, cached_rows),
+        )
         with timeline.run(SCORE) as scored:
             scoring = ScoringPass(LATE_REJECTS_SCHEMA.empty_table(), [], [])
-            if validated.new:
-                scoring = score_new_rows(cfg, run, cache, validated.new, student.identity)
-            scored.update(rows=validated.new, attention=scoring.kernels)
+            if new.to_score:
+                scoring = score_new_rows(cfg, run, cache, new, student.identity)
+            scored.update(rows=new.to_score, attention=scoring.kernels)
         with timeline.run(COMPACT) as compaction:
-            compaction.update(_compact(cache, cfg.output.cache_buckets))
+            compaction.update(_compact(cache, buckets))
         folded = "error" not in compaction  # else parts are left, perhaps a trace twice
-        scored_now = _scored_now(cache, folded, len(cached))
+        scored_now = _cached_traces(cache, folded) - cached_before
         log.info(
             "scored %d new traces in %.1fs; assembling outputs", scored_now, time.time() - started
         )
         with timeline.run(ASSEMBLE) as record:
-            buckets = cfg.output.cache_buckets if folded else None
-            rows, duplicates = assemble_rows(run, cache, scoring.rejects, buckets)
-            counted_rows = count_rows(rows, cached)
+            rows, duplicates = assemble_rows(
+                run, cache, scoring.rejects, buckets if folded else None
+            )
+            counted_rows = count_rows(rows, new_row_keys(run) if new.to_score else None)
             entries = check_inputs(inputs, counted_rows.per_file, counted(expected_rows))
             counts = {key: sum(entry[key] for entry in entries) for key in COUNTS}
             check_reject_budget(
@@ -261,11 +275,10 @@ def _compact(cache: ScoreCache, buckets: int) -> dict[str, object]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def _scored_now(cache: ScoreCache, folded: bool, cached_before: int) -> int:
-    """Traces this run added to the cache: once folded, one row per trace, counted from the
-    files' footers; else (parts left, a trace perhaps twice) counted by id."""
-    total = cache.stored_rows() if folded else len(cache.trace_ids())
-    return total - cached_before
+def _cached_traces(cache: ScoreCache, folded: bool) -> int:
+    """Traces in the cache: once folded, one row per trace, counted from the files' footers;
+    else (parts left, a trace perhaps twice) counted by id."""
+    return cache.stored_rows() if folded else len(cache.trace_ids())
 
 
 def run_select(cfg: LnRayConfig) -> RunManifest:

@@ -1,12 +1,13 @@
 """The two streaming passes over the input, as Ray Data plans.
 
-1. ``validate_rows``: every row is read, validated and looked up in the score cache (CPU tasks;
-   no tokenizer, no student) and written once to the run's ``_valid/``.
-2. ``score_new_rows``: only the rows whose trace is not in the cache are read back, tokenized
-   (CPU tasks) and scored by an actor pool that grows with the work, into the score cache; only
-   the rows it rejects come back. A trace that several new rows hold is scored once (the rows
-   after its first are left out: ``row_checks.find_repeats``). A run with nothing new never
-   starts it, so a refresh over a scored corpus loads no student.
+1. ``validate_rows``: every row is read and validated (CPU tasks; no tokenizer, no student) and
+   written once to the run's ``_valid/``. Then ``lookup.find_new_rows`` finds, bucket by bucket
+   of the score cache, the rows whose trace the cache does not hold (the run's ``_new/``).
+2. ``score_new_rows``: only those rows are read back, tokenized (CPU tasks) and scored by an
+   actor pool that grows with the work, into the score cache; only the rows it rejects come
+   back. A trace that several new rows hold is scored once (its first copy; the others repeat
+   it). A run with nothing new never starts it, so a refresh over a scored corpus loads no
+   student.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -31,17 +31,18 @@ from ln_ray.io.datasource import TraceShardDatasource
 from ln_ray.io.manifest import VALID_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.io.storage import Inputs
+from ln_ray.pipeline.lookup import NewRows, repeated_rejects, to_score
 from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
 from ln_ray.pipeline.ray_ops import (
     cluster_cpus,
     collect,
+    read_valid,
     reduce_partitions,
     task_retries,
     write_dataset,
 )
-from ln_ray.pipeline.row_checks import find_repeats, repeated_rejects
 from ln_ray.pipeline.score_stage import ScoreStage
-from ln_ray.pipeline.stages import TOKENIZE_INPUT, is_new, tokenize_batch, validate_batch
+from ln_ray.pipeline.stages import TOKENIZE_INPUT, tokenize_batch, validate_batch
 from ln_ray.schema import (
     LATE_REJECTS_SCHEMA,
     REJECTS_SCHEMA,
@@ -55,27 +56,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Validated:
-    """What validation found: rows read, rows to tokenize and score, rows rejected by kind."""
+    """What validation found: rows read, rows accepted, rows rejected by kind."""
 
     rows: int
-    new: int
+    accepted: int
     rejected: dict[str, int]
 
 
-def validate_rows(
-    cfg: LnRayConfig, inputs: Inputs, run: RunFolder, cached: np.ndarray
-) -> Validated:
-    """Read every shard, validate each row and mark the ones whose trace is cached; write them
-    to the run's ``_valid/``.
+def validate_rows(cfg: LnRayConfig, inputs: Inputs, run: RunFolder) -> Validated:
+    """Read every shard and validate each row; write them to the run's ``_valid/``.
 
     Args:
         cfg: The run's config.
         inputs: The input files.
         run: The run's folder.
-        cached: Sorted trace ids in the score cache.
 
     Returns:
-        The rows read, how many need tokenizing and scoring, and the rows rejected, by kind.
+        The rows read, accepted, and rejected (by kind).
     """
     import ray
 
@@ -102,7 +99,6 @@ def validate_rows(
             "segment": cfg.segment,
             "scoring": cfg.scoring,
             "student": cfg.student,
-            "cached": cached,
         },
         batch_format="pyarrow",
         batch_size=None,  # whole read blocks (of BLOCK_ROWS): a batch size would stop the fusion
@@ -112,15 +108,15 @@ def validate_rows(
     run.ensure_table(VALID_DIR, VALIDATED_SCHEMA)
     counts = collect(
         read_valid(
-            run, columns=["reject_reason", "reject_kind", "cached"], blocks=reduce_partitions()
+            run, columns=["reject_reason", "reject_kind"], blocks=reduce_partitions()
         ).map_batches(_count_rows, batch_format="pyarrow"),
         _ROW_COUNTS,
     ).to_pandas()
-    new = counts[counts["kind"] == "new"]["rows"].sum()
-    rejected = counts[~counts["kind"].isin(["new", "ok"])].groupby("kind")["rows"].sum()
+    accepted = counts[counts["kind"] == "ok"]["rows"].sum()
+    rejected = counts[counts["kind"] != "ok"].groupby("kind")["rows"].sum()
     return Validated(
         rows=int(counts["rows"].sum()),
-        new=int(new),
+        accepted=int(accepted),
         rejected={str(kind): int(n) for kind, n in rejected.items()},
     )
 
@@ -157,11 +153,9 @@ _ROW_COUNTS = pa.schema([("kind", pa.string()), ("rows", pa.int64())])
 
 
 def _count_rows(table: pa.Table) -> pa.Table:
-    """A block's rows by what happens to them: ``new`` (to score), ``ok`` (cached), or the kind
-    of their reject."""
-    kind = pc.if_else(
-        is_new(table), "new", pc.coalesce(table["reject_kind"], pa.scalar("ok", pa.string()))
-    )
+    """A block's rows by what happens to them: ``ok`` (accepted), or the kind of their
+    reject."""
+    kind = pc.coalesce(table["reject_kind"], pa.scalar("ok", pa.string()))
     counted = (
         pa.table({"kind": kind}).group_by("kind", use_threads=False).aggregate([("kind", "count")])
     )  # columns by name: their order differs between pyarrow releases
@@ -189,9 +183,9 @@ class ScoringPass:
 
 
 def score_new_rows(
-    cfg: LnRayConfig, run: RunFolder, cache: ScoreCache, new_rows: int, identity: str
+    cfg: LnRayConfig, run: RunFolder, cache: ScoreCache, new: NewRows, identity: str
 ) -> ScoringPass:
-    """Tokenize and score the rows ``validate_rows`` found new, into the score cache.
+    """Tokenize and score the rows the lookup found new (``_new/``), into the score cache.
 
     The actor pool starts with one actor and grows to ``compute.actors`` while there is work
     for more (never past one actor per batch of new rows). Each actor loads the student,
@@ -204,13 +198,7 @@ def score_new_rows(
     import ray
 
     compute = cfg.compute
-    repeats = find_repeats(
-        read_valid(run, columns=_NEW_KEYS, blocks=reduce_partitions()).map_batches(
-            lambda rows: rows.filter(is_new(rows)), batch_format="pyarrow"
-        )
-    )
-    run.write_table(REPEATS_FILE, repeats)  # the tokenizing tasks leave these rows out
-    new_rows -= repeats.num_rows
+    new_rows = new.to_score
     actors = max(1, min(compute.actors, math.ceil(new_rows / compute.batch_traces)))
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     done, started = threading.Event(), time.time()
@@ -235,7 +223,7 @@ def score_new_rows(
     proofs = ray.get(counter.proven.remote())
     log.info(progress_line(traces, new_rows, tokens, time.time() - started))
     ray.kill(counter)
-    rejects = pa.concat_tables([rejects, repeated_rejects(repeats, rejects)])
+    rejects = pa.concat_tables([rejects, repeated_rejects(run, rejects)])
     return ScoringPass(rejects, kernels, proofs)
 
 
@@ -295,43 +283,16 @@ def _tokenize_and_score(
     return collect(rejects, LATE_REJECTS_SCHEMA)
 
 
-_NEW_KEYS = ["trace_id", "source_file", "row_number", "reject_reason", "cached"]
-REPEATS_FILE = "_repeats.parquet"  # in the run's folder: rows whose trace an earlier row has
-
-
 def _new_rows(files: pa.Table, run: RunFolder) -> Iterator[pa.Table]:
-    """The rows of the named ``_valid/`` files that need tokenizing and scoring (their trace's
-    first copy only), streamed."""
-    repeats = row_keys(run.read_table(REPEATS_FILE, columns=["source_file", "row_number"]))
+    """The rows of the named ``_valid/`` files that the lookup chose to score, streamed."""
     for name in files["name"].to_pylist():
+        chosen = to_score(run, name)
+        if not len(chosen):
+            continue
         with run.open(name, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             for batch in parquet.iter_batches(batch_size=256, columns=TOKENIZE_INPUT.names):
                 table = pa.Table.from_batches([batch]).cast(TOKENIZE_INPUT)
-                new = table.filter(is_new(table))
-                if len(repeats):
-                    new = new.filter(pc.invert(pc.is_in(row_keys(new), value_set=repeats)))
+                new = table.filter(pc.is_in(row_keys(table), value_set=chosen))
                 if new.num_rows:
                     yield new
-
-
-def read_valid(
-    run: RunFolder, columns: list[str] | None = None, blocks: int | None = None, **read_args: Any
-) -> Any:
-    """The run's validated rows (``_valid/``) as a dataset: ``columns`` only (default: all), in
-    about ``blocks`` blocks (default: Ray Data's choice); ``read_args`` go to ``read_parquet``."""
-    import ray
-
-    schema = (
-        VALIDATED_SCHEMA
-        if columns is None
-        else pa.schema([VALIDATED_SCHEMA.field(name) for name in columns])
-    )
-    return ray.data.read_parquet(
-        run.full(VALID_DIR),
-        filesystem=run.arrow_fs,
-        columns=columns,
-        schema=schema,
-        override_num_blocks=blocks,
-        **read_args,
-    )

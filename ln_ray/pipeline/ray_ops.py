@@ -1,5 +1,6 @@
-"""The Ray toolbox every stage of the job uses: joining the cluster, sizing shuffles, writing
-datasets into a folder, and bringing small results into the driver."""
+"""The Ray toolbox every stage of the job uses: joining the cluster, sizing shuffles, reading a
+run's validated rows, writing datasets into a folder, and bringing small results into the
+driver."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pyarrow as pa
 
 from ln_ray.config import ComputeConfig
 from ln_ray.io.folder import Folder
+from ln_ray.io.manifest import VALID_DIR
+from ln_ray.schema import VALIDATED_SCHEMA
 
 FILE_BYTES = 128 * 2**20  # in-memory bytes of rows per written file (Parquet compresses them)
 COMPRESSION = "zstd"
@@ -209,3 +212,25 @@ def count_valid(ds: Any, column: str) -> int:
         lambda t: pa.table({"n": [t.num_rows - t[column].null_count]}), batch_format="pyarrow"
     )
     return int(counts.sum("n") or 0)
+
+
+def read_valid(
+    run: Folder, columns: list[str] | None = None, blocks: int | None = None, **read_args: Any
+) -> Any:
+    """The run's validated rows (``_valid/``) as a dataset: ``columns`` only (default: all), in
+    about ``blocks`` blocks (default: Ray Data's choice); ``read_args`` go to ``read_parquet``."""
+    import ray
+
+    schema = (
+        VALIDATED_SCHEMA
+        if columns is None
+        else pa.schema([VALIDATED_SCHEMA.field(name) for name in columns])
+    )
+    return ray.data.read_parquet(
+        run.full(VALID_DIR),
+        filesystem=run.arrow_fs,
+        columns=columns,
+        schema=schema,
+        override_num_blocks=blocks,
+        **read_args,
+    )

@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 import ln_ray
 from ln_ray.config import ComputeConfig, LnRayConfig, to_dict
 from ln_ray.io.folder import Folder
-from ln_ray.io.manifest import ROWS_DIR, VALID_DIR, RunManifest
+from ln_ray.io.manifest import NEW_DIR, ROWS_DIR, VALID_DIR, RunManifest
 from ln_ray.schema import (
     CACHE_SCHEMA,
+    NEW_ROWS_SCHEMA,
     PREPARED_SCHEMA,
     RAW_SCHEMA,
     REJECTS_SCHEMA,
@@ -69,9 +70,14 @@ VALIDATE = Pass(
     writes={VALID_DIR: VALIDATED_SCHEMA},
     resources=lambda compute: {"task_cpus": compute.prepare_cpus},
 )
+LOOKUP = Pass(
+    "lookup_cache",
+    reads={VALID_DIR: ROW_META_SCHEMA, "score cache": CACHE_SCHEMA},
+    writes={NEW_DIR: NEW_ROWS_SCHEMA},
+)
 SCORE = Pass(
     "tokenize_score",
-    reads={VALID_DIR: VALIDATED_SCHEMA, "tokenized": PREPARED_SCHEMA},
+    reads={VALID_DIR: VALIDATED_SCHEMA, NEW_DIR: NEW_ROWS_SCHEMA, "tokenized": PREPARED_SCHEMA},
     writes={},  # into the score cache (CACHE_SCHEMA), batch by batch, not the run's folder
     resources=lambda compute: {
         "task_cpus": compute.prepare_cpus,
@@ -97,7 +103,7 @@ REDUCE = Pass(
         "curated": None,
     },
 )
-PASSES = (VALIDATE, SCORE, COMPACT, ASSEMBLE, REDUCE)
+PASSES = (VALIDATE, LOOKUP, SCORE, COMPACT, ASSEMBLE, REDUCE)
 
 
 class Timeline:
@@ -172,7 +178,7 @@ def run_manifest(
             skipped files, counts, rejects by reason and kind, selection.
     """
     stages = timeline.stages
-    score_s = max(timeline.seconds(VALIDATE.name, SCORE.name), 1e-9)
+    score_s = max(timeline.seconds(VALIDATE.name, LOOKUP.name, SCORE.name), 1e-9)
     scored = stages.get(SCORE.name, {})
     finished = time.time()
     return RunManifest(

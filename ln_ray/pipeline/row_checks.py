@@ -1,8 +1,6 @@
 """The checks that group every accepted row by a key, with no Python per row or key: later
 copies of a (prompt_id, teacher, response) are duplicates, and a prompt_id that names different
-prompts (another context before the response) rejects its rows. Before scoring, the same passes
-find the rows to score whose trace an earlier row also has (``find_repeats``): each trace costs
-model time once, however many files and batches hold it.
+prompts (another context before the response) rejects its rows.
 
 Both run as the same two passes over Ray Data (``_reject_across_blocks``): the rows are sorted
 by key, each block reports what the driver needs of it (a few rows per key that matters, and its
@@ -18,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ln_ray.pipeline.ray_ops import collect
-from ln_ray.schema import LATE_REJECTS_SCHEMA, SHARED_PROMPT_ID, row_keys
+from ln_ray.schema import LATE_REJECTS_SCHEMA, SHARED_PROMPT_ID
 
 
 def find_duplicates(keys: Any) -> pa.Table:
@@ -39,50 +37,6 @@ def find_duplicates(keys: Any) -> pa.Table:
     return _reject_across_blocks(
         keys, "dup_key", "dup_key", _block_firsts, _FIRSTS, _merge_firsts, _later_copies
     )
-
-
-def find_repeats(keys: Any) -> pa.Table:
-    """Rows to score whose trace an earlier row (smallest source_file, row_number) also has.
-
-    Scoring skips them: their scores come from the cache, where the first copy's go, and a
-    first copy's reject is theirs too (``repeated_rejects``). Found as ``find_duplicates``
-    finds duplicates, by trace_id.
-
-    Args:
-        keys: The trace_id, source_file and row_number of every row to score.
-
-    Returns:
-        source_file and row_number of each repeat, with first_file and first_row of its first
-        copy (``REPEATS_SCHEMA``).
-    """
-    renamed = keys.map_batches(
-        lambda t: t.select(["trace_id", "source_file", "row_number"]).rename_columns(
-            ["dup_key", "source_file", "row_number"]
-        ),
-        batch_format="pyarrow",
-    )
-    return _reject_across_blocks(
-        renamed, "dup_key", "dup_key", _block_firsts, _FIRSTS, _merge_firsts, _repeats, REPEATS
-    )
-
-
-def repeated_rejects(repeats: pa.Table, rejects: pa.Table) -> pa.Table:
-    """The rejects of first copies (``LATE_REJECTS_SCHEMA``), given to their repeats."""
-    if not repeats.num_rows or not rejects.num_rows:
-        return _DUPLICATES.empty_table()
-    where = pc.index_in(
-        row_keys(repeats.select(["first_file", "first_row"]).rename_columns(_ROW)),
-        value_set=row_keys(rejects),
-    )
-    table = pa.table(
-        {
-            "source_file": repeats["source_file"],
-            "row_number": repeats["row_number"],
-            "reason": pc.take(rejects["reason"], where),
-            "kind": pc.take(rejects["kind"], where),
-        }
-    )
-    return table.filter(pc.is_valid(where)).cast(_DUPLICATES)
 
 
 def _reject_across_blocks(
@@ -127,7 +81,7 @@ _FIRSTS = pa.schema(
     ]
 )
 _DUPLICATES = LATE_REJECTS_SCHEMA
-REPEATS = pa.schema(
+_LATER = pa.schema(
     [
         ("source_file", pa.string()),
         ("row_number", pa.int64()),
@@ -135,7 +89,6 @@ REPEATS = pa.schema(
         ("first_row", pa.int64()),
     ]
 )
-_ROW = ["source_file", "row_number"]
 
 
 def _firsts(frame: pl.DataFrame) -> pl.DataFrame:
@@ -171,7 +124,7 @@ def _merge_firsts(partials: pa.Table) -> pa.Table:
 
 def _repeats(block: pa.Table, found: pa.Table) -> pa.Table:
     """The block's rows that repeat an earlier row of their key (``found``: the keys held more
-    than once, with their first copy), with their first copy (``REPEATS``)."""
+    than once, with their first copy), with their first copy."""
     where = pc.index_in(block["dup_key"], value_set=found["dup_key"])
     first_file = pc.take(found["first_file"], where)
     first_row = pc.take(found["first_row"], where)
@@ -187,7 +140,7 @@ def _repeats(block: pa.Table, found: pa.Table) -> pa.Table:
             "first_row": first_row,
         }
     )
-    return table.filter(pc.fill_null(later, False)).cast(REPEATS)
+    return table.filter(pc.fill_null(later, False)).cast(_LATER)
 
 
 def _later_copies(block: pa.Table, found: pa.Table) -> pa.Table:

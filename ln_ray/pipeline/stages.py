@@ -2,8 +2,9 @@
 import).
 
 ``validate_batch`` runs as a CPU task over every row: validate, present the reasoning, compute
-the trace's id and look it up in the score cache. Only new traces go on: ``tokenize_batch`` (CPU
-tasks: segment, render, tokenize), then ``score_stage.ScoreStage`` in the actor pool. Each can be
+the trace's id (which ``lookup.py`` looks up in the score cache). Only new traces go on:
+``tokenize_batch`` (CPU tasks: segment, render, tokenize), then ``score_stage.ScoreStage`` in
+the actor pool. Each can be
 unit-tested on a table without a cluster. Rejected rows keep their reason and kind, so nothing is
 dropped on the way to ``rejects/``.
 """
@@ -28,7 +29,7 @@ from ln_ray.config import (
     reasoning_format,
     render_options,
 )
-from ln_ray.io import cache, jsontext
+from ln_ray.io import jsontext
 from ln_ray.prepare.rows import (
     RowRejected,
     TraceRow,
@@ -65,19 +66,18 @@ def validate_batch(
     segment: SegmentConfig,
     scoring: ScoringConfig,
     student: StudentConfig,
-    cached: np.ndarray,
 ) -> pa.Table:
-    """Validate a batch of raw rows and look their traces up in the score cache.
+    """Validate a batch of raw rows.
 
     No tokenizer and no segmenter runs here: a trace's id is known from its content and the
-    segmenter settings, so rows whose trace is cached go no further than the join with the cache.
+    segmenter settings, so rows whose trace is cached go no further than the join with the cache
+    (``lookup.py`` finds them).
 
     Args:
         batch: Rows in ``RAW_SCHEMA``.
         segment: Segmenter settings (part of a trace's id when the row has no ``steps``).
         scoring: The reasoning presentation and the cap on a response's length.
         student: The student's reasoning markers.
-        cached: Sorted trace ids in the score cache (``ScoreCache.trace_ids``).
 
     Returns:
         Rows in ``VALIDATED_SCHEMA``, one per input row, in order; rejected rows keep their reason.
@@ -116,16 +116,7 @@ def validate_batch(
     table = pa.Table.from_pylist(out, schema=VALIDATED_SCHEMA.remove(index))
     accepted = pc.is_null(table["reject_reason"])
     extra = pc.if_else(accepted, batch["extra"], pa.scalar(None, pa.string()))
-    table = table.add_column(index, VALIDATED_SCHEMA.field(index), extra)
-    hits = cache.contains(cached, pc.fill_null(table["trace_id"], "").to_pylist())
-    return table.set_column(
-        table.schema.get_field_index("cached"), "cached", pa.array(hits, pa.bool_())
-    )
-
-
-def is_new(table: pa.Table) -> pa.Array:
-    """Validated rows that go on to tokenizing and scoring: accepted, and not in the cache."""
-    return pc.and_(pc.is_null(table["reject_reason"]), pc.invert(table["cached"]))
+    return table.add_column(index, VALIDATED_SCHEMA.field(index), extra)
 
 
 # What tokenizing reads of a validated row: all of it but the other input columns (``extra``).

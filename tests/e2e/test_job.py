@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -254,10 +253,11 @@ def test_row_counts_per_file_and_reason(ray_cluster):
         row("f2", None, reason="cannot read Parquet shard: bad footer"),
     ]
     table = pa.Table.from_pylist(rows, schema=SCORED_ROWS_SCHEMA)
-    in_cache = np.asarray([old], dtype="S32")  # as cache.cached_trace_ids returns it
+    # the rows whose trace was new (lookup.new_row_keys): f1 row 2 only
+    new_keys = ray.data.from_arrow(pa.table({"source_file": ["f1"], "row_number": [2]}))
     # two blocks, so the per-block sums are added up
     dataset = ray.data.from_arrow([table.slice(0, 2), table.slice(2)])
-    counted = count_rows(dataset, in_cache)
+    counted = count_rows(dataset, new_keys)
     per_file = counted.per_file
     assert per_file["f1"] == {
         "rows_scored": 2,
@@ -271,10 +271,12 @@ def test_row_counts_per_file_and_reason(ray_cluster):
     assert per_file["f2"]["rows_rejected"] == 2 and per_file["f2"]["shard_errors"] == 1
     assert counted.reasons == {"cannot read Parquet shard": 1, "duplicate": 1, "invalid JSON": 1}
     assert counted.kinds == {"duplicate": 1, "input": 2}
+    nothing_new = count_rows(dataset, None).per_file["f1"]  # a run that found nothing new
+    assert nothing_new["tokens_scored_now"] == 0 and nothing_new["tokens_scored"] == 30
 
     unscored = pa.Table.from_pylist([row("f1", 4, new)], schema=SCORED_ROWS_SCHEMA)
     with pytest.raises(AccountingError, match="1 accepted rows have no scores"):
-        count_rows(ray.data.from_arrow(unscored), in_cache)
+        count_rows(ray.data.from_arrow(unscored), new_keys)
 
 
 def test_job_scores_every_teacher_for_a_thinking_student(ray_cluster, tiny_student_dir, tmp_path):
@@ -388,38 +390,67 @@ def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster
     assert set(found["kind"].to_pylist()) == {"input"}
 
 
-def test_repeated_traces_are_found_across_blocks_and_take_their_first_copys_reject(ray_cluster):
-    """Rows to score, many holding a trace an earlier row holds, spread over many blocks: every
-    later copy is found with its first copy, which alone is scored; a first copy's reject is
-    given to its copies."""
-    import ray
-
-    from ln_ray.pipeline.row_checks import find_repeats, repeated_rejects
+def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, tmp_path):
+    """Rows spread over several _valid/ files, many holding a trace another row holds, some
+    traces in the score cache: the lookup keeps the rows whose trace the cache lacks, scores the
+    first copy of each (smallest source_file, row_number) and marks the others repeats of it;
+    each tokenizing task finds its own file's rows to score; a first copy's reject is given to
+    its repeats."""
+    from ln_ray.io.cache import bucket_name
+    from ln_ray.io.run_folder import OutputRoot
+    from ln_ray.pipeline.lookup import find_new_rows, repeated_rejects, to_score
+    from ln_ray.schema import CACHE_SCHEMA, VALIDATED_SCHEMA
 
     rng = random.Random(5)
     rows = [
         {
-            "trace_id": f"t{rng.randrange(80)}",
+            "trace_id": f"{rng.randrange(80):032x}",
             "source_file": f"f{rng.randrange(3)}",
             "row_number": n,
+            "reject_reason": "bad" if n % 17 == 0 else None,
         }
         for n in range(1, 400)
     ]
-    table = pa.Table.from_pylist(rows)
-    blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
-    repeats = find_repeats(ray.data.from_arrow(blocks).repartition(9))
-    got = {
-        (r["source_file"], r["row_number"]): (r["first_file"], r["first_row"])
-        for r in repeats.to_pylist()
-    }
-    expected, firsts = {}, {}
-    for trace in {r["trace_id"] for r in rows}:
-        copies = sorted((r["source_file"], r["row_number"]) for r in rows if r["trace_id"] == trace)
-        firsts[trace] = copies[0]
-        expected.update({copy: copies[0] for copy in copies[1:]})
-    assert got == expected and len(expected) > 300
+    root = OutputRoot(str(tmp_path / "out"))
+    run = root.new_run()
+    for part in range(5):
+        run.write_table(f"_valid/part-{part}.parquet", _padded(rows[part::5], VALIDATED_SCHEMA))
+    buckets = 4
+    cache = root.cache("key")
+    in_cache = sorted({r["trace_id"] for r in rows})[::3]
+    for bucket in range(buckets):
+        ids = [{"trace_id": t} for t in in_cache if int(t[:12], 16) % buckets == bucket]
+        cache.write_table(bucket_name(bucket, buckets), _padded(ids, CACHE_SCHEMA))
 
-    failed = sorted(firsts.values())[:5]
+    found = find_new_rows(run, cache, buckets)
+
+    expected = {}
+    accepted = [r for r in rows if r["reject_reason"] is None and r["trace_id"] not in in_cache]
+    for trace in {r["trace_id"] for r in accepted}:
+        copies = sorted(
+            (r["source_file"], r["row_number"]) for r in accepted if r["trace_id"] == trace
+        )
+        expected[copies[0]] = ("score", None)
+        expected.update({copy: ("repeat", copies[0]) for copy in copies[1:]})
+    got = {
+        (r["source_file"], r["row_number"]): (
+            r["status"],
+            None if r["first_file"] is None else (r["first_file"], r["first_row"]),
+        )
+        for r in run.read_table("_new").to_pylist()
+    }
+    assert got == expected
+    firsts = sorted(k for k, (status, _) in expected.items() if status == "score")
+    assert (found.to_score, found.repeats) == (len(firsts), len(expected) - len(firsts))
+    assert found.repeats > 100 and found.to_score > 20
+    chosen = []
+    for part in range(5):
+        keys = to_score(run, f"_valid/part-{part}.parquet").to_pylist()
+        assert set(keys) <= {f"{r['source_file']}\x00{r['row_number']}" for r in rows[part::5]}
+        chosen += keys
+    assert sorted(chosen) == sorted(f"{f}\x00{n}" for f, n in firsts)
+
+    failed = firsts[:5]
     rejects = pa.table(
         {
             "source_file": [f for f, _ in failed],
@@ -428,7 +459,21 @@ def test_repeated_traces_are_found_across_blocks_and_take_their_first_copys_reje
             "kind": ["render"] * 5,
         }
     )
-    given = repeated_rejects(repeats, rejects)
+    given = repeated_rejects(run, rejects)
     assert {(r["source_file"], r["row_number"]): r["reason"] for r in given.to_pylist()} == {
-        copy: f"bad {first[1]}" for copy, first in expected.items() if first in failed
+        copy: f"bad {first[1]}"
+        for copy, (status, first) in expected.items()
+        if status == "repeat" and first in failed
     }
+
+
+def _padded(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """``rows`` in ``schema``, the columns they lack null."""
+    table = pa.Table.from_pylist(rows)
+    return pa.table(
+        {
+            f.name: table[f.name] if f.name in table.column_names else pa.nulls(len(rows), f.type)
+            for f in schema
+        },
+        schema=schema,
+    )

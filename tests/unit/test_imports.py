@@ -105,7 +105,8 @@ FLOW = (
     "ln_ray.pipeline.stages",  # per-row callables: validate, tokenize
     "ln_ray.pipeline.progress",
     "ln_ray.pipeline.score_stage",
-    "ln_ray.pipeline.row_checks",  # rows grouped by a key: repeats, duplicates, conflicts
+    "ln_ray.pipeline.row_checks",  # rows grouped by a key: duplicates, conflicts
+    "ln_ray.pipeline.lookup",  # the rows whose trace the score cache lacks
     "ln_ray.pipeline.passes",  # read + validate, tokenize + score
     "ln_ray.pipeline.assemble",
     "ln_ray.pipeline.accounting",

@@ -27,6 +27,7 @@ def test_every_pass_is_timed_with_its_resources_and_what_it_reported(tmp_path):
     assert "assemble" not in timeline.stages
     assert [step.name for step in PASSES] == [
         "read_validate",
+        "lookup_cache",
         "tokenize_score",
         "compact_cache",
         "assemble",

@@ -1,0 +1,183 @@
+"""Which validated rows need the student, found in the score cache bucket by bucket.
+
+Every accepted row of ``_valid/`` is grouped by its trace's cache bucket (a hash of trace_id,
+``io/cache.py``); each group reads that bucket's trace ids alone and keeps the rows whose trace
+the bucket does not hold. Every copy of a trace falls in the same bucket, so the same group picks
+each new trace's first copy (smallest source_file, row_number) to score and marks the others as
+its repeats: a trace costs model time once, however many files and batches hold it. Nothing that
+grows with the corpus or the cache reaches the driver or is sent to every task. The rows found
+are written to the run's ``_new/`` (``NEW_ROWS_SCHEMA``), sorted by the ``_valid/`` file that
+holds them, so that each tokenizing task reads the part for its own file alone (``to_score``).
+
+The lookup reads buckets only, so the cache must be folded first (``ScoreCache.compact``): a
+run resumed after an interruption folds the parts its predecessor left before it looks up.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ln_ray.io.cache import ScoreCache, with_bucket
+from ln_ray.io.manifest import NEW_DIR
+from ln_ray.io.run_folder import RunFolder
+from ln_ray.pipeline.ray_ops import collect, read_valid, reduce_partitions, write_dataset
+from ln_ray.schema import LATE_REJECTS_SCHEMA, NEW_ROWS_SCHEMA, row_keys
+
+SCORE, REPEAT = "score", "repeat"  # a new row's status: its trace's first copy, or another
+_LOOKUP_KEYS = ["trace_id", "source_file", "row_number", "reject_reason"]
+
+
+@dataclass(frozen=True)
+class NewRows:
+    """What the lookup found: rows to score (one per new trace) and rows repeating one."""
+
+    to_score: int
+    repeats: int
+
+
+def find_new_rows(run: RunFolder, cache: ScoreCache, buckets: int) -> NewRows:
+    """Write the run's ``_new/``: its accepted rows whose trace ``cache`` does not hold.
+
+    Args:
+        run: The run's folder, with its ``_valid/``.
+        cache: The score cache, folded into ``buckets`` buckets.
+        buckets: The cache's bucket count (``output.cache_buckets``).
+
+    Returns:
+        How many rows are to score and how many repeat one of them.
+    """
+    partitions = reduce_partitions()
+    found = (
+        read_valid(run, columns=_LOOKUP_KEYS, blocks=partitions, include_paths=True)
+        .map_batches(_accepted, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
+        .groupby("bucket", num_partitions=partitions)
+        .map_groups(
+            _new_in_bucket, fn_kwargs={"cache": cache, "buckets": buckets}, batch_format="pyarrow"
+        )
+        .materialize()
+    )
+    if found.count():
+        # Sorted by _valid/ file, in files of a few blocks: a tokenizing task's filter on its
+        # own file reads one or two of them (the others are skipped by their statistics).
+        write_dataset(found.sort(["valid_file", "row_number"]), run, NEW_DIR)
+    run.ensure_table(NEW_DIR, NEW_ROWS_SCHEMA)
+    counts = collect(
+        found.map_batches(_count_status, batch_format="pyarrow"), _STATUS_COUNTS
+    ).to_pylist()
+    total = {status: 0 for status in (SCORE, REPEAT)}
+    for entry in counts:
+        total[entry["status"]] += entry["rows"]
+    return NewRows(to_score=total[SCORE], repeats=total[REPEAT])
+
+
+def to_score(run: RunFolder, valid_file: str) -> pa.Array:
+    """Row keys (``schema.row_keys``) of the rows to score in one file of ``_valid/``."""
+    chosen = run.read_table(
+        NEW_DIR,
+        columns=["source_file", "row_number"],
+        schema=NEW_ROWS_SCHEMA,
+        filters=[("valid_file", "=", posixpath.basename(valid_file)), ("status", "=", SCORE)],
+    )
+    return row_keys(chosen)
+
+
+def repeated_rejects(run: RunFolder, rejects: pa.Table) -> pa.Table:
+    """The rejects of first copies (``LATE_REJECTS_SCHEMA``), given to their repeats (which
+    were never scored, and would otherwise have no scores)."""
+    if not rejects.num_rows:
+        return LATE_REJECTS_SCHEMA.empty_table()
+    import ray
+
+    rows = ray.data.read_parquet(run.full(NEW_DIR), filesystem=run.arrow_fs, schema=NEW_ROWS_SCHEMA)
+    return collect(
+        rows.map_batches(
+            _rejects_of_firsts, fn_kwargs={"rejects": rejects}, batch_format="pyarrow"
+        ),
+        LATE_REJECTS_SCHEMA,
+    )
+
+
+def _accepted(rows: pa.Table, buckets: int) -> pa.Table:
+    """Accepted rows, with the ``_valid/`` file that holds them and their trace's bucket."""
+    rows = rows.filter(pc.is_null(rows["reject_reason"]))
+    names = pa.array([posixpath.basename(p) for p in rows["path"].to_pylist()], pa.string())
+    return with_bucket(
+        pa.table(
+            {
+                "valid_file": names,
+                "trace_id": rows["trace_id"],
+                "source_file": rows["source_file"],
+                "row_number": rows["row_number"],
+            }
+        ),
+        buckets,
+    )
+
+
+def _new_in_bucket(group: pa.Table, cache: ScoreCache, buckets: int) -> pa.Table:
+    """The rows of one bucket whose trace the bucket does not hold, each with its status."""
+    stored = cache.read_bucket(group["bucket"][0].as_py(), buckets, columns=["trace_id"])
+    new = group.filter(pc.invert(pc.is_in(group["trace_id"], value_set=stored["trace_id"])))
+    frame = pl.from_arrow(new.drop_columns(["bucket"]))
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.sort(["trace_id", "source_file", "row_number"]).with_columns(
+        first_file=pl.col("source_file").first().over("trace_id"),
+        first_row=pl.col("row_number").first().over("trace_id"),
+    )
+    first = (pl.col("source_file") == pl.col("first_file")) & (
+        pl.col("row_number") == pl.col("first_row")
+    )
+    frame = frame.with_columns(
+        status=pl.when(first).then(pl.lit(SCORE)).otherwise(pl.lit(REPEAT)),
+        first_file=pl.when(first).then(None).otherwise(pl.col("first_file")),
+        first_row=pl.when(first).then(None).otherwise(pl.col("first_row")),
+    )
+    return frame.to_arrow().select(NEW_ROWS_SCHEMA.names).cast(NEW_ROWS_SCHEMA)
+
+
+_STATUS_COUNTS = pa.schema([("status", pa.string()), ("rows", pa.int64())])
+
+
+def _count_status(rows: pa.Table) -> pa.Table:
+    counted = rows.group_by("status", use_threads=False).aggregate([("status", "count")])
+    return pa.table(
+        {"status": counted["status"], "rows": counted["status_count"]}, schema=_STATUS_COUNTS
+    )
+
+
+def _rejects_of_firsts(rows: pa.Table, rejects: pa.Table) -> pa.Table:
+    """The repeats among ``rows`` whose first copy ``rejects`` holds, with its reason."""
+    repeats = rows.filter(pc.equal(rows["status"], REPEAT))
+    where = pc.index_in(
+        row_keys(repeats.select(["first_file", "first_row"]).rename_columns(_ROW)),
+        value_set=row_keys(rejects),
+    )
+    table = pa.table(
+        {
+            "source_file": repeats["source_file"],
+            "row_number": repeats["row_number"],
+            "reason": pc.take(rejects["reason"], where),
+            "kind": pc.take(rejects["kind"], where),
+        }
+    )
+    return table.filter(pc.is_valid(where)).cast(LATE_REJECTS_SCHEMA)
+
+
+_ROW = ["source_file", "row_number"]
+
+
+def new_row_keys(run: RunFolder) -> Any:
+    """The ``_new/`` rows' source_file and row_number, as a dataset (the rows this run found
+    new, scored or repeating a scored one)."""
+    import ray
+
+    schema = pa.schema([NEW_ROWS_SCHEMA.field(name) for name in _ROW])
+    return ray.data.read_parquet(
+        run.full(NEW_DIR), filesystem=run.arrow_fs, columns=_ROW, schema=schema
+    )

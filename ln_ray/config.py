@@ -151,6 +151,7 @@ class ComputeConfig:
     prepare_cpus: float = 1.0
     batch_traces: int = 16
     token_budget: int = 4096
+    prefix_budget: int = 32768  # prompt tokens whose keys/values a scorer holds at once
     head_chunk: int = 0
     torch_threads: int = 0
     shuffle: str = "sort"
@@ -288,6 +289,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.compute.prepare_cpus > 0, "compute.prepare_cpus must be > 0")
     need(cfg.compute.batch_traces >= 1, "compute.batch_traces must be >= 1")
     need(cfg.compute.token_budget >= 16, "compute.token_budget must be >= 16")
+    need(cfg.compute.prefix_budget >= 1, "compute.prefix_budget must be >= 1")
     need(cfg.compute.head_chunk >= 0, "compute.head_chunk must be >= 0 (0: by device)")
     need(cfg.compute.torch_threads >= 0, "compute.torch_threads must be >= 0 (0: automatic)")
     need(cfg.compute.shuffle in SHUFFLES, f"compute.shuffle must be one of {SHUFFLES}")

@@ -97,6 +97,7 @@ class ScoreStage:
                 rank_clip=scoring.rank_clip,
                 max_tokens=scoring.max_tokens,
                 token_budget=compute.token_budget,
+                prefix_budget=compute.prefix_budget,
                 head_chunk=compute.head_chunk,
             )
             self.proof = prove_student(self.scorer, student.model)

@@ -94,6 +94,10 @@ class StudentScorer:
             student's log-probs are extrapolation, not a judgement of the text.
         token_budget: Tokens per packed forward pass; a longer global sequence runs alone, its
             MLPs a budget of tokens at a time.
+        prefix_budget: Prompt tokens whose keys and values are held at once: the global pass
+            records each trace's prompt for its windows until the local pass ends, so a batch
+            whose prompts add up to more is scored a group of traces at a time (a trace whose
+            prompt alone is longer, alone).
         head_chunk: Rows per output-projection chunk; 0 picks by device (128 rows keep a CPU's
             logits in cache, 2048 fill a GPU).
 
@@ -114,6 +118,7 @@ class StudentScorer:
         rank_clip: int = ScoringConfig.rank_clip,
         max_tokens: int | None = None,
         token_budget: int = ComputeConfig.token_budget,
+        prefix_budget: int = ComputeConfig.prefix_budget,
         head_chunk: int = ComputeConfig.head_chunk,
     ) -> None:
         settle_vector_math()  # before the first multi-threaded cos of RoPE: see vector_math
@@ -132,6 +137,7 @@ class StudentScorer:
         self.window_fraction = window_fraction
         self.rank_clip = rank_clip
         self.token_budget = token_budget
+        self.prefix_budget = prefix_budget
         self.head_chunk = head_chunk or (128 if self.device.type == "cpu" else 2048)
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
         self.layers_attended: set[int] = set()  # decoder layers whose attention ran a pack
@@ -165,6 +171,13 @@ class StudentScorer:
                 unscorable,
                 self.max_tokens,
             )
+        results: list[TraceScores] = []
+        for group in prefix_groups([t.prefix_len for t in traces], self.prefix_budget):
+            results += self._score_group(traces[group.start : group.stop])
+        return results
+
+    def _score_group(self, traces: Sequence[TokenizedTrace]) -> list[TraceScores]:
+        """``score`` for traces whose prompts' keys and values are held at once."""
         plan = self.plan(traces)
         global_lp = [np.full(g, np.nan, dtype=np.float32) for g in plan.n_global]
         global_rank = [np.zeros(g, dtype=np.int64) for g in plan.n_global]
@@ -316,3 +329,17 @@ class StudentScorer:
         )
         self.model_tokens += start
         return PackScores(pack, lp, rank)
+
+
+def prefix_groups(prefix_lens: Sequence[int], budget: int) -> list[range]:
+    """Consecutive groups of traces whose prompts add up to at most ``budget`` tokens (a trace
+    whose prompt alone is longer, alone)."""
+    groups, start, held = [], 0, 0
+    for i, length in enumerate(prefix_lens):
+        if i > start and held + length > budget:
+            groups.append(range(start, i))
+            start, held = i, 0
+        held += length
+    if start < len(prefix_lens):
+        groups.append(range(start, len(prefix_lens)))
+    return groups

@@ -97,3 +97,35 @@ def test_smollm2_matches_reference(smollm2):
     scorer = StudentScorer(fast_model, window=2, token_budget=256)
     for trace, fast in zip(traces, scorer.score(traces), strict=True):
         assert_matches_reference(fast, reference_scores(ref_model, trace, window=2))
+
+
+def test_prompts_held_at_once_stay_within_the_prefix_budget(tiny_tokenizer, tiny_pair):
+    """A batch whose prompts add up to more than compute.prefix_budget is scored a group at a
+    time: no more prompt keys and values are held at once than the budget (a prompt longer than
+    it, alone), and the scores are those of the whole batch."""
+    from ln_ray.score.scorer import prefix_groups
+
+    assert prefix_groups([5, 5, 5, 12, 3], 10) == [
+        range(0, 2),
+        range(2, 3),
+        range(3, 4),
+        range(4, 5),
+    ]
+    assert prefix_groups([], 10) == []
+    model, _ = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=8, seed=6)
+    baseline = StudentScorer(model, window=2).score(traces)
+    budget = 2 * max(t.prefix_len for t in traces)
+    scorer = StudentScorer(model, window=2, prefix_budget=budget)
+    held, score_group = [], scorer._score_group
+
+    def recording(batch):  # one group: its prompts' keys and values are held together
+        held.append(sum(t.prefix_len for t in batch))
+        return score_group(batch)
+
+    scorer._score_group = recording
+    for a, b in zip(baseline, scorer.score(traces), strict=True):
+        np.testing.assert_allclose(a.local_logprobs, b.local_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.global_logprobs, b.global_logprobs, atol=1e-5, rtol=0)
+        assert (a.global_ranks == b.global_ranks).all()
+    assert len(held) > 1 and max(held) <= budget

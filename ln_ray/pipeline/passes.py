@@ -196,11 +196,15 @@ def score_new_rows(
         ScoringHalted: An actor stopped the job: the reason says why.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     compute = cfg.compute
     new_rows = new.to_score
     actors = max(1, min(compute.actors, math.ceil(new_rows / compute.batch_traces)))
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    # On the driver's node: a worker node lost while scoring (a preempted spot node) must not
+    # take the run's progress, halts and proofs with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounter).remote()
     done, started = threading.Event(), time.time()
     reporter = threading.Thread(
         target=report_progress,

@@ -100,3 +100,51 @@ def test_a_cluster_that_stays_too_small_fails_the_job_in_one_line(
     assert not (tmp_path / "out" / "manifest.json").exists()
     runs = tmp_path / "out" / "_runs"
     assert not runs.exists() or not list(runs.iterdir())  # the run's folder is removed
+
+
+@pytest.mark.slow  # a cluster of three nodes, a job run twice
+def test_a_worker_node_lost_while_scoring_costs_time_not_scores(tmp_path, tiny_student_dir):
+    """The node the scoring runs on is killed mid-run (SIGKILL to its raylet and workers, as a
+    preempted spot node dies) and a replacement joins: the job finishes, and its scores are a
+    clean run's."""
+    cluster = LocalRay()
+    rows = make_rows(n_prompts=40)
+    settings = ("compute.min_cpus=2", "compute.progress_s=1", "compute.batch_traces=1")
+    try:
+        cluster.start_head(0, "--include-dashboard=false")  # the driver's node, as a RayJob's head
+        spot = cluster.add_node(2)
+        driver = subprocess.Popen(
+            _job(tmp_path / "lost", tiny_student_dir, rows, *settings),
+            cwd=REPO, env=cluster.driver_env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        output = Output(driver)
+        try:
+            output.wait_for("scoring: ", driver, timeout_s=600)
+            cluster.kill(spot)
+            before_kill = "".join(output.lines)
+            cluster.add_node(2)  # the replacement
+            driver.wait(timeout=900)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        log = output.text()
+        assert driver.returncode == 0, log[-6000:]
+        assert "scored " not in before_kill and "scored " in log  # killed while scoring
+        clean = subprocess.run(
+            _job(tmp_path / "clean", tiny_student_dir, rows, *settings),
+            cwd=REPO, env=cluster.driver_env, text=True, capture_output=True, timeout=900,
+        )  # fmt: skip
+        assert clean.returncode == 0, clean.stderr[-6000:]
+    finally:
+        cluster.stop()
+    lost_scores = read_output(str(tmp_path / "lost" / "out"), "scores")
+    clean_scores = read_output(str(tmp_path / "clean" / "out"), "scores")
+    assert len(lost_scores) == len(clean_scores) == len(rows)
+    key = ["prompt_id", "teacher"]
+    lost_scores = lost_scores.sort_values(key).reset_index(drop=True)
+    clean_scores = clean_scores.sort_values(key).reset_index(drop=True)
+    assert (lost_scores["trace_id"] == clean_scores["trace_id"]).all()
+    for metric in ("lalp", "galp", "rsr", "avg_rank"):  # batching moves floats by 1e-6 at most
+        assert (lost_scores[metric] - clean_scores[metric]).abs().max() < 1e-5, metric
+    assert read_output(str(tmp_path / "lost" / "out"), "rejects").empty

@@ -77,6 +77,7 @@ class OutputConfig:
     path: str = "outputs/demo"
     keep_runs: int = 3
     cache_buckets: int = 64
+    merge_parts: int = 256  # while scoring, the cache's parts are merged this many at a time
     max_reject_fraction: float = 0.05
     lease_timeout_s: float = 600.0
 
@@ -254,6 +255,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(bool(cfg.output.path), "output.path is empty")
     need(cfg.output.keep_runs >= 1, "output.keep_runs must be >= 1")
     need(cfg.output.cache_buckets >= 1, "output.cache_buckets must be >= 1")
+    need(cfg.output.merge_parts >= 2, "output.merge_parts must be >= 2")
     need(
         0.0 <= cfg.output.max_reject_fraction <= 1.0,
         "output.max_reject_fraction must be in [0, 1]",

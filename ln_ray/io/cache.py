@@ -10,7 +10,10 @@ The cache is a ``ScoreCache``, a folder (``io/folder.py``) that pickles into the
 read and write it. Scoring actors write one ``part-*.parquet`` file per batch, atomically (a
 hidden temporary file renamed into place, or a single object PUT), so a killed driver or actor
 never leaves a half-written file behind and everything scored before an interruption is reused
-by the next run. Once a run's scoring is done, the parts are folded (``ScoreCache.compact``)
+by the next run. While a run scores, its parts are merged a few hundred at a time
+(``ScoreCache.merge_parts``, ``output.merge_parts``), so that a run resumed after an
+interruption finds a few merged files rather than one per scored batch. Once a run's scoring is
+done, the parts are folded (``ScoreCache.compact``)
 into a fixed number of buckets (by a hash of trace_id, ``output.cache_buckets``), one row per
 trace, and removed: the cache holds at most the buckets plus the parts of runs in progress,
 however many refreshes there are. Until then a trace scored twice (a retried batch, a duplicate
@@ -19,13 +22,16 @@ row) may be stored twice, with equal values; readers keep one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import posixpath
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -90,9 +96,74 @@ class ScoreCache(Folder):
 
     def write_part(self, table: pa.Table) -> str:
         """Publish one batch of scores as a new cache file; returns its name."""
-        name = f"part-{uuid.uuid4().hex}.parquet"
+        name = f"{PART}{uuid.uuid4().hex}.parquet"
         self.write_table(name, table.cast(CACHE_SCHEMA))
         return name
+
+    def parts(self) -> list[str]:
+        """The parts scoring actors wrote (one per batch), not yet merged or folded."""
+        return [name for name in self.files() if posixpath.basename(name).startswith(PART)]
+
+    def merge_parts(self, names: list[str]) -> str:
+        """Merge parts into one file and remove them; returns the merged file's name.
+
+        The merged file is written first (atomically), the parts removed after: an interruption
+        between the two leaves traces stored twice, with equal values, which every reader
+        allows (the next fold keeps one).
+        """
+        table = pq.read_table(
+            [self.full(name) for name in names], schema=CACHE_SCHEMA, filesystem=self.arrow_fs
+        )
+        merged = f"{MERGED}{uuid.uuid4().hex}.parquet"
+        self.write_table(merged, table)
+        for name in names:
+            self.rm(name)
+        return merged
+
+    @contextlib.contextmanager
+    def merging(self, every: int, period_s: float) -> Iterator[dict[str, int]]:
+        """Within the block (a run's scoring), merge the parts ``every`` at a time, looked for
+        each ``period_s``, one Ray task at a time (no CPU reserved: it reads and writes); the
+        dict it yields counts the merges, once the block has ended.
+
+        A merge that fails is logged and left: it costs only file count, and the fold at the
+        run's end takes the parts as they are.
+        """
+        import ray
+
+        merge = ray.remote(num_cpus=0)(_merge)
+        merged = {"merges": 0, "parts_merged": 0}
+        pending: list[tuple[Any, int]] = []
+        done = threading.Event()
+
+        def settle(timeout: float | None) -> None:
+            ref, count = pending[0]
+            if not ray.wait([ref], timeout=timeout)[0]:
+                return
+            pending.clear()
+            try:
+                ray.get(ref)
+                merged["merges"] += 1
+                merged["parts_merged"] += count
+            except Exception as exc:
+                log.warning("score cache: %d parts were not merged: %s", count, exc)
+
+        def watch() -> None:
+            while not done.wait(period_s):
+                if pending:
+                    settle(timeout=0)
+                if not pending and len(parts := self.parts()) >= every:
+                    pending.append((merge.remote(self, parts[:every]), every))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield merged
+        finally:
+            done.set()
+            watcher.join()
+            if pending:
+                settle(timeout=None)
 
     def unfolded(self, buckets: int) -> list[str]:
         """Cache files that are not buckets of ``buckets``: the parts written since the last
@@ -177,10 +248,17 @@ class ScoreCache(Folder):
         }
 
 
+def _merge(cache: ScoreCache, names: list[str]) -> str:
+    return cache.merge_parts(names)
+
+
 def _fold(group: pa.Table, cache: ScoreCache, buckets: int) -> pa.Table:
     bucket = group["bucket"][0].as_py()
     rows, added = cache.fold_bucket(bucket, buckets, group.drop_columns(["bucket"]))
     return pa.table({"bucket": [bucket], "rows": [rows], "added": [added]})
+
+
+PART, MERGED = "part-", "merged-"  # a batch's scores; parts merged while a run scores
 
 
 def bucket_name(bucket: int, buckets: int) -> str:

@@ -160,7 +160,7 @@ def _score(
             scoring = ScoringPass(LATE_REJECTS_SCHEMA.empty_table(), [], [])
             if new.to_score:
                 scoring = score_new_rows(cfg, run, cache, new, student.identity)
-            scored.update(rows=new.to_score, attention=scoring.kernels)
+            scored.update(rows=new.to_score, attention=scoring.kernels, **scoring.merged)
         with timeline.run(COMPACT) as compaction:
             compaction.update(_compact(cache, buckets))
         folded = "error" not in compaction  # else parts are left, perhaps a trace twice

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -175,11 +175,13 @@ class ScoringPass:
             (``LATE_REJECTS_SCHEMA``).
         kernels: The attention kernels the actors ran.
         proofs: How each actor proved its student (``score/proof.Proof.to_dict``).
+        merged: The cache's parts merged while it scored (``ScoreCache.merging``).
     """
 
     rejects: pa.Table
     kernels: list[str]
     proofs: list[dict[str, Any]]
+    merged: dict[str, int] = field(default_factory=dict)
 
 
 def score_new_rows(
@@ -212,8 +214,12 @@ def score_new_rows(
         daemon=True,
     )
     reporter.start()
+    merging = cache.merging(cfg.output.merge_parts, compute.progress_s)
     try:
-        rejects = _tokenize_and_score(cfg, run, cache, actors, identity, ProgressReport(counter))
+        with merging as merged:
+            rejects = _tokenize_and_score(
+                cfg, run, cache, actors, identity, ProgressReport(counter)
+            )
     except Exception:
         halted = ray.get(counter.halt_reason.remote())
         if halted is not None:
@@ -228,7 +234,7 @@ def score_new_rows(
     log.info(progress_line(traces, new_rows, tokens, time.time() - started))
     ray.kill(counter)
     rejects = pa.concat_tables([rejects, repeated_rejects(run, rejects)])
-    return ScoringPass(rejects, kernels, proofs)
+    return ScoringPass(rejects, kernels, proofs, merged)
 
 
 def _tokenize_and_score(

@@ -25,6 +25,7 @@ import pytest
 from ln_ray.config import ConfigError
 from ln_ray.io import cache
 from ln_ray.pipeline.job import JobError, run_score
+from ln_ray.schema import CACHE_SCHEMA
 from tests.helpers import (
     REPO,
     make_rows,
@@ -377,6 +378,8 @@ def test_interrupted_driver_resumes_where_it_stopped(
     time.sleep(max(0.0, killed_at + 3.5 - time.time()))
     manifest = run_score(tiny_job_config(corpus[0], str(out), tiny_student_dir))
     scored_before = len(cache.ScoreCache(str(next((out / "_cache").iterdir()))).trace_ids())
+    # the killed run's parts were folded before the lookup, which reads buckets
+    assert manifest.stages["lookup_cache"]["folded_first"]["files_folded"] >= 3
     assert manifest.counts["traces_scored_now"] < len(corpus[1])
     assert scored_before == len(corpus[1])
     assert_same_scores(str(out), reference_run)
@@ -508,3 +511,22 @@ def test_a_trace_in_several_files_costs_model_time_once(
     later = rejects[[path.endswith("b.jsonl") for path, _ in rejects.index]]
     assert len(later) == len(rows)
     assert later.drop(long_row, level="row_number").str.startswith("duplicate of").all()
+
+
+def test_parts_are_merged_while_scoring_runs(ray_cluster, tmp_path):
+    """While a run scores, its cache parts are merged a few at a time in Ray tasks, so that a
+    run resumed after an interruption reads a few files; no trace is lost on the way."""
+    store = cache.ScoreCache(str(tmp_path / "cache"))
+    rows = pa.Table.from_pylist(
+        [{"trace_id": f"{i:032x}", "lalp": -float(i)} for i in range(7)], schema=CACHE_SCHEMA
+    )
+    with store.merging(every=3, period_s=0.05) as merged:
+        for i in range(7):  # as the scoring actors write them, a batch at a time
+            store.write_part(rows.slice(i, 1))
+        deadline = time.time() + 60
+        while len(store.parts()) > 1 and time.time() < deadline:
+            time.sleep(0.05)
+    assert merged == {"merges": 2, "parts_merged": 6}
+    assert len(store.parts()) == 1 and len(store.files()) == 3
+    kept = pq.read_table([store.full(name) for name in store.files()])
+    assert sorted(kept["trace_id"].to_pylist()) == rows["trace_id"].to_pylist()

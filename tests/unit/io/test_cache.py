@@ -79,6 +79,16 @@ def test_folding_keeps_one_row_per_trace_in_its_bucket(tmp_path):
     assert store.stored_rows() == len(ids)
 
 
+def test_parts_merge_into_one_file_and_leave_the_others(tmp_path):
+    store = cache.ScoreCache(str(tmp_path / "cache"))
+    names = [store.write_part(_cache_rows([f"{i:032x}"], -1.0 * i)) for i in range(5)]
+    merged = store.merge_parts(names[:3])
+    assert merged.startswith(cache.MERGED) and sorted(store.parts()) == sorted(names[3:])
+    assert sorted(store.files()) == sorted([merged, *names[3:]])
+    assert store.read_table(merged)["lalp"].to_pylist() == [0.0, -1.0, -2.0]
+    assert store.unfolded(4) == store.files()  # merged files are folded at the run's end
+
+
 def test_a_score_cache_travels_to_other_processes_as_it_is(tmp_path):
     """Ray tasks receive the cache pickled: the copy reads and writes the same folder."""
     import pickle

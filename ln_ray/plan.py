@@ -12,7 +12,8 @@ counted from its config without loading weights:
 
 (scored positions: each response token twice, once globally and once locally), and GPU-hours =
 FLOPs / (peak FLOP/s x MFU). The MFU is an assumption to state, not a measurement: docs/SCALING.md
-explains the defaults.
+explains the defaults. From the wall-clock estimate follow the limits a RayJob needs for the run
+(``rayjob_limits``): a deadline that the run, and a retry of it, fit in.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ from ln_ray.score.windows import plan_windows
 # each bucket file adds a few KB of its own.
 CACHE_BYTES_PER_TRACE = 120
 CACHE_BYTES_PER_STEP = 12
+
+# A RayJob's deadline: the estimate with a margin for its assumptions (the MFU above all), and
+# for each attempt the cost of a start (nodes, the student's load, reading and the reduce). A
+# retry resumes from the score cache, so it repeats no scoring, only a start.
+DEADLINE_MARGIN = 1.5
+START_HOURS = 1.0
+RAYJOB_RETRIES = 1
 
 
 def plan_run(
@@ -124,9 +132,18 @@ def plan_run(
         "assumptions": {"gpus": gpus, "gpu_tflops": gpu_tflops, "mfu": mfu},
         "gpu_hours": gpu_hours,
         "wall_hours": gpu_hours / gpus,
+        "rayjob": rayjob_limits(gpu_hours / gpus),
         "cache_bytes": accepted * (CACHE_BYTES_PER_TRACE + CACHE_BYTES_PER_STEP * steps.mean()),
         "text_bytes": total_bytes,
     }
+
+
+def rayjob_limits(wall_hours: float, retries: int = RAYJOB_RETRIES) -> dict[str, int]:
+    """A RayJob's ``activeDeadlineSeconds`` and ``backoffLimit`` for a run whose scoring the
+    plan estimates at ``wall_hours``: the estimate times ``DEADLINE_MARGIN``, plus
+    ``START_HOURS`` for each attempt (the first and ``retries`` more), in whole hours."""
+    hours = math.ceil(wall_hours * DEADLINE_MARGIN + START_HOURS * (1 + retries))
+    return {"active_deadline_s": hours * 3600, "backoff_limit": retries}
 
 
 def model_tokens(trace: Any, cfg: LnRayConfig, cap: int) -> int:
@@ -174,6 +191,9 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{plan['gpu_hours']:.3g} GPU-hours, {plan['wall_hours']:.3g} h on {a['gpus']} GPUs",
             f"  storage: input text {_size(plan['text_bytes'])} (kept once, _valid/), "
             f"score cache {_size(plan['cache_bytes'])}",
+            f"  RayJob (infra/k8s/rayjob.yaml) for {a['gpus']} GPUs: activeDeadlineSeconds: "
+            f"{plan['rayjob']['active_deadline_s']}, backoffLimit: "
+            f"{plan['rayjob']['backoff_limit']}",
         ]
     )
 

@@ -144,6 +144,32 @@ def test_the_refresh_is_rendered_from_the_one_rayjob_spec():
     assert refresh["ConfigMap"]["data"]["refresh.sh"] == (K8S / "refresh.sh").read_text()
 
 
+def test_the_rayjobs_deadline_is_ln_ray_plans_for_the_run_it_is_sized_for():
+    """The shipped deadline and retries are what `ln-ray plan` gives for the estimate the spec
+    says it is sized for, on the GPUs its worker group has."""
+    from ln_ray.plan import rayjob_limits
+
+    sized = re.search(
+        r"sized for: ([\d.]+) h of scoring on (\d+) GPUs", (K8S / "rayjob.yaml").read_text()
+    )
+    assert sized, "rayjob.yaml names the estimate its deadline is sized for"
+    hours, gpus = float(sized.group(1)), int(sized.group(2))
+    for job in (_rayjob(), _refresh_rayjob()):
+        spec = job["spec"]
+        limits = rayjob_limits(hours)
+        assert spec["activeDeadlineSeconds"] == limits["active_deadline_s"]
+        assert spec["backoffLimit"] == limits["backoff_limit"]
+        workers = spec["rayClusterSpec"]["workerGroupSpecs"]
+        gpus_in_group = sum(
+            group["replicas"]
+            * int(
+                group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+            )
+            for group in workers
+        )
+        assert gpus_in_group == gpus
+
+
 def test_rayjob_runs_the_job_on_gpu_workers_with_an_idle_head():
     job = _rayjob()
     output = _check_entrypoint(job["spec"]["entrypoint"])

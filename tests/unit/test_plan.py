@@ -62,6 +62,10 @@ def test_plan_matches_the_scorer_and_its_arithmetic(tiny_student_dir, tmp_path):
     assert plan["flops"] == pytest.approx(flops)
     assert plan["gpu_hours"] == pytest.approx(flops / (100e12 * 0.5) / 3600)
     assert plan["wall_hours"] == pytest.approx(plan["gpu_hours"] / 4)
+    # the RayJob's deadline holds the estimate with its margin and a start per attempt
+    deadline = plan["rayjob"]["active_deadline_s"]
+    assert deadline % 3600 == 0 and plan["rayjob"]["backoff_limit"] == 1
+    assert 0 <= deadline - 3600 * (1.5 * plan["wall_hours"] + 2) < 3600
     # a refresh where 5% of the traces are new costs 5% of the compute
     refresh = plan_run(cfg, sample_rows=1000, new_fraction=0.05, gpu_tflops=100.0, mfu=0.5)
     assert refresh["flops"] == pytest.approx(0.05 * plan["flops"])
@@ -72,4 +76,5 @@ def test_plan_command_prints_the_estimate(tiny_student_dir, tmp_path, capsys):
     assert main(["plan", str(tmp_path / "in"), f"student.model={tiny_student_dir}"]) == 0
     printed = capsys.readouterr().out
     assert "GPU-hours" in printed and "model tokens" in printed and "rows (estimated): 6" in printed
+    assert "RayJob (infra/k8s/rayjob.yaml) for 8 GPUs: activeDeadlineSeconds: 10800" in printed
     assert main(["plan", str(tmp_path / "missing"), f"student.model={tiny_student_dir}"]) == 2

@@ -44,7 +44,7 @@ PLAIN_SENTENCES = [
     " ".join(s.replace("<think>", "").replace("</think>", "").split()) for s in SENTENCES
 ]
 TEACHERS = ("alpha", "beta", "gamma", "delta")
-STAGES = ("read_validate", "tokenize_score", "assemble", "reduce")
+STAGES = ("read_validate", "lookup_cache", "tokenize_score", "assemble", "reduce")
 TARGETS = {  # figure: (comparison, target)
     "refresh_tokenized_fraction": ("<=", 0.06),
     "refresh_scored_fraction": ("<=", 0.06),

@@ -31,6 +31,7 @@ from ln_ray.schema import LATE_REJECTS_SCHEMA, NEW_ROWS_SCHEMA, row_keys
 
 SCORE, REPEAT = "score", "repeat"  # a new row's status: its trace's first copy, or another
 _LOOKUP_KEYS = ["trace_id", "source_file", "row_number", "reject_reason"]
+_ROW = ["source_file", "row_number"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,17 @@ def to_score(run: RunFolder, valid_file: str) -> pa.Array:
         filters=[("valid_file", "=", posixpath.basename(valid_file)), ("status", "=", SCORE)],
     )
     return row_keys(chosen)
+
+
+def new_row_keys(run: RunFolder) -> Any:
+    """The ``_new/`` rows' source_file and row_number, as a dataset (the rows this run found
+    new, scored or repeating a scored one)."""
+    import ray
+
+    schema = pa.schema([NEW_ROWS_SCHEMA.field(name) for name in _ROW])
+    return ray.data.read_parquet(
+        run.full(NEW_DIR), filesystem=run.arrow_fs, columns=_ROW, schema=schema
+    )
 
 
 def repeated_rejects(run: RunFolder, rejects: pa.Table) -> pa.Table:
@@ -167,17 +179,3 @@ def _rejects_of_firsts(rows: pa.Table, rejects: pa.Table) -> pa.Table:
         }
     )
     return table.filter(pc.is_valid(where)).cast(LATE_REJECTS_SCHEMA)
-
-
-_ROW = ["source_file", "row_number"]
-
-
-def new_row_keys(run: RunFolder) -> Any:
-    """The ``_new/`` rows' source_file and row_number, as a dataset (the rows this run found
-    new, scored or repeating a scored one)."""
-    import ray
-
-    schema = pa.schema([NEW_ROWS_SCHEMA.field(name) for name in _ROW])
-    return ray.data.read_parquet(
-        run.full(NEW_DIR), filesystem=run.arrow_fs, columns=_ROW, schema=schema
-    )

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from ln_ray.io.shards import count_source_rows
 from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.assemble import is_unscored
-from ln_ray.pipeline.ray_ops import cast_to, cluster_cpus, reduce_partitions
+from ln_ray.pipeline.ray_ops import cluster_cpus, reduce_partitions
 from ln_ray.schema import SCORED_ROWS_SCHEMA
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
@@ -95,9 +95,9 @@ def count_rows(rows: Any, new_keys: Any | None) -> RowCounts:
     """Per input file, the manifest's row and token counters; over all files, how many rows were
     rejected for each reason and each kind (details stay in rejects/).
 
-    One pass over the finished rows (their counted columns, joined with ``new_keys`` to tell
-    the rows scored now): each block sums its own counters by (file, reason, kind), the driver
-    adds the blocks' sums.
+    One pass over the finished rows (their counted columns, grouped by file with ``new_keys``
+    to tell the rows scored now): each block sums its own counters by (file, reason, kind),
+    the driver adds the blocks' sums.
 
     Args:
         rows: The finished rows (``SCORED_ROWS_SCHEMA``).
@@ -108,14 +108,18 @@ def count_rows(rows: Any, new_keys: Any | None) -> RowCounts:
         AccountingError: An accepted row has no scores (its trace is neither scored nor in the
             cache).
     """
-    rows = rows.select_columns(_COUNTED)
-    if new_keys is None:
-        rows = rows.map_batches(_now, fn_kwargs={"now": False}, batch_format="pyarrow")
-    else:
-        flags = new_keys.map_batches(_now, fn_kwargs={"now": True}, batch_format="pyarrow")
-        rows = rows.join(
-            flags, "left_outer", num_partitions=reduce_partitions(), on=_ROW
-        ).map_batches(cast_to(_COUNTED_NOW), batch_format="pyarrow")
+    rows = rows.select_columns(_COUNTED).map_batches(
+        _flagged, fn_kwargs={"now": False}, batch_format="pyarrow"
+    )
+    if new_keys is not None:
+        # The rows and the keys of the new ones, grouped by file (a sort, in tasks alone):
+        # each file's rows are marked from its own keys.
+        flags = new_keys.map_batches(_flagged, fn_kwargs={"now": True}, batch_format="pyarrow")
+        rows = (
+            rows.union(flags)
+            .groupby("source_file", num_partitions=reduce_partitions())
+            .map_groups(_mark_now, batch_format="pyarrow")
+        )
 
     def partial_sums(table: pa.Table) -> pa.Table:
         rejected = pc.is_valid(table["reject_reason"])
@@ -160,16 +164,31 @@ def count_rows(rows: Any, new_keys: Any | None) -> RowCounts:
     )
 
 
-_ROW = ("source_file", "row_number")
 _COUNTED = ["source_file", "row_number", "reject_reason", "reject_kind", "n_tokens", "model_tokens"]
 _COUNTED_NOW = pa.schema(
     [*(SCORED_ROWS_SCHEMA.field(name) for name in _COUNTED), pa.field("now", pa.bool_())]
 )
 
 
-def _now(table: pa.Table, now: bool) -> pa.Table:
-    """``table`` with a ``now`` column, ``now`` on every row."""
-    return table.append_column("now", pa.array([now] * table.num_rows, pa.bool_()))
+def _flagged(table: pa.Table, now: bool) -> pa.Table:
+    """``table`` in ``_COUNTED_NOW`` (the columns it lacks null), ``now`` on every row: the
+    rows themselves (False), or the keys of the new ones (True)."""
+    columns = {
+        field.name: table[field.name]
+        if field.name in table.column_names
+        else pa.nulls(table.num_rows, field.type)
+        for field in _COUNTED_NOW
+    }
+    columns["now"] = pa.array([now] * table.num_rows, pa.bool_())
+    return pa.table(columns).cast(_COUNTED_NOW)
+
+
+def _mark_now(group: pa.Table) -> pa.Table:
+    """One file's rows, each marked ``now`` when the file's new keys hold its row number."""
+    keys = group.filter(group["now"])["row_number"]
+    rows = group.filter(pc.invert(group["now"]))
+    now = pc.fill_null(pc.is_in(rows["row_number"], value_set=keys), False)
+    return rows.set_column(rows.schema.get_field_index("now"), "now", now)
 
 
 def reason_kind(reason: str | None) -> str | None:

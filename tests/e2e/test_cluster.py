@@ -74,6 +74,9 @@ def test_the_job_waits_for_a_worker_that_joins_after_it_started(
         output.wait_for("waiting for the cluster: it has 1 of 2 CPUs", driver, timeout_s=300)
         local_ray.add_node(1)
         driver.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        pytest.fail("the job did not finish:\n" + output.text()[-8000:])
     finally:
         if driver.poll() is None:
             driver.kill()

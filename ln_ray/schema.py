@@ -255,6 +255,18 @@ def row_keys(table: pa.Table) -> pa.Array:
     )
 
 
+def padded(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``: its columns by name, cast; the columns it lacks, null."""
+    return pa.table(
+        {
+            field.name: table[field.name]
+            if field.name in table.column_names
+            else pa.nulls(table.num_rows, field.type)
+            for field in schema
+        }
+    ).cast(schema)
+
+
 def require_columns(present: Iterable[str], required: Iterable[str], stage: str) -> None:
     """Fail loudly when a stage's input lacks columns it needs.
 

@@ -17,7 +17,7 @@ from ln_ray.io.shards import count_source_rows
 from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.assemble import is_unscored
 from ln_ray.pipeline.ray_ops import cluster_cpus, reduce_partitions
-from ln_ray.schema import SCORED_ROWS_SCHEMA
+from ln_ray.schema import SCORED_ROWS_SCHEMA, padded
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
@@ -173,14 +173,9 @@ _COUNTED_NOW = pa.schema(
 def _flagged(table: pa.Table, now: bool) -> pa.Table:
     """``table`` in ``_COUNTED_NOW`` (the columns it lacks null), ``now`` on every row: the
     rows themselves (False), or the keys of the new ones (True)."""
-    columns = {
-        field.name: table[field.name]
-        if field.name in table.column_names
-        else pa.nulls(table.num_rows, field.type)
-        for field in _COUNTED_NOW
-    }
-    columns["now"] = pa.array([now] * table.num_rows, pa.bool_())
-    return pa.table(columns).cast(_COUNTED_NOW)
+    flags = pa.array([now] * table.num_rows, pa.bool_())
+    flagged = padded(table, _COUNTED_NOW)
+    return flagged.set_column(_COUNTED_NOW.get_field_index("now"), "now", flags)
 
 
 def _mark_now(group: pa.Table) -> pa.Table:

@@ -30,6 +30,7 @@ from ln_ray.schema import (
     ROW_META_SCHEMA,
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
+    padded,
     row_keys,
 )
 
@@ -99,11 +100,7 @@ def _rejected(table: pa.Table) -> pa.Table:
 
 def _without_scores(rows: pa.Table) -> pa.Table:
     """Rows of ``ROW_META_SCHEMA`` in ``SCORED_ROWS_SCHEMA``, their scores null."""
-    rejected = rows
-    for field in SCORED_ROWS_SCHEMA:
-        if field.name not in rejected.column_names:
-            rejected = rejected.append_column(field, pa.nulls(rejected.num_rows, field.type))
-    return rejected.select(SCORED_ROWS_SCHEMA.names).cast(SCORED_ROWS_SCHEMA)
+    return padded(rows, SCORED_ROWS_SCHEMA)
 
 
 def _join_cache(rows: Any, cache: ScoreCache, buckets: int | None, partitions: int) -> Any:

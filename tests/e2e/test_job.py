@@ -469,11 +469,6 @@ def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, 
 
 def _padded(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """``rows`` in ``schema``, the columns they lack null."""
-    table = pa.Table.from_pylist(rows)
-    return pa.table(
-        {
-            f.name: table[f.name] if f.name in table.column_names else pa.nulls(len(rows), f.type)
-            for f in schema
-        },
-        schema=schema,
-    )
+    from ln_ray.schema import padded
+
+    return padded(pa.Table.from_pylist(rows), schema)

@@ -83,3 +83,38 @@ def _best(frame: pl.DataFrame) -> pa.Table:
         )
     )
     return best.to_arrow().select(SELECTIONS_SCHEMA.names).cast(SELECTIONS_SCHEMA)
+
+
+# For each ordered pair of selection metrics: the prompts where both selected a trace, and those
+# where they selected the same one.
+AGREEMENT_SCHEMA = pa.schema(
+    [
+        ("metric", pa.string()),
+        ("other", pa.string()),
+        ("prompts", pa.int64()),
+        ("same", pa.int64()),
+    ]
+)
+
+
+def agreement_counts(selections: pa.Table) -> pa.Table:
+    """How often the metrics select the same trace, over the prompts of ``selections``
+    (``AGREEMENT_SCHEMA``, a row per ordered pair of metrics). The counts of disjoint sets of
+    prompts add up."""
+    frame = pl.from_arrow(selections.select(["prompt_id", "metric", "trace_id"]))
+    assert isinstance(frame, pl.DataFrame)
+    wide = frame.pivot(
+        on="metric", index="prompt_id", values="trace_id", aggregate_function="first"
+    )
+    rows = []
+    for metric in HIGHER_IS_BETTER:
+        for other in HIGHER_IS_BETTER:
+            if metric in wide.columns and other in wide.columns:
+                both = wide[metric].is_not_null() & wide[other].is_not_null()
+                same = both & (wide[metric] == wide[other]).fill_null(False)
+                rows.append((metric, other, int(both.sum()), int(same.sum())))
+            else:
+                rows.append((metric, other, 0, 0))
+    return pa.Table.from_pylist(
+        [dict(zip(AGREEMENT_SCHEMA.names, row)) for row in rows], schema=AGREEMENT_SCHEMA
+    )

@@ -21,8 +21,14 @@ from ln_ray.io.cache import ScoreCache, with_bucket
 from ln_ray.io.manifest import ROWS_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.pipeline.passes import rejects_of
-from ln_ray.pipeline.ray_ops import cast_to, read_valid, reduce_partitions, write_dataset
-from ln_ray.pipeline.row_checks import find_conflicts, find_duplicates
+from ln_ray.pipeline.ray_ops import (
+    cast_to,
+    grouped_by_hash,
+    read_valid,
+    reduce_partitions,
+    write_dataset,
+)
+from ln_ray.pipeline.row_checks import conflicting_rows, duplicate_rows
 from ln_ray.schema import (
     CACHE_SCHEMA,
     LATE_REJECTS_SCHEMA,
@@ -57,16 +63,18 @@ def assemble_rows(
     """
     partitions = reduce_partitions()
     meta = read_valid(run, columns=ROW_META_SCHEMA.names, blocks=partitions).materialize()
-    rows = meta.map_batches(_rejected, batch_format="pyarrow")
+    rejected = meta.map_batches(_rejected, batch_format="pyarrow")
     accepted = meta.map_batches(_accepted, batch_format="pyarrow")
-    rows = rows.union(_join_cache(accepted, cache, buckets, partitions))
-    conflicts = find_conflicts(
-        meta.select_columns(["prompt_id", "context_key", "source_file", "row_number"])
+    # The duplicates and the prompt ids naming different prompts are found among the rows of
+    # whole prompts (grouped by a hash of prompt_id): nothing per row comes to the driver.
+    finished = grouped_by_hash(
+        _join_cache(accepted, cache, buckets, partitions),
+        "prompt_id",
+        _finish_prompts,
+        partitions,
+        late=late_rejects.cast(LATE_REJECTS_SCHEMA),
     )
-    duplicates = find_duplicates(meta.select_columns(["dup_key", "source_file", "row_number"]))
-    late = pa.concat_tables([late_rejects.cast(LATE_REJECTS_SCHEMA), conflicts, duplicates])
-    rows = rows.map_batches(_finish_rows, fn_kwargs={"late": late}, batch_format="pyarrow")
-    rows = rows.materialize()
+    rows = rejected.union(finished).materialize()
     # A few large blocks (about two per CPU): each is written as one file by the task that
     # makes it.
     write_dataset(rows, run, ROWS_DIR, task_args={})
@@ -80,7 +88,7 @@ def assemble_rows(
         ("rejects", REJECTS_SCHEMA),
     ):
         run.ensure_table(name, schema)
-    return rows, duplicates.num_rows
+    return rows, _count_duplicates(rows)
 
 
 def is_unscored(table: pa.Table) -> pa.Array:
@@ -95,7 +103,8 @@ def _accepted(table: pa.Table) -> pa.Table:
 
 def _rejected(table: pa.Table) -> pa.Table:
     """Rows rejected at validation, in ``SCORED_ROWS_SCHEMA`` (no scores)."""
-    return _without_scores(table.filter(pc.is_valid(table["reject_reason"])))
+    rows = _without_scores(table.filter(pc.is_valid(table["reject_reason"])))
+    return _finish_rows(rows, LATE_REJECTS_SCHEMA.empty_table())
 
 
 def _without_scores(rows: pa.Table) -> pa.Table:
@@ -139,6 +148,22 @@ def _join_bucket(group: pa.Table, cache: ScoreCache, buckets: int) -> pa.Table:
     columns = {name: group[name] for name in ROW_META_SCHEMA.names}
     columns.update({name: found[name] for name in CACHE_SCHEMA.names if name != "trace_id"})
     return pa.table(columns).select(SCORED_ROWS_SCHEMA.names).cast(SCORED_ROWS_SCHEMA)
+
+
+def _finish_prompts(rows: pa.Table, late: pa.Table) -> pa.Table:
+    """The accepted rows of whole prompts with their late rejects: the scoring pass's
+    (``late``) first, then the prompt ids naming different prompts, then the duplicates."""
+    found = [late, conflicting_rows(rows), duplicate_rows(rows)]
+    return _finish_rows(rows, pa.concat_tables(found))
+
+
+def _count_duplicates(rows: Any) -> int:
+    """Rows rejected as duplicates."""
+    counts = rows.select_columns(["reject_kind"]).map_batches(
+        lambda t: pa.table({"n": [pc.sum(pc.equal(t["reject_kind"], "duplicate")).as_py() or 0]}),
+        batch_format="pyarrow",
+    )
+    return int(counts.sum("n") or 0)
 
 
 def _finish_rows(table: pa.Table, late: pa.Table) -> pa.Table:

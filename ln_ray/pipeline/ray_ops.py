@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pandas as pd
+import polars as pl
 import pyarrow as pa
 
 from ln_ray.config import ComputeConfig
@@ -144,6 +145,36 @@ def cluster_cpus() -> int:
 def reduce_partitions() -> int:
     """Shuffle partitions for groupbys: one per cluster CPU (Ray defaults to 200, for big data)."""
     return cluster_cpus()
+
+
+def grouped_by_hash(ds: Any, key: str, fn: Any, groups: int, **fn_kwargs: Any) -> Any:
+    """``fn`` over whole groups of rows sharing ``key``: the rows are hashed by ``key`` into
+    ``groups`` groups (a stable hash: every task of a run agrees on it), and ``fn`` runs once per
+    group (not per key) on every row of its keys, the hash in a column of its own (``HASH_GROUP``)
+    that ``fn`` may ignore. Nothing reaches the driver.
+
+    Args:
+        ds: The dataset (``key`` a column of it).
+        key: The column whose equal values must meet (e.g. prompt_id).
+        fn: ``fn(table, **fn_kwargs) -> table``, a pyarrow batch function.
+        groups: How many groups (``reduce_partitions``).
+    """
+    return (
+        ds.map_batches(
+            _with_hash_group, fn_kwargs={"key": key, "groups": groups}, batch_format="pyarrow"
+        )
+        .groupby(HASH_GROUP, num_partitions=groups)
+        .map_groups(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow")
+    )
+
+
+HASH_GROUP = "_hash_group"
+
+
+def _with_hash_group(table: pa.Table, key: str, groups: int) -> pa.Table:
+    values = pl.Series(key, table[key].combine_chunks())
+    group = (values.hash(seed=0) % groups).cast(pl.Int64).to_arrow()
+    return table.append_column(HASH_GROUP, group)
 
 
 def task_retries(compute: ComputeConfig) -> dict[str, int]:

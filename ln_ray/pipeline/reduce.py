@@ -4,24 +4,22 @@ It reads a run's ``scores/``, ``_rows/`` and the rows' text from wherever they l
 run's own folder, or a published run's, ``PublishedRun``) and writes ``selections/``,
 ``teachers/``, ``teacher_pairs/``, ``teacher_stability/`` and ``curated/`` into a run's folder,
 so it serves both a scoring run and ``ln-ray select`` over a finished run.
+
+Every step groups whole prompts (a hash of prompt_id, ``ray_ops.grouped_by_hash``), so each
+group's result is final and nothing per prompt or per row comes to the driver: it receives
+teacher-level tables only. The paired bootstrap and the stability curve resample prompts, so
+one task (not the driver) holds the prompt table, prompts x teachers.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 
-from ln_ray.aggregate.curate import (
-    CURATED_KEYS,
-    curate_batch,
-    curated_schema,
-    extra_schema,
-    extra_types,
-    keep_selected,
-    with_text,
-)
+from ln_ray.aggregate.curate import curated_schema, extra_schema
 from ln_ray.aggregate.pairs import (
     PROMPT_SUMS_SCHEMA,
     TRACE_METRICS,
@@ -29,49 +27,37 @@ from ln_ray.aggregate.pairs import (
     paired_comparisons,
     prompt_sums,
 )
-from ln_ray.aggregate.select import CANDIDATE_COLUMNS, merge_selections, partial_selections
+from ln_ray.aggregate.select import (
+    AGREEMENT_SCHEMA,
+    CANDIDATE_COLUMNS,
+    HIGHER_IS_BETTER,
+    agreement_counts,
+    select_traces,
+)
 from ln_ray.aggregate.stability import ranking_stability, stability_statement, stable_from
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
 from ln_ray.config import SelectionConfig
-from ln_ray.io.manifest import ROWS_DIR
 from ln_ray.io.run_folder import RunFolder
+from ln_ray.pipeline.curated import Tables, write_curated
 from ln_ray.pipeline.ray_ops import (
     collect,
     count_valid,
+    grouped_by_hash,
     reduce_partitions,
     to_pandas,
     write_dataset,
 )
 from ln_ray.schema import (
-    SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
     SELECTIONS_SCHEMA,
     TEACHER_METRICS,
     TEACHER_PAIRS_SCHEMA,
     TEACHER_STABILITY_SCHEMA,
     TEACHERS_SCHEMA,
-    TEXT_COLUMNS,
 )
 
-_CHOSEN = ["metric", "teacher", "trace_id"]  # what wins and the curated set need of selections
 _STATS = ["teacher", "metric", "mean", "ci_low", "ci_high", "count"]  # of teacher_stats
-# What the curated set needs of each selected row, besides its text.
-_SELECTED_ROWS = pa.schema(
-    [SCORED_ROWS_SCHEMA.field(name) for name in ("source_file", "row_number", *CURATED_KEYS)]
-)
-
-# What the curated set reads of _rows/ to find them (not the scores).
-_ROW_KEYS = pa.schema(
-    [SCORED_ROWS_SCHEMA.field(name) for name in (*_SELECTED_ROWS.names, "reject_reason")]
-)
-
-
-class Tables(Protocol):
-    """Where a run's outputs lie: a ``RunFolder`` or a ``PublishedRun``."""
-
-    arrow_fs: Any
-
-    def full(self, name: str) -> str: ...
+_WINS = pa.schema([("metric", pa.string()), ("teacher", pa.string()), ("wins", pa.int64())])
 
 
 def reduce_scores(
@@ -115,30 +101,35 @@ def reduce_scores(
             target.ensure_table(name, schema)
         return {**summary, "prompts": 0, "prompts_selected": 0, "reduce_s": _since(started)}
     partitions = reduce_partitions()
-    # A sort keeps each prompt's rows in one block (but at blocks' edges); each block's winners
-    # and per-(prompt, teacher) sums are computed at once, and the driver merges the blocks'
-    # (a few rows per prompt).
-    ordered = (
-        scores.select_columns(sorted({*CANDIDATE_COLUMNS, *TRACE_METRICS}))
-        .sort("prompt_id")
+    selections = (
+        grouped_by_hash(
+            scores.select_columns(CANDIDATE_COLUMNS),
+            "prompt_id",
+            select_traces,
+            partitions,
+            filter_correct=filter_correct,
+        )
+        .sort(["prompt_id", "metric"])
         .materialize()
     )
-    partials = ordered.map_batches(
-        partial_selections,
-        fn_kwargs={"filter_correct": filter_correct},
-        batch_format="pyarrow",
-        batch_size=None,
-    )
-    selections = merge_selections(collect(partials, SELECTIONS_SCHEMA))
-    target.write_table("selections/part-0.parquet", selections)
-    prompts = merge_prompt_sums(
-        collect(
-            ordered.map_batches(prompt_sums, batch_format="pyarrow", batch_size=None),
-            PROMPT_SUMS_SCHEMA,
-        )
-    )
+    write_dataset(selections, target, "selections")
+    target.ensure_table("selections", SELECTIONS_SCHEMA)
     # No rows when no prompt has an eligible candidate (e.g. none is marked correct).
-    chosen = selections.select(_CHOSEN).to_pandas()
+    wins = _wins(selections)
+    summary["agreement"] = _agreement(selections, partitions)
+    sums = grouped_by_hash(
+        scores.select_columns(["prompt_id", "teacher", "trace_id", *TRACE_METRICS]),
+        "prompt_id",
+        prompt_sums,
+        partitions,
+    ).materialize()
+    # The paired bootstrap and the stability curve resample prompts: one task holds the
+    # prompt table (prompts x teachers), never the driver.
+    pairs, curve, prompts, teachers = ray.get(
+        ray.remote(num_cpus=1)(_compare).remote(sums.to_arrow_refs(), selection)
+    )
+    target.write_table("teacher_pairs/part-0.parquet", pairs)
+    target.write_table("teacher_stability/part-0.parquet", curve)
     stats = (
         scores.select_columns(["teacher", *TRACE_METRICS])
         .groupby("teacher", num_partitions=partitions)
@@ -152,18 +143,7 @@ def reduce_scores(
             batch_format="pandas",
         )
     )
-    pairs = paired_comparisons(
-        prompts,
-        samples=selection.bootstrap_samples,
-        confidence=selection.confidence,
-        seed=selection.seed,
-    )
-    target.write_table("teacher_pairs/part-0.parquet", pairs)
-    curve = ranking_stability(
-        prompts, replicates=selection.stability_replicates, seed=selection.seed
-    )
-    target.write_table("teacher_stability/part-0.parquet", curve)
-    table = rank_teachers(to_pandas(stats, _STATS), count_wins(chosen), pairs.to_pandas())
+    table = rank_teachers(to_pandas(stats, _STATS), wins, pairs.to_pandas())
     target.write_table(
         "teachers/part-0.parquet",
         pa.Table.from_pandas(table, schema=TEACHERS_SCHEMA, preserve_index=False),
@@ -171,45 +151,85 @@ def reduce_scores(
     summary["stability"] = {
         metric: {
             "stable_from": stable_from(curve, metric),
-            "prompts": len(prompts.prompts),
-            "statement": stability_statement(curve, metric, len(prompts.teachers)),
+            "prompts": prompts,
+            "statement": stability_statement(curve, metric, teachers),
         }
         for metric in TEACHER_METRICS
     }
-
-    picked = chosen[chosen["metric"] == "lalp"]
-    # The rows holding the selected traces (one a prompt), then their text, read once.
-    chosen_rows = ray.data.read_parquet(
-        source.full(ROWS_DIR), filesystem=arrow_fs, columns=_ROW_KEYS.names, schema=_ROW_KEYS
-    ).map_batches(
-        keep_selected,
-        fn_kwargs={"selected": pa.array(sorted(set(picked["trace_id"])), pa.string())},
-        batch_format="pyarrow",
-    )
-    selected = collect(chosen_rows, _SELECTED_ROWS)
-    subset = (
-        ray.data.read_parquet(
-            source.full(text),
-            filesystem=arrow_fs,
-            columns=["source_file", "row_number", *TEXT_COLUMNS],
-        )
-        .map_batches(with_text, fn_kwargs={"selected": selected}, batch_format="pyarrow")
-        .materialize()
-    )
-    kinds = subset.map_batches(extra_types, batch_format="pyarrow").take_all()
-    schema = curated_schema(extra_schema([(k["column"], k["kind"]) for k in kinds]))
-    write_dataset(
-        subset.map_batches(curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"),
-        target,
-        "curated",
-    )
-    target.ensure_table("curated", schema)
+    write_curated(source, text, target, selections, partitions)
     return {
         **summary,
-        "prompts": len(prompts.prompts),
-        "prompts_selected": len(picked),
+        "prompts": prompts,
+        "prompts_selected": int(wins.loc[wins["metric"] == "lalp", "wins"].sum()),
         "reduce_s": _since(started),
     }
+
+
+def _wins(selections: Any) -> pd.DataFrame:
+    """Prompts won per (metric, teacher): counted per block, added up in the driver (a row per
+    metric and teacher)."""
+    counted = collect(
+        selections.select_columns(["metric", "teacher"]).map_batches(
+            count_wins,
+            batch_format="pandas",
+        ),
+        _WINS,
+    ).to_pandas()
+    return counted.groupby(["metric", "teacher"], as_index=False)["wins"].sum()
+
+
+def _agreement(selections: Any, partitions: int) -> list[dict[str, Any]]:
+    """How often the metrics select the same trace (``AGREEMENT_SCHEMA`` rows, for the
+    report): counted per group of whole prompts, added up in the driver (a row per pair of
+    metrics)."""
+    counted = collect(
+        grouped_by_hash(selections, "prompt_id", agreement_counts, partitions), AGREEMENT_SCHEMA
+    )
+    summed = counted.group_by(["metric", "other"], use_threads=False).aggregate(
+        [("prompts", "sum"), ("same", "sum")]
+    )
+    found = {(r["metric"], r["other"]): r for r in summed.to_pylist()}
+    return [
+        {
+            "metric": metric,
+            "other": other,
+            "prompts": found.get((metric, other), {}).get("prompts_sum", 0),
+            "same": found.get((metric, other), {}).get("same_sum", 0),
+        }
+        for metric in HIGHER_IS_BETTER
+        for other in HIGHER_IS_BETTER
+    ]
+
+
+def _compare(parts: list[Any], selection: SelectionConfig) -> tuple[pa.Table, pa.Table, int, int]:
+    """The paired comparisons and the stability curve from the prompt sums' blocks (a task).
+
+    Returns:
+        The pairs, the curve, and how many prompts and teachers they cover.
+    """
+    import ray
+
+    prompts = merge_prompt_sums(
+        pa.concat_tables(
+            [
+                PROMPT_SUMS_SCHEMA.empty_table(),
+                *(
+                    b.select(PROMPT_SUMS_SCHEMA.names).cast(PROMPT_SUMS_SCHEMA)
+                    for b in ray.get(parts)
+                ),
+            ]
+        )
+    )
+    pairs = paired_comparisons(
+        prompts,
+        samples=selection.bootstrap_samples,
+        confidence=selection.confidence,
+        seed=selection.seed,
+    )
+    curve = ranking_stability(
+        prompts, replicates=selection.stability_replicates, seed=selection.seed
+    )
+    return pairs, curve, len(prompts.prompts), len(prompts.teachers)
 
 
 def _since(started: float) -> float:

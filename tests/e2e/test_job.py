@@ -322,21 +322,36 @@ def test_job_scores_every_teacher_for_a_thinking_student(ray_cluster, tiny_stude
         assert content == (f"{reasoning}{answer}" if record["teacher"] == "plain" else presented)
 
 
-def test_duplicates_are_found_across_blocks(ray_cluster):
-    """Copies of a row spread over many blocks: every later copy is marked, the first is not."""
+def _by_prompt(check, table: pa.Table) -> pa.Table:
+    """``check`` over rows spread across many blocks, grouped by prompt as the job groups them."""
     import ray
 
-    from ln_ray.pipeline.row_checks import find_duplicates
+    from ln_ray.pipeline.ray_ops import collect, grouped_by_hash
+    from ln_ray.schema import LATE_REJECTS_SCHEMA
+
+    blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
+    found = grouped_by_hash(ray.data.from_arrow(blocks).repartition(9), "prompt_id", check, 4)
+    return collect(found, LATE_REJECTS_SCHEMA)
+
+
+def test_duplicates_are_found_across_blocks(ray_cluster):
+    """Copies of a row spread over many blocks: every later copy is marked, the first is not."""
+    from ln_ray.pipeline.row_checks import duplicate_rows
 
     rng = random.Random(3)
-    rows = [
-        {"dup_key": f"k{rng.randrange(60)}", "source_file": f"f{rng.randrange(3)}", "row_number": n}
-        for n in range(1, 400)
-    ]
-    rows += [{"dup_key": None, "source_file": "f0", "row_number": 999}]  # a rejected row
-    table = pa.Table.from_pylist(rows)
-    blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
-    found = find_duplicates(ray.data.from_arrow(blocks).repartition(9))
+    rows = []
+    for n in range(1, 400):
+        key = rng.randrange(60)
+        rows.append(
+            {
+                "prompt_id": f"p{key % 17}",
+                "dup_key": f"k{key}",
+                "source_file": f"f{rng.randrange(3)}",
+                "row_number": n,
+            }
+        )
+    rows += [{"prompt_id": "p0", "dup_key": None, "source_file": "f0", "row_number": 999}]
+    found = _by_prompt(duplicate_rows, pa.Table.from_pylist(rows))
     got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
     expected = {}
     for key in {r["dup_key"] for r in rows if r["dup_key"]}:
@@ -349,9 +364,7 @@ def test_duplicates_are_found_across_blocks(ray_cluster):
 def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster):
     """Rows of many prompt ids spread over many blocks, some ids with two or three contexts:
     every row of those ids is marked, naming the first row of two contexts; no other row is."""
-    import ray
-
-    from ln_ray.pipeline.row_checks import find_conflicts
+    from ln_ray.pipeline.row_checks import conflicting_rows
 
     rng = random.Random(4)
     rows = []
@@ -367,9 +380,7 @@ def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster
             }
         )
     rows.append({"prompt_id": "p00", "context_key": None, "source_file": "f0", "row_number": 999})
-    table = pa.Table.from_pylist(rows)
-    blocks = [table.slice(i, 23) for i in range(0, table.num_rows, 23)]
-    found = find_conflicts(ray.data.from_arrow(blocks).repartition(9))
+    found = _by_prompt(conflicting_rows, pa.Table.from_pylist(rows))
     got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
     expected = {}
     valid = [r for r in rows if r["context_key"] is not None]

@@ -110,11 +110,13 @@ FLOW = (
     "ln_ray.pipeline.passes",  # read + validate, tokenize + score
     "ln_ray.pipeline.assemble",
     "ln_ray.pipeline.accounting",
+    "ln_ray.pipeline.curated",  # the curated set: selected rows with their text
     "ln_ray.pipeline.reduce",
     "ln_ray.pipeline.record",
     "ln_ray.pipeline.summary",
     "ln_ray.pipeline.job",
     "ln_ray.plan",
+    "ln_ray.report_sample",  # what the report reads of the scores, bounded
     "ln_ray.report",
     "ln_ray.cli",
     "ln_ray.demo",

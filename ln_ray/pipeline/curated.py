@@ -1,0 +1,145 @@
+"""The curated SFT set of a run: each prompt's trace selected by LALP, with its text.
+
+The selected traces' rows are found by a grouping on trace_id, where the selections and the
+rows' keys meet; each row then goes to a group per file of the text output (``_valid/``) that
+may hold it, found from a table of which source files each file holds (a row per pair of
+files, not per row), and each group reads its own files' text for its rows alone. Nothing that
+grows with rows or prompts reaches the driver or is sent to every task.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ln_ray.aggregate.curate import (
+    CURATED_KEYS,
+    curate_batch,
+    curated_schema,
+    extra_schema,
+    extra_types,
+    keep_selected,
+    with_text,
+)
+from ln_ray.io.manifest import ROWS_DIR
+from ln_ray.io.run_folder import RunFolder
+from ln_ray.pipeline.ray_ops import collect, grouped_by_hash, write_dataset
+from ln_ray.schema import SCORED_ROWS_SCHEMA, TEXT_COLUMNS, padded
+
+# What the curated set needs of each selected row, besides its text.
+_SELECTED_ROWS = pa.schema(
+    [SCORED_ROWS_SCHEMA.field(name) for name in ("source_file", "row_number", *CURATED_KEYS)]
+)
+# What the curated set reads of _rows/ to find them (not the scores).
+_ROW_KEYS = pa.schema(
+    [SCORED_ROWS_SCHEMA.field(name) for name in (*_SELECTED_ROWS.names, "reject_reason")]
+)
+# Both sides of the grouping on trace_id that finds them: rows, and the selected ids (picked).
+_PICKABLE = pa.schema([*_ROW_KEYS, ("picked", pa.bool_())])
+
+
+class Tables(Protocol):
+    """Where a run's outputs lie: a ``RunFolder`` or a ``PublishedRun``."""
+
+    arrow_fs: Any
+
+    def full(self, name: str) -> str: ...
+
+
+def write_curated(
+    source: Tables, text: str, target: RunFolder, selections: Any, partitions: int
+) -> None:
+    """Write ``curated/``: each prompt's trace selected by LALP with its text.
+
+    The selected traces' rows are found by a grouping on trace_id (the selections and the rows'
+    keys meet in the same group); each row then goes to a group per file of ``text`` that may
+    hold it (from a table of which source files each file holds: a row per file, not per row),
+    and each group reads its own file's text for its rows alone.
+    """
+    import ray
+
+    arrow_fs = source.arrow_fs
+    rows = ray.data.read_parquet(
+        source.full(ROWS_DIR), filesystem=arrow_fs, columns=_ROW_KEYS.names, schema=_ROW_KEYS
+    ).map_batches(_as_pickable, batch_format="pyarrow")
+    picked = selections.map_batches(_lalp_picks, batch_format="pyarrow")
+    selected = grouped_by_hash(rows.union(picked), "trace_id", _picked_rows, partitions)
+    holders = _files_holding(source, text)
+    subset = grouped_by_hash(
+        selected.map_batches(_to_files, fn_kwargs={"holders": holders}, batch_format="pyarrow"),
+        "text_file",
+        _text_of,
+        partitions,
+        folder=source.full(text),
+        arrow_fs=arrow_fs,
+    ).materialize()
+    kinds = subset.map_batches(extra_types, batch_format="pyarrow").take_all()
+    schema = curated_schema(extra_schema([(k["column"], k["kind"]) for k in kinds]))
+    write_dataset(
+        subset.map_batches(curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"),
+        target,
+        "curated",
+    )
+    target.ensure_table("curated", schema)
+
+
+def _as_pickable(rows: pa.Table) -> pa.Table:
+    """Rows' keys (``_ROW_KEYS``) on the rows' side of the grouping on trace_id."""
+    return padded(rows.append_column("picked", pa.repeat(False, rows.num_rows)), _PICKABLE)
+
+
+def _lalp_picks(selections: pa.Table) -> pa.Table:
+    """The traces LALP selected, on the selections' side of the grouping on trace_id."""
+    ids = selections.filter(pc.equal(selections["metric"], "lalp"))["trace_id"]
+    return padded(pa.table({"trace_id": ids, "picked": pa.repeat(True, len(ids))}), _PICKABLE)
+
+
+def _picked_rows(group: pa.Table) -> pa.Table:
+    """The accepted rows of a group holding a selected trace."""
+    picked = group["picked"]
+    ids = group.filter(picked)["trace_id"]
+    rows = keep_selected(group.filter(pc.invert(picked)), ids.combine_chunks())
+    return rows.select(_SELECTED_ROWS.names).cast(_SELECTED_ROWS)
+
+
+def _files_holding(source: Tables, text: str) -> pa.Table:
+    """Which files of ``text`` hold rows of which source file (``source_file``, ``text_file``):
+    a row per pair, whatever the rows."""
+    import ray
+
+    pairs = ray.data.read_parquet(
+        source.full(text), filesystem=source.arrow_fs, columns=["source_file"], include_paths=True
+    ).map_batches(_file_pairs, batch_format="pyarrow")
+    return collect(pairs, _HOLDERS).group_by(_HOLDERS.names, use_threads=False).aggregate([])
+
+
+_HOLDERS = pa.schema([("source_file", pa.string()), ("text_file", pa.string())])
+
+
+def _file_pairs(rows: pa.Table) -> pa.Table:
+    names = pa.array([posixpath.basename(p) for p in rows["path"].to_pylist()], pa.string())
+    pairs = pa.table({"source_file": rows["source_file"], "text_file": names}, schema=_HOLDERS)
+    return pairs.group_by(_HOLDERS.names, use_threads=False).aggregate([])
+
+
+def _to_files(selected: pa.Table, holders: pa.Table) -> pa.Table:
+    """Each selected row once per file of the text that may hold it (``text_file``)."""
+    return selected.join(holders, "source_file", join_type="inner", use_threads=False)
+
+
+def _text_of(group: pa.Table, folder: str, arrow_fs: Any) -> pa.Table:
+    """The selected rows of a group with their text, each file of it read once."""
+    found = []
+    for name in pc.unique(group["text_file"]).to_pylist():
+        texts = pq.read_table(
+            f"{folder}/{name}",
+            filesystem=arrow_fs,
+            columns=["source_file", "row_number", *TEXT_COLUMNS],
+        )
+        mine = group.filter(pc.equal(group["text_file"], name))
+        found.append(with_text(texts, mine.select(_SELECTED_ROWS.names)))
+    return pa.concat_tables(found)

@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from ln_ray.aggregate.select import agreement_counts
 from ln_ray.io.manifest import ROWS_DIR, RunManifest
 from ln_ray.io.run_folder import OutputError, OutputRoot, PublishedRun
 from ln_ray.pipeline.summary import printable, yes_no
-from ln_ray.schema import SCORES_SCHEMA, better_direction
+from ln_ray.report_sample import SAMPLE_PER_TEACHER, ScoresView, read_scores
+from ln_ray.schema import better_direction
 
 METRICS = ("lalp", "galp", "rsr")
 REPORT_NAME = "report.html"
@@ -41,9 +44,10 @@ def write_report(output_path: str) -> str:
 
 
 def load_run(output_path: str) -> dict[str, Any]:
-    """The tables and manifest of the run published under ``output_path``: one row per trace of
-    its scores (without their per-step log-probs) and per prompt of its selections; the text
-    of the few traces the report shows is read when it is rendered (``shown_traces``)."""
+    """What the report shows of the run published under ``output_path``: its manifest, its
+    teacher-level tables, what it reads of the scores in bounded memory (``report_sample``) and
+    how often the metrics agree; the text of the few traces the report shows is read when it is
+    rendered (``shown_traces``). Nothing is read whole that grows with traces or prompts."""
     try:
         published = PublishedRun.open(output_path)
     except OutputError as exc:
@@ -52,8 +56,8 @@ def load_run(output_path: str) -> dict[str, Any]:
     return {
         "published": published,
         "manifest": published.manifest,
-        "scores": table("scores", [n for n in SCORES_SCHEMA.names if n != "step_logprobs"]),
-        "selections": table("selections"),
+        "scores": read_scores(published, _DISAGREEMENTS),
+        "agreement": run_agreement(published),
         "teachers": table("teachers"),
         "pairs": table("teacher_pairs"),
         "stability": table("teacher_stability"),
@@ -89,11 +93,12 @@ def render_report(run: dict[str, Any]) -> str:
 
 def _render(run: dict[str, Any]) -> str:
     manifest, scores, teachers = run["manifest"], run["scores"], run["teachers"]
-    order = teachers[teachers["metric"] == "lalp"].sort_values("rank")[
-        "teacher"
-    ].tolist() or sorted(scores["teacher"].unique())
+    order = (
+        teachers[teachers["metric"] == "lalp"].sort_values("rank")["teacher"].tolist()
+        or scores.teachers
+    )
     nothing = "<p>No trace was scored in this run: <code>rejects/</code> says why.</p>"
-    sections = _sections(run, order) if len(scores) else [_section("Teachers", nothing)]
+    sections = _sections(run, order) if scores.traces else [_section("Teachers", nothing)]
     counts = manifest.counts
     header = (
         f"<p>Run <code>{_e(manifest.run_id)}</code>, student "
@@ -106,8 +111,11 @@ def _render(run: dict[str, Any]) -> str:
 
 
 def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
-    scores, selections, teachers = run["scores"], run["selections"], run["teachers"]
-    agreement = metric_agreement(selections)
+    scores, agreement, teachers = run["scores"], run["agreement"], run["teachers"]
+    sampled = (
+        f"Per-trace lalp, galp and rsr by teacher (a sample of up to "
+        f"{SAMPLE_PER_TEACHER:,} traces per teacher, of {scores.traces:,})"
+    )
     return [
         _section(
             "Teachers",
@@ -124,11 +132,11 @@ def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
         ),
         _section(
             "Score distributions",
-            _figure(_plot_distributions(scores, order), "Per-trace lalp, galp and rsr by teacher"),
+            _figure(_plot_distributions(scores.sample, order), sampled),
         ),
         _section(
             "Wins",
-            _figure(_plot_wins(selections, order), "Share of prompts won, per metric"),
+            _figure(_plot_wins(teachers, order), "Share of prompts won, per metric"),
         ),
         _section(
             "Do the metrics agree?",
@@ -139,31 +147,29 @@ def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
     ]
 
 
-def metric_agreement(selections: pd.DataFrame) -> pd.DataFrame:
-    """For each pair of metrics, the share of prompts (selected by both) with the same trace."""
-    picked = selections.pivot_table(
-        index="prompt_id", columns="metric", values="trace_id", aggfunc="first"
-    )
+def run_agreement(published: PublishedRun) -> pd.DataFrame:
+    """For each pair of metrics, the share of prompts (selected by both) with the same trace.
+
+    The reduce stage counts them in Ray (the manifest's ``selection.agreement``); for a run that
+    predates those counts, they are counted here from its selections, read whole.
+    """
+    counts = published.manifest.selection.get("agreement")
+    if counts is None:
+        selections = published.table("selections", ["prompt_id", "metric", "trace_id"])
+        counts = agreement_counts(pa.Table.from_pandas(selections, preserve_index=False))
+        counts = counts.to_pylist()
+    return metric_agreement(counts)
+
+
+def metric_agreement(counts: list[dict[str, Any]]) -> pd.DataFrame:
+    """The shares of ``counts`` (``AGREEMENT_SCHEMA`` rows) as a metrics x metrics frame (NaN
+    where no prompt has both)."""
     shares = pd.DataFrame(index=list(METRICS), columns=list(METRICS), dtype=float)
-    for a in METRICS:
-        for b in METRICS:
-            if a in picked and b in picked:
-                both = picked[a].notna() & picked[b].notna()
-                same = picked.loc[both, a] == picked.loc[both, b]
-                shares.loc[a, b] = float(same.mean()) if both.any() else np.nan
+    for entry in counts:
+        if entry["metric"] in METRICS and entry["other"] in METRICS:
+            share = entry["same"] / entry["prompts"] if entry["prompts"] else np.nan
+            shares.loc[entry["metric"], entry["other"]] = share
     return shares
-
-
-def disagreeing_traces(scores: pd.DataFrame, count: int) -> pd.DataFrame:
-    """Traces whose lalp and galp disagree most, by the gap between their z-scores."""
-    usable = scores.dropna(subset=["lalp", "galp"])
-    if len(usable) < 2:
-        return usable.assign(gap=0.0).head(count)
-    z = (usable[["lalp", "galp"]] - usable[["lalp", "galp"]].mean()) / usable[["lalp", "galp"]].std(
-        ddof=0
-    ).replace(0, 1)
-    gap = z["lalp"] - z["galp"]
-    return usable.assign(gap=gap).reindex(gap.abs().sort_values(ascending=False).index).head(count)
 
 
 def _teacher_tables(teachers: pd.DataFrame) -> str:
@@ -269,8 +275,8 @@ def _agreement_table(shares: pd.DataFrame) -> str:
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
-def _disagreements(scores: pd.DataFrame, published: PublishedRun) -> str:
-    chosen = disagreeing_traces(scores, _DISAGREEMENTS)
+def _disagreements(scores: ScoresView, published: PublishedRun) -> str:
+    chosen = scores.disagreements
     texts = shown_traces(published, chosen["trace_id"].tolist()).set_index("trace_id")
     parts = [
         "<p>Least natural steps (lowest local log-prob) are highlighted; hover for values.</p>"
@@ -335,15 +341,16 @@ def _plot_distributions(scores: pd.DataFrame, order: list[str]):
     return fig
 
 
-def _plot_wins(selections: pd.DataFrame, order: list[str]):
+def _plot_wins(teachers: pd.DataFrame, order: list[str]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     width = 0.8 / len(METRICS)
     x = np.arange(len(order))
     for k, metric in enumerate(METRICS):
-        part = selections[selections["metric"] == metric]
-        share = part["teacher"].value_counts().reindex(order, fill_value=0) / max(len(part), 1)
+        part = teachers[teachers["metric"] == metric].set_index("teacher")["wins"]
+        wins = part.reindex(order).fillna(0).astype(float)
+        share = wins / max(wins.sum(), 1)
         ax.bar(x + (k - 1) * width, share.to_numpy(), width, label=metric)
     ax.set_xticks(x, [printable(t) for t in order], rotation=20, ha="right")
     ax.set_ylabel("share of prompts won")

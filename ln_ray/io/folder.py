@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -102,6 +102,17 @@ class Folder(DirFileSystem):
             schema=schema,
             filters=filters,
             filesystem=self.arrow_fs,
+        )
+
+    def batches(self, name: str, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """A Parquet file or folder below the folder, streamed in batches of at most
+        ``batch_rows`` rows (``columns`` only): memory bounded by a few batches, whatever its
+        size."""
+        import pyarrow.dataset as pads
+
+        data = pads.dataset(self.full(name), format="parquet", filesystem=self.arrow_fs)
+        return data.to_batches(
+            columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1
         )
 
     def write_table(self, name: str, table: pa.Table) -> None:

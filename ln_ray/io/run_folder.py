@@ -264,6 +264,10 @@ class PublishedRun:
     def url(self, name: str) -> str:
         return self.root.url_of(self.manifest.located(name))
 
+    def batches(self, name: str, columns: list[str], batch_rows: int) -> Any:
+        """Output ``name`` streamed in record batches (``Folder.batches``)."""
+        return self.root.batches(self.manifest.located(name), columns, batch_rows)
+
     def table(self, name: str, columns: list[str] | None = None, filters: Any = None) -> Any:
         """Output ``name`` (``columns`` only, default all; the rows that pass ``filters``, in
         pyarrow's form) as a pandas DataFrame; empty for one of ``LATER_OUTPUTS`` that the run

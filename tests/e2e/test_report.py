@@ -11,14 +11,7 @@ import pytest
 
 from ln_ray.config import load_config
 from ln_ray.pipeline.job import run_score
-from ln_ray.report import (
-    disagreeing_traces,
-    load_run,
-    metric_agreement,
-    render_report,
-    shown_traces,
-    write_report,
-)
+from ln_ray.report import load_run, render_report, shown_traces, write_report
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +35,20 @@ def demo_run(ray_cluster, tiny_student_dir, tmp_path_factory):
 
 def test_report_content(demo_run):
     run = load_run(demo_run)
-    agreement = metric_agreement(run["selections"])
+    # the agreement was counted in Ray by the reduce stage; it equals the selections' own
+    agreement = run["agreement"]
+    assert run["manifest"].selection["agreement"]
     for metric in ("lalp", "galp", "rsr"):
         assert agreement.loc[metric, metric] == 1.0
-    lalp_galp = run["selections"].pivot(index="prompt_id", columns="metric", values="trace_id")
+    selections = run["published"].table("selections")
+    lalp_galp = selections.pivot(index="prompt_id", columns="metric", values="trace_id")
     assert agreement.loc["lalp", "galp"] == pytest.approx(
         (lalp_galp["lalp"] == lalp_galp["galp"]).mean()
     )
-    worst = disagreeing_traces(run["scores"], 5)
+    worst = run["scores"].disagreements
     assert len(worst) == 5 and worst["gap"].abs().is_monotonic_decreasing
     # the run's text and per-step log-probs are read for the traces shown, and for them only
-    assert "step_logprobs" not in run["scores"].columns and "rows" not in run
+    assert "step_logprobs" not in run["scores"].sample.columns and "rows" not in run
     shown = shown_traces(run["published"], worst["trace_id"].tolist())
     assert sorted(shown["trace_id"]) == sorted(worst["trace_id"])
     full = run["published"].table("scores").set_index("trace_id")
@@ -61,7 +57,7 @@ def test_report_content(demo_run):
         assert len(trace.step_chars) == len(trace.step_logprobs) and trace.messages
     assert shown_traces(run["published"], []).empty
     # the paired comparisons and the stability curve are in the run and on the page
-    teachers = sorted(run["scores"]["teacher"].unique())
+    teachers = run["scores"].teachers
     pairs = run["pairs"]
     assert len(pairs) == len(teachers) * (len(teachers) - 1) * 7
     assert set(run["stability"]["metric"]) == set(pairs["metric"])

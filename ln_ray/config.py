@@ -58,11 +58,13 @@ class ColumnsConfig:
 
 @dataclass
 class InputConfig:
-    """Where the traces are: a file, folder or glob on any fsspec filesystem."""
+    """Where the traces are: a file, folder or glob on any fsspec filesystem. A file larger than
+    ``split_bytes`` is read by several tasks, each about that much of it."""
 
     path: str = "ln_ray/demo/traces.jsonl"
     format: str = "auto"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    split_bytes: int = 64 * 2**20
 
 
 @dataclass
@@ -253,6 +255,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(bool(cfg.input.path), "input.path is empty")
     need(cfg.input.format in INPUT_FORMATS, f"input.format must be one of {INPUT_FORMATS}")
     need(bool(cfg.output.path), "output.path is empty")
+    need(cfg.input.split_bytes >= 1, "input.split_bytes must be >= 1")
     need(cfg.output.keep_runs >= 1, "output.keep_runs must be >= 1")
     need(cfg.output.cache_buckets >= 1, "output.cache_buckets must be >= 1")
     need(cfg.output.merge_parts >= 2, "output.merge_parts must be >= 2")

@@ -21,21 +21,23 @@ import pyarrow.parquet as pq
 
 from ln_ray.config import ColumnsConfig
 from ln_ray.io import jsontext
+from ln_ray.io.pieces import Piece, numbered_lines
 from ln_ray.schema import RAW_SCHEMA
 
 BLOCK_ROWS = 256
 _READ_CHUNK = 1 << 20
 
 
-def iter_jsonl(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
-    """Canonical rows of a JSONL stream; line numbers are 1-based, blank lines are skipped.
+def iter_jsonl(
+    f: Any, columns: ColumnsConfig, piece: Piece | None = None
+) -> Iterator[dict[str, Any]]:
+    """Canonical rows of a JSONL stream (or of one ``piece`` of the file, which must then be
+    seekable); line numbers are 1-based lines of the file, blank lines are skipped.
 
     A line is parsed by orjson where it gives what the standard library gives (``jsontext``);
     any other line goes to ``json``, which also says what is wrong with a bad one.
     """
-    number = 0
-    for line in _lines(f):
-        number += 1
+    for number, line in numbered_lines(f, piece or Piece("", "jsonl", 0)):
         if not line.strip():
             continue
         record = jsontext.loads_native(line)
@@ -64,21 +66,25 @@ def iter_jsonl(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
         yield canonical_row(record, columns, number)
 
 
-def iter_parquet(f: Any, columns: ColumnsConfig) -> Iterator[dict[str, Any]]:
-    """Canonical rows of a Parquet file; row numbers are 1-based.
+def iter_parquet(
+    f: Any, columns: ColumnsConfig, piece: Piece | None = None
+) -> Iterator[dict[str, Any]]:
+    """Canonical rows of a Parquet file (or of one ``piece``: a range of its row groups); row
+    numbers are 1-based rows of the file.
 
     Row groups are read one at a time, so a corrupt one costs only its own rows: each of them
     becomes a row with ``read_error`` and its row number (known from the footer), and every row
     in the file is still accounted for.
     """
+    piece = piece or Piece("", "parquet", 0)
     try:
         parquet = pq.ParquetFile(f)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         yield _error_row(None, f"cannot read Parquet shard: {exc}")
         return
     groups = parquet.metadata.num_row_groups
-    start = 1
-    for group in range(groups):
+    start = piece.before + 1
+    for group in range(piece.start, groups if piece.stop is None else piece.stop):
         end = start + parquet.metadata.row_group(group).num_rows
         number = start
         try:
@@ -247,16 +253,6 @@ def _storable(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _lines(f: Any) -> Iterator[bytes]:
-    """Split a binary stream into lines (without the newline) without reading it whole; a UTF-8
-    byte order mark before the first line (as some Windows tools write) is dropped."""
-    lines = _split_lines(f)
-    first = next(lines, None)
-    if first is not None:
-        yield first.removeprefix(codecs.BOM_UTF8)
-        yield from lines
-
-
 _SPACE = np.zeros(256, dtype=bool)  # the bytes bytes.strip() strips
 _SPACE[list(b" \t\n\r\f\v")] = True
 
@@ -293,20 +289,6 @@ def _text_lines(data: bytes) -> int:
     ends = np.append(newlines, len(data))[np.searchsorted(newlines, starts[spaced])]
     rest = sum(1 for a, b in zip(starts[spaced].tolist(), ends.tolist()) if data[a:b].strip())
     return int(np.count_nonzero(~spaced)) + rest
-
-
-def _split_lines(f: Any) -> Iterator[bytes]:
-    rest = b""
-    while True:
-        chunk = f.read(_READ_CHUNK)
-        if not chunk:
-            break
-        parts = (rest + chunk).split(b"\n")
-        rest = parts.pop()
-        for part in parts:
-            yield part.rstrip(b"\r")
-    if rest:
-        yield rest.rstrip(b"\r")
 
 
 def bare(path: str) -> str:

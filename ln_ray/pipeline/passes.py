@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from ln_ray.config import LnRayConfig
 from ln_ray.io import storage
 from ln_ray.io.cache import ScoreCache
-from ln_ray.io.datasource import TraceShardDatasource
+from ln_ray.io.datasource import TraceShardDatasource, plan_pieces
 from ln_ray.io.manifest import VALID_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.io.storage import Inputs
@@ -76,22 +76,27 @@ def validate_rows(cfg: LnRayConfig, inputs: Inputs, run: RunFolder) -> Validated
     """
     import ray
 
-    files = inputs.files
-    datasource = TraceShardDatasource(
-        [path for path, _ in files],
-        dict(files),
-        {path: inputs.shown(path) for path, _ in files},
-        cfg.input.columns,
-        filesystem=storage.arrow_filesystem(inputs.fs),
-    )
-    # Ray Data runs reading, validating and writing as one task only when no file is split
-    # across read tasks; a read task left waiting on its consumer while holding a CPU could
-    # leave none for the write (a 2-CPU machine hangs). Small shards are grouped, a few to a
-    # task, and each task writes its rows as one file.
+    # Ray Data runs reading, validating and writing as one task only when no read task's
+    # output is split by Ray Data itself; a read task left waiting on its consumer while holding
+    # a CPU could leave none for the write (a 2-CPU machine hangs). Small shards are grouped, a
+    # few to a task, a large one is cut into pieces (``input.split_bytes``), and each task
+    # writes its rows as one file.
     task = {"num_cpus": cfg.compute.prepare_cpus, **task_retries(cfg.compute)}
+    arrow_fs = storage.arrow_filesystem(inputs.fs)
+    paths = [path for path, _ in inputs.files]
+    sizes = [info.size or 0 for info in arrow_fs.get_file_info(paths)]
+    pieces = plan_pieces(
+        [(path, fmt, size) for (path, fmt), size in zip(inputs.files, sizes)],
+        arrow_fs,
+        cfg.input.split_bytes,
+        task,
+    )
+    datasource = TraceShardDatasource(
+        pieces, {path: inputs.shown(path) for path in paths}, cfg.input.columns, arrow_fs
+    )
     validated = ray.data.read_datasource(
         datasource,
-        override_num_blocks=read_tasks(len(files), datasource.estimate_inmemory_data_size()),
+        override_num_blocks=read_tasks(len(pieces), datasource.estimate_inmemory_data_size()),
         ray_remote_args=task,
     ).map_batches(
         validate_batch,
@@ -131,11 +136,11 @@ def write_validation_rejects(run: RunFolder) -> None:
     run.ensure_table("rejects", REJECTS_SCHEMA)
 
 
-def read_tasks(files: int, input_bytes: int | None) -> int:
+def read_tasks(pieces: int, input_bytes: int | None) -> int:
     """Read tasks for the validation pass: about ``TASK_BYTES`` of input each, at least two per
-    CPU of the cluster, at most one per file (a file is never split, whole files are grouped)."""
+    CPU of the cluster, at most one per piece (a whole file, or a part of a large one)."""
     by_size = math.ceil((input_bytes or 0) / TASK_BYTES)
-    return max(1, min(files, max(2 * cluster_cpus(), by_size)))
+    return max(1, min(pieces, max(2 * cluster_cpus(), by_size)))
 
 
 TASK_BYTES = 64 * 2**20  # under Ray Data's block target (128 MB), so no read is split

@@ -191,6 +191,45 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     assert f"{statement[0].upper()}{statement[1:]}." in summary
 
 
+def test_large_files_are_read_in_pieces_with_exact_provenance(
+    ray_cluster, tiny_student_dir, tmp_path
+):
+    """Both shards cut into many pieces (JSONL byte ranges, Parquet row groups): every row is
+    read once, with the line or row number it has in its file, and the outputs are those of
+    whole files."""
+    import fsspec
+
+    rows = make_rows()
+    root = tmp_path / "in"
+    write_shards(fsspec.filesystem("file"), str(root), rows)
+    parquet = root / "part-1.parquet"
+    pq.write_table(pq.read_table(parquet), parquet, row_group_size=2)
+    out = str(tmp_path / "out")
+    manifest = run_score(job_config(str(root), out, tiny_student_dir, "input.split_bytes=300"))
+    check_outputs(out, rows)
+    half = len(rows) // 2
+    assert {e["path"].rsplit("/", 1)[-1]: e["rows_read"] for e in manifest.inputs} == {
+        "part-0.jsonl": half + 2,
+        "part-1.parquet": len(rows) - half,
+    }
+    numbers = read_output(out, "_rows").groupby("source_file")["row_number"].apply(sorted)
+    by_name = {name.rsplit("/", 1)[-1]: list(n) for name, n in numbers.items()}
+    assert by_name == {
+        "part-0.jsonl": list(range(1, half + 3)),
+        "part-1.parquet": list(range(1, len(rows) - half + 1)),
+    }
+    # each shard's pieces were read by several tasks: each wrote its rows as a file of _valid/
+    valid = tmp_path / "out" / "_runs" / manifest.run_id / "_valid"
+    holders = {}
+    for path in valid.glob("*.parquet"):
+        for name in set(pq.read_table(path, columns=["source_file"])["source_file"].to_pylist()):
+            holders.setdefault(name.rsplit("/", 1)[-1], set()).add(path.name)
+    assert {name: len(files) > 1 for name, files in holders.items()} == {
+        "part-0.jsonl": True,
+        "part-1.parquet": True,
+    }
+
+
 def test_connect_ray_reads_parquet_with_v1_unless_told(ray_cluster, monkeypatch):
     from ray.data import DataContext
 
@@ -213,9 +252,14 @@ def test_job_reads_and_writes_s3(ray_cluster, s3_server, tiny_student_dir):
     fs.mkdir("ln-ray-test")
     rows = make_rows(n_prompts=4, seed=1)
     write_shards(fs, "ln-ray-test/traces", rows)
-    manifest = run_score(
-        job_config("s3://ln-ray-test/traces/", "s3://ln-ray-test/runs/r1", tiny_student_dir)
+    # the JSONL shard is read in pieces: byte ranges of an object, read over HTTP
+    cfg = job_config(
+        "s3://ln-ray-test/traces/",
+        "s3://ln-ray-test/runs/r1",
+        tiny_student_dir,
+        "input.split_bytes=500",
     )
+    manifest = run_score(cfg)
     fs.invalidate_cache()
     assert fs.exists("ln-ray-test/runs/r1/manifest.json")
     check_outputs("s3://ln-ray-test/runs/r1", rows)

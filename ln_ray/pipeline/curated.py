@@ -10,6 +10,7 @@ grows with rows or prompts reaches the driver or is sent to every task.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -28,7 +29,7 @@ from ln_ray.aggregate.curate import (
 from ln_ray.io.manifest import ROWS_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.pipeline.ray_ops import collect, grouped_by_hash, write_dataset
-from ln_ray.schema import SCORED_ROWS_SCHEMA, TEXT_COLUMNS, padded
+from ln_ray.schema import SCORED_ROWS_SCHEMA, TEXT_COLUMNS, padded, row_keys
 
 # What the curated set needs of each selected row, besides its text.
 _SELECTED_ROWS = pa.schema(
@@ -69,15 +70,16 @@ def write_curated(
     picked = selections.map_batches(_lalp_picks, batch_format="pyarrow")
     selected = grouped_by_hash(rows.union(picked), "trace_id", _picked_rows, partitions)
     holders = _files_holding(source, text)
-    subset = grouped_by_hash(
-        selected.map_batches(_to_files, fn_kwargs={"holders": holders}, batch_format="pyarrow"),
-        "text_file",
-        _text_of,
-        partitions,
-        folder=source.full(text),
-        arrow_fs=arrow_fs,
+    # The rows to read, by file (keys only, a row per selected trace): the text itself is read
+    # twice, streaming, never held. A curated set of 10 KB rows is 2.5 GB at 250,000 prompts.
+    routed = selected.map_batches(
+        _to_files, fn_kwargs={"holders": holders}, batch_format="pyarrow"
     ).materialize()
-    kinds = subset.map_batches(extra_types, batch_format="pyarrow").take_all()
+    where = {"folder": source.full(text), "arrow_fs": arrow_fs}
+    kinds = collect(
+        grouped_by_hash(routed, "text_file", _extra_types_of, partitions, **where), _KINDS
+    ).to_pylist()
+    subset = grouped_by_hash(routed, "text_file", _text_of, partitions, **where)
     schema = curated_schema(extra_schema([(k["column"], k["kind"]) for k in kinds]))
     write_dataset(
         subset.map_batches(curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"),
@@ -133,13 +135,35 @@ def _to_files(selected: pa.Table, holders: pa.Table) -> pa.Table:
 
 def _text_of(group: pa.Table, folder: str, arrow_fs: Any) -> pa.Table:
     """The selected rows of a group with their text, each file of it read once."""
-    found = []
-    for name in pc.unique(group["text_file"]).to_pylist():
-        texts = pq.read_table(
-            f"{folder}/{name}",
-            filesystem=arrow_fs,
-            columns=["source_file", "row_number", *TEXT_COLUMNS],
+    found = [
+        with_text(texts, mine)
+        for texts, mine in _files_of(
+            group, folder, arrow_fs, ["source_file", "row_number", *TEXT_COLUMNS]
         )
-        mine = group.filter(pc.equal(group["text_file"], name))
-        found.append(with_text(texts, mine.select(_SELECTED_ROWS.names)))
+    ]
     return pa.concat_tables(found)
+
+
+_KINDS = pa.schema([("column", pa.string()), ("kind", pa.string())])
+
+
+def _extra_types_of(group: pa.Table, folder: str, arrow_fs: Any) -> pa.Table:
+    """The (column, type) pairs among the extra columns of a group's selected rows, reading
+    only their ``extra``."""
+    found = [
+        extra_types(texts.filter(pc.is_in(row_keys(texts), value_set=row_keys(mine))))
+        for texts, mine in _files_of(
+            group, folder, arrow_fs, ["source_file", "row_number", "extra"]
+        )
+    ]
+    return pa.concat_tables([_KINDS.empty_table(), *found]).group_by(_KINDS.names).aggregate([])
+
+
+def _files_of(
+    group: pa.Table, folder: str, arrow_fs: Any, columns: list[str]
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Per file of ``folder`` the group names: its ``columns``, and the group's rows there."""
+    for name in pc.unique(group["text_file"]).to_pylist():
+        texts = pq.read_table(f"{folder}/{name}", filesystem=arrow_fs, columns=columns)
+        mine = group.filter(pc.equal(group["text_file"], name))
+        yield texts, mine.select(_SELECTED_ROWS.names)

@@ -62,7 +62,7 @@ bench: install
 bench-scale: install
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
-# The same at 1,000,000 rows with short responses (about 80 minutes on 2 CPUs, 25 GB of disk).
+# The same at 1,000,000 rows with short responses (about 36 minutes on 2 CPUs, 26 GB of disk).
 bench-scale-1m: install
 	$(BIN)/python -m bench.scale --rows 1000000 --response-chars 150 $(BENCH_ARGS)
 

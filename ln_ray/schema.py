@@ -136,8 +136,20 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 
-# Rows rejected after validation (a template that cannot render, a scoring failure, a duplicate),
-# by row key: the scoring pass hands these on instead of its rows, whose scores are in the cache.
+# Traces the scoring pass rejected (a template that cannot render, a trace too long, a scoring
+# failure), by trace: the scoring actors write these to the run's _late/ (their scores go to the
+# cache), and the assemble stage gives each reason to every row of the trace.
+SCORING_REJECTS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("trace_id", pa.string()),
+        ("reason", pa.string()),
+        ("kind", pa.string()),
+    ]
+)
+
+# Rows rejected after validation (a scoring reject, a prompt id naming two prompts, a duplicate),
+# by row key.
 LATE_REJECTS_SCHEMA = pa.schema(
     [
         ("source_file", pa.string()),

@@ -28,6 +28,7 @@ CACHE_DIR = "_cache"
 ROWS_DIR = "_rows"  # every input row with its scores, scored or rejected, without its text
 VALID_DIR = "_valid"  # every input row after validation, with its text (the one copy of it)
 NEW_DIR = "_new"  # the rows whose trace the score cache did not hold: to score, or repeats
+LATE_DIR = "_late"  # the traces the scoring actors rejected, with the reason
 SCORE_OUTPUTS = ("scores", "rejects", ROWS_DIR, VALID_DIR)
 REDUCE_OUTPUTS = ("selections", "teachers", "teacher_pairs", "teacher_stability", "curated")
 # Outputs added after runs were first published: a run published before them has none.

@@ -3,10 +3,11 @@
 Only narrow columns travel here (provenance, ids, scores); the rows' text stays in ``_valid/``.
 
 Every accepted row of ``_valid/`` is joined with the score cache (this run's scores were folded
-into it); rows rejected at validation pass as they are, and rows the scoring pass rejected take
-its reason. Then rows whose prompt_id names different prompts are rejected (a selection across
-them would compare answers to different questions), and later copies of a (prompt_id, teacher,
-response) are marked duplicates (both found by ``row_checks.py``).
+into it); rows rejected at validation pass as they are, and every row of a trace the scoring
+pass rejected (``_late/``) takes its reason. Then rows whose prompt_id names different prompts
+are rejected (a selection across them would compare answers to different questions), and later
+copies of a (prompt_id, teacher, response) are marked duplicates (both found by
+``row_checks.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 
 from ln_ray.io import storage
 from ln_ray.io.cache import ScoreCache, with_bucket
-from ln_ray.io.manifest import ROWS_DIR
+from ln_ray.io.manifest import LATE_DIR, ROWS_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.pipeline.passes import rejects_of
 from ln_ray.pipeline.ray_ops import (
@@ -36,14 +37,13 @@ from ln_ray.schema import (
     ROW_META_SCHEMA,
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
+    SCORING_REJECTS_SCHEMA,
     padded,
     row_keys,
 )
 
 
-def assemble_rows(
-    run: RunFolder, cache: ScoreCache, late_rejects: pa.Table, buckets: int | None
-) -> tuple[Any, int]:
+def assemble_rows(run: RunFolder, cache: ScoreCache, buckets: int | None) -> tuple[Any, int]:
     """Complete every row with its scores (not its text, which stays in ``_valid/``), mark
     duplicates, and write ``_rows/``, ``scores/`` and ``rejects/``.
 
@@ -54,7 +54,6 @@ def assemble_rows(
     Args:
         run: The run's folder.
         cache: The score cache.
-        late_rejects: Rows the scoring pass rejected (``LATE_REJECTS_SCHEMA``).
         buckets: The cache's bucket count when every file of it is a bucket (it was folded);
             None when it may hold parts, and a trace twice.
 
@@ -65,15 +64,13 @@ def assemble_rows(
     meta = read_valid(run, columns=ROW_META_SCHEMA.names, blocks=partitions).materialize()
     rejected = meta.map_batches(_rejected, batch_format="pyarrow")
     accepted = meta.map_batches(_accepted, batch_format="pyarrow")
-    # The duplicates and the prompt ids naming different prompts are found among the rows of
-    # whole prompts (grouped by a hash of prompt_id): nothing per row comes to the driver.
-    finished = grouped_by_hash(
-        _join_cache(accepted, cache, buckets, partitions),
-        "prompt_id",
-        _finish_prompts,
-        partitions,
-        late=late_rejects.cast(LATE_REJECTS_SCHEMA),
-    )
+    # The scoring pass's rejects, the duplicates and the prompt ids naming different prompts
+    # are applied to the rows of whole prompts (grouped by a hash of prompt_id; every row of a
+    # trace has its prompt_id): nothing per row comes to the driver.
+    joined = _join_cache(accepted, cache, buckets, partitions)
+    if run.parquet_files(LATE_DIR):
+        joined = joined.union(_scoring_rejects(run))
+    finished = grouped_by_hash(joined, "prompt_id", _finish_prompts, partitions)
     rows = rejected.union(finished).materialize()
     # A few large blocks (about two per CPU): each is written as one file by the task that
     # makes it.
@@ -150,11 +147,44 @@ def _join_bucket(group: pa.Table, cache: ScoreCache, buckets: int) -> pa.Table:
     return pa.table(columns).select(SCORED_ROWS_SCHEMA.names).cast(SCORED_ROWS_SCHEMA)
 
 
-def _finish_prompts(rows: pa.Table, late: pa.Table) -> pa.Table:
-    """The accepted rows of whole prompts with their late rejects: the scoring pass's
-    (``late``) first, then the prompt ids naming different prompts, then the duplicates."""
-    found = [late, conflicting_rows(rows), duplicate_rows(rows)]
+def _scoring_rejects(run: RunFolder) -> Any:
+    """The traces the scoring pass rejected, as rows of ``SCORED_ROWS_SCHEMA`` without a
+    source_file (which every input row has), so that they travel with the rows of their prompt."""
+    import ray
+
+    late = ray.data.read_parquet(
+        run.full(LATE_DIR), filesystem=run.arrow_fs, schema=SCORING_REJECTS_SCHEMA
+    )
+    return late.map_batches(_as_rows, batch_format="pyarrow")
+
+
+def _as_rows(late: pa.Table) -> pa.Table:
+    named = late.rename_columns(["prompt_id", "trace_id", "reject_reason", "reject_kind"])
+    return padded(named, SCORED_ROWS_SCHEMA)
+
+
+def _finish_prompts(rows: pa.Table) -> pa.Table:
+    """The accepted rows of whole prompts with their late rejects: the scoring pass's (the
+    rows without a source_file, one per trace, ``_scoring_rejects``) first, then the prompt ids
+    naming different prompts, then the duplicates."""
+    late = pc.is_null(rows["source_file"])
+    rejected, rows = rows.filter(late), rows.filter(pc.invert(late))
+    found = [_rows_of(rejected, rows), conflicting_rows(rows), duplicate_rows(rows)]
     return _finish_rows(rows, pa.concat_tables(found))
+
+
+def _rows_of(traces: pa.Table, rows: pa.Table) -> pa.Table:
+    """The rows of the rejected ``traces``, with their trace's reason (``LATE_REJECTS_SCHEMA``)."""
+    where = pc.index_in(rows["trace_id"], value_set=traces["trace_id"])
+    table = pa.table(
+        {
+            "source_file": rows["source_file"],
+            "row_number": rows["row_number"],
+            "reason": pc.take(traces["reject_reason"], where),
+            "kind": pc.take(traces["reject_kind"], where),
+        }
+    )
+    return table.filter(pc.is_valid(where)).cast(LATE_REJECTS_SCHEMA)
 
 
 def _count_duplicates(rows: Any) -> int:

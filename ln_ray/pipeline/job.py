@@ -65,7 +65,6 @@ from ln_ray.pipeline.record import (
     run_manifest,
 )
 from ln_ray.pipeline.reduce import reduce_scores
-from ln_ray.schema import LATE_REJECTS_SCHEMA
 
 if TYPE_CHECKING:  # the student module loads torch, which only a scoring run needs
     from ln_ray.score.student import VettedStudent
@@ -157,10 +156,11 @@ def _score(
             *(cached_before, new.to_score, new.repeats, cached_rows),
         )
         with timeline.run(SCORE) as scored:
-            scoring = ScoringPass(LATE_REJECTS_SCHEMA.empty_table(), [], [])
+            scoring = ScoringPass(0, [], [])
             if new.to_score:
                 scoring = score_new_rows(cfg, run, cache, new, student.identity)
-            scored.update(rows=new.to_score, attention=scoring.kernels, **scoring.merged)
+            scored.update(rows=new.to_score, rejected=scoring.rejected, attention=scoring.kernels)
+            scored.update(scoring.merged)
         with timeline.run(COMPACT) as compaction:
             compaction.update(_compact(cache, buckets))
         folded = "error" not in compaction  # else parts are left, perhaps a trace twice
@@ -169,9 +169,7 @@ def _score(
             "scored %d new traces in %.1fs; assembling outputs", scored_now, time.time() - started
         )
         with timeline.run(ASSEMBLE) as record:
-            rows, duplicates = assemble_rows(
-                run, cache, scoring.rejects, buckets if folded else None
-            )
+            rows, duplicates = assemble_rows(run, cache, buckets if folded else None)
             counted_rows = count_rows(rows, new_row_keys(run) if new.to_score else None)
             entries = check_inputs(inputs, counted_rows.per_file, counted(expected_rows))
             counts = {key: sum(entry[key] for entry in entries) for key in COUNTS}

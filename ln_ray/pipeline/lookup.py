@@ -27,7 +27,7 @@ from ln_ray.io.cache import ScoreCache, with_bucket
 from ln_ray.io.manifest import NEW_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.pipeline.ray_ops import collect, read_valid, reduce_partitions, write_dataset
-from ln_ray.schema import LATE_REJECTS_SCHEMA, NEW_ROWS_SCHEMA, row_keys
+from ln_ray.schema import NEW_ROWS_SCHEMA, row_keys
 
 SCORE, REPEAT = "score", "repeat"  # a new row's status: its trace's first copy, or another
 _LOOKUP_KEYS = ["trace_id", "source_file", "row_number", "reject_reason"]
@@ -99,22 +99,6 @@ def new_row_keys(run: RunFolder) -> Any:
     )
 
 
-def repeated_rejects(run: RunFolder, rejects: pa.Table) -> pa.Table:
-    """The rejects of first copies (``LATE_REJECTS_SCHEMA``), given to their repeats (which
-    were never scored, and would otherwise have no scores)."""
-    if not rejects.num_rows:
-        return LATE_REJECTS_SCHEMA.empty_table()
-    import ray
-
-    rows = ray.data.read_parquet(run.full(NEW_DIR), filesystem=run.arrow_fs, schema=NEW_ROWS_SCHEMA)
-    return collect(
-        rows.map_batches(
-            _rejects_of_firsts, fn_kwargs={"rejects": rejects}, batch_format="pyarrow"
-        ),
-        LATE_REJECTS_SCHEMA,
-    )
-
-
 def _accepted(rows: pa.Table, buckets: int) -> pa.Table:
     """Accepted rows, with the ``_valid/`` file that holds them and their trace's bucket."""
     rows = rows.filter(pc.is_null(rows["reject_reason"]))
@@ -161,21 +145,3 @@ def _count_status(rows: pa.Table) -> pa.Table:
     return pa.table(
         {"status": counted["status"], "rows": counted["status_count"]}, schema=_STATUS_COUNTS
     )
-
-
-def _rejects_of_firsts(rows: pa.Table, rejects: pa.Table) -> pa.Table:
-    """The repeats among ``rows`` whose first copy ``rejects`` holds, with its reason."""
-    repeats = rows.filter(pc.equal(rows["status"], REPEAT))
-    where = pc.index_in(
-        row_keys(repeats.select(["first_file", "first_row"]).rename_columns(_ROW)),
-        value_set=row_keys(rejects),
-    )
-    table = pa.table(
-        {
-            "source_file": repeats["source_file"],
-            "row_number": repeats["row_number"],
-            "reason": pc.take(rejects["reason"], where),
-            "kind": pc.take(rejects["kind"], where),
-        }
-    )
-    return table.filter(pc.is_valid(where)).cast(LATE_REJECTS_SCHEMA)

@@ -4,10 +4,10 @@
    written once to the run's ``_valid/``. Then ``lookup.find_new_rows`` finds, bucket by bucket
    of the score cache, the rows whose trace the cache does not hold (the run's ``_new/``).
 2. ``score_new_rows``: only those rows are read back, tokenized (CPU tasks) and scored by an
-   actor pool that grows with the work, into the score cache; only the rows it rejects come
-   back. A trace that several new rows hold is scored once (its first copy; the others repeat
-   it). A run with nothing new never starts it, so a refresh over a scored corpus loads no
-   student.
+   actor pool that grows with the work, into the score cache; the traces it rejects go to the
+   run's ``_late/``, and only counts come back. A trace that several new rows hold is scored
+   once (its first copy; the others repeat it). A run with nothing new never starts it, so a
+   refresh over a scored corpus loads no student.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ln_ray.io.datasource import TraceShardDatasource, plan_pieces
 from ln_ray.io.manifest import VALID_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.io.storage import Inputs
-from ln_ray.pipeline.lookup import NewRows, repeated_rejects, to_score
+from ln_ray.pipeline.lookup import NewRows, to_score
 from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
 from ln_ray.pipeline.ray_ops import (
     cluster_cpus,
@@ -41,10 +41,9 @@ from ln_ray.pipeline.ray_ops import (
     task_retries,
     write_dataset,
 )
-from ln_ray.pipeline.score_stage import ScoreStage
+from ln_ray.pipeline.score_stage import SCORE_COUNTS, ScoreStage
 from ln_ray.pipeline.stages import TOKENIZE_INPUT, tokenize_batch, validate_batch
 from ln_ray.schema import (
-    LATE_REJECTS_SCHEMA,
     REJECTS_SCHEMA,
     ROW_META_SCHEMA,
     VALIDATED_SCHEMA,
@@ -176,14 +175,14 @@ class ScoringPass:
     """What the scoring pass hands back besides the scores it put in the cache.
 
     Attributes:
-        rejects: The rows it could not tokenize or score, with reason and kind
-            (``LATE_REJECTS_SCHEMA``).
+        rejected: The traces it could not tokenize or score (in the run's ``_late/``, with
+            reason and kind: ``SCORING_REJECTS_SCHEMA``).
         kernels: The attention kernels the actors ran.
         proofs: How each actor proved its student (``score/proof.Proof.to_dict``).
         merged: The cache's parts merged while it scored (``ScoreCache.merging``).
     """
 
-    rejects: pa.Table
+    rejected: int
     kernels: list[str]
     proofs: list[dict[str, Any]]
     merged: dict[str, int] = field(default_factory=dict)
@@ -222,7 +221,7 @@ def score_new_rows(
     merging = cache.merging(cfg.output.merge_parts, compute.progress_s)
     try:
         with merging as merged:
-            rejects = _tokenize_and_score(
+            rejected = _tokenize_and_score(
                 cfg, run, cache, actors, identity, ProgressReport(counter)
             )
     except Exception:
@@ -238,8 +237,7 @@ def score_new_rows(
     proofs = ray.get(counter.proven.remote())
     log.info(progress_line(traces, new_rows, tokens, time.time() - started))
     ray.kill(counter)
-    rejects = pa.concat_tables([rejects, repeated_rejects(run, rejects)])
-    return ScoringPass(rejects, kernels, proofs, merged)
+    return ScoringPass(rejected, kernels, proofs, merged)
 
 
 def _tokenize_and_score(
@@ -249,7 +247,8 @@ def _tokenize_and_score(
     actors: int,
     identity: str,
     progress: ProgressReport,
-) -> pa.Table:
+) -> int:
+    """Tokenize and score ``_new/``'s rows to score; returns how many traces were rejected."""
     import ray
 
     compute = cfg.compute
@@ -259,7 +258,7 @@ def _tokenize_and_score(
     # that would let it go on (a 2-CPU machine hangs).
     task = {"num_cpus": compute.prepare_cpus, **task_retries(compute)}
     files = run.parquet_files(VALID_DIR)
-    rejects = (
+    counts = (
         ray.data.from_items(
             [{"name": name} for name in files], override_num_blocks=max(1, len(files))
         )
@@ -280,6 +279,7 @@ def _tokenize_and_score(
                 "scoring": cfg.scoring,
                 "compute": compute,
                 "cache": cache,
+                "run": run,
                 "identity": identity,
                 "progress": progress,
             },
@@ -293,9 +293,10 @@ def _tokenize_and_score(
             max_task_retries=compute.max_retries,
         )
     )
-    # The actors hand on only their rejects (the scores are in the cache), so the driver takes
-    # them directly: no write task needs a CPU while the pool holds its own.
-    return collect(rejects, LATE_REJECTS_SCHEMA)
+    # The actors write their scores and rejects themselves and hand on a row of counts per
+    # batch, so the driver takes those directly: no write task needs a CPU while the pool holds
+    # its own.
+    return int(pc.sum(collect(counts, SCORE_COUNTS)["rejected"]).as_py() or 0)
 
 
 def _new_rows(files: pa.Table, run: RunFolder) -> Iterator[pa.Table]:

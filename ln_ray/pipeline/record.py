@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ln_ray
 from ln_ray.config import ComputeConfig, LnRayConfig, to_dict
 from ln_ray.io.folder import Folder
-from ln_ray.io.manifest import NEW_DIR, ROWS_DIR, VALID_DIR, RunManifest
+from ln_ray.io.manifest import LATE_DIR, NEW_DIR, ROWS_DIR, VALID_DIR, RunManifest
 from ln_ray.schema import (
     CACHE_SCHEMA,
     NEW_ROWS_SCHEMA,
@@ -32,6 +32,7 @@ from ln_ray.schema import (
     ROW_META_SCHEMA,
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
+    SCORING_REJECTS_SCHEMA,
     SELECTIONS_SCHEMA,
     TEACHER_PAIRS_SCHEMA,
     TEACHER_STABILITY_SCHEMA,
@@ -78,7 +79,8 @@ LOOKUP = Pass(
 SCORE = Pass(
     "tokenize_score",
     reads={VALID_DIR: VALIDATED_SCHEMA, NEW_DIR: NEW_ROWS_SCHEMA, "tokenized": PREPARED_SCHEMA},
-    writes={},  # into the score cache (CACHE_SCHEMA), batch by batch, not the run's folder
+    # Scores go into the score cache (CACHE_SCHEMA), batch by batch, not the run's folder.
+    writes={LATE_DIR: SCORING_REJECTS_SCHEMA},
     resources=lambda compute: {
         "task_cpus": compute.prepare_cpus,
         "actors": compute.actors,
@@ -89,7 +91,11 @@ SCORE = Pass(
 COMPACT = Pass("compact_cache", reads={"score cache": CACHE_SCHEMA})
 ASSEMBLE = Pass(
     "assemble",
-    reads={VALID_DIR: ROW_META_SCHEMA, "score cache": CACHE_SCHEMA},
+    reads={
+        VALID_DIR: ROW_META_SCHEMA,
+        "score cache": CACHE_SCHEMA,
+        LATE_DIR: SCORING_REJECTS_SCHEMA,
+    },
     writes={ROWS_DIR: SCORED_ROWS_SCHEMA, "scores": SCORES_SCHEMA, "rejects": REJECTS_SCHEMA},
 )
 REDUCE = Pass(

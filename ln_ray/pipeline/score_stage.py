@@ -2,15 +2,17 @@
 
 ``ScoreStage`` is built once per actor: it loads the student, checks that it is the one the
 driver checked, and proves it on a probe (``score/proof.py``) before its first batch. Then
-``__call__(batch) -> rejects`` scores a batch of new traces, writes the scores to the score cache
-and hands on only the rows it rejects, each with its reason and kind. It can be unit-tested on a
-table without a cluster.
+``__call__(batch) -> counts`` scores a batch of new traces, writes the scores to the score cache
+and the traces it rejects, each with its reason and kind, to the run's ``_late/``; it hands on
+only how many it scored and rejected. It can be unit-tested on a table without a cluster.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import posixpath
 import time
 from typing import Any
 
@@ -19,16 +21,21 @@ import pyarrow as pa
 
 from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig
 from ln_ray.io.cache import ScoreCache
+from ln_ray.io.folder import Folder
+from ln_ray.io.manifest import LATE_DIR
 from ln_ray.prepare.render import TokenizedTrace
 from ln_ray.schema import (
     CACHE_SCHEMA,
-    LATE_REJECTS_SCHEMA,
     METRIC_COLUMNS,
     PREPARED_SCHEMA,
+    SCORING_REJECTS_SCHEMA,
     require_columns,
 )
 
 log = logging.getLogger(__name__)
+
+# What a scoring actor hands on per batch: traces scored, and traces rejected.
+SCORE_COUNTS = pa.schema([("traces", pa.int64()), ("rejected", pa.int64())])
 
 
 class ScoreStage:
@@ -39,15 +46,17 @@ class ScoreStage:
     stops the job before anything is scored, and the reason reaches the driver through
     ``progress.halt``.
 
-    Each batch's scores go to the score cache at once (so an interrupted run loses nothing);
-    only the rows that could not be scored leave the actor. Which traces are new was decided
-    before tokenizing (``validate_batch``); the actor reads nothing from the cache.
+    Each batch's scores go to the score cache at once (so an interrupted run loses nothing), and
+    the traces it could not score to the run's ``_late/``: nothing that grows with the batch
+    leaves the actor. Which traces are new was decided before tokenizing (the cache lookup); the
+    actor reads nothing from the cache.
 
     Args:
         student: The student to load.
         scoring: What to compute.
         compute: Batch sizes, token budget, threads, retries and whether a GPU is used.
         cache: The score cache for this student and scoring settings.
+        run: The run's folder, whose ``_late/`` takes the traces rejected.
         identity: The student's identity as the driver computed it (None: not checked).
         progress: Told ``add(traces, tokens)`` after each batch (the job's progress report),
             the actor's kernel and proof, and ``halt(reason)`` when the job must stop.
@@ -59,6 +68,7 @@ class ScoreStage:
         scoring: ScoringConfig,
         compute: ComputeConfig,
         cache: ScoreCache,
+        run: Folder,
         identity: str | None = None,
         progress: Any = None,
     ) -> None:
@@ -105,6 +115,7 @@ class ScoreStage:
             self._halt(str(exc))
             raise
         self.cache = cache
+        self.run = run
         self.max_retries = compute.max_retries
         self.kernel = attention_kernel(self.student.model)
         if progress is not None:
@@ -123,7 +134,7 @@ class ScoreStage:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Score the batch's traces into the cache; hand on the rows that could not be scored.
+        """Score the batch's traces into the cache, and write those it cannot score to ``_late/``.
 
         A batch that fails is tried ``compute.max_retries`` more times, then split in halves
         down to single traces; a trace that still fails leaves as a reject with the error. A
@@ -132,10 +143,13 @@ class ScoreStage:
         ends the actor instead, which Ray restarts, retrying its batch (``compute.max_retries``
         times); a problem with the student itself stops the job.
 
+        The rejects (``SCORING_REJECTS_SCHEMA``: those the template could not render, and those
+        that could not be scored) go to one file named by the batch's traces, so a batch retried
+        after its actor died replaces its own file. The assemble stage finds the scores in the
+        cache and gives each reject to every row of its trace.
+
         Returns:
-            The batch's rejected rows (``LATE_REJECTS_SCHEMA``): those the template could not
-            render, and those that could not be scored. The scored rows' scores are in the
-            cache, where the assemble stage finds them.
+            One row: ``traces`` scored and ``rejected`` (``SCORE_COUNTS``).
         """
         require_columns(batch.column_names, PREPARED_SCHEMA.names, "score")
         rows = batch.to_pylist()
@@ -166,13 +180,20 @@ class ScoreStage:
                 continue
             rejected.append(
                 {
-                    "source_file": row["source_file"],
-                    "row_number": row["row_number"],
+                    "prompt_id": row["prompt_id"],
+                    "trace_id": row["trace_id"],
                     "reason": reason,
                     "kind": kind,
                 }
             )
-        return pa.Table.from_pylist(rejected, schema=LATE_REJECTS_SCHEMA)
+        if rejected:
+            names = "\n".join(sorted(row["trace_id"] for row in rows)).encode()
+            named = hashlib.sha1(names).hexdigest()[:20]
+            self.run.write_table(
+                posixpath.join(LATE_DIR, f"part-{named}.parquet"),
+                pa.Table.from_pylist(rejected, schema=SCORING_REJECTS_SCHEMA),
+            )
+        return pa.table({"traces": [len(scored)], "rejected": [len(rejected)]}, schema=SCORE_COUNTS)
 
     def _score(
         self, rows: list[dict[str, Any]], retries: int

@@ -449,22 +449,25 @@ def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, 
     """Rows spread over several _valid/ files, many holding a trace another row holds, some
     traces in the score cache: the lookup keeps the rows whose trace the cache lacks, scores the
     first copy of each (smallest source_file, row_number) and marks the others repeats of it;
-    each tokenizing task finds its own file's rows to score; a first copy's reject is given to
-    its repeats."""
+    each tokenizing task finds its own file's rows to score. The traces the scoring actors reject
+    (``_late/``) reach every row holding them, first copies and repeats, in the assembly."""
     from ln_ray.io.cache import bucket_name
     from ln_ray.io.run_folder import OutputRoot
-    from ln_ray.pipeline.lookup import find_new_rows, repeated_rejects, to_score
-    from ln_ray.schema import CACHE_SCHEMA, VALIDATED_SCHEMA
+    from ln_ray.pipeline.assemble import assemble_rows
+    from ln_ray.pipeline.lookup import find_new_rows, to_score
+    from ln_ray.schema import CACHE_SCHEMA, SCORING_REJECTS_SCHEMA, VALIDATED_SCHEMA
 
     rng = random.Random(5)
+    traces = [rng.randrange(80) for _ in range(1, 400)]
     rows = [
         {
-            "trace_id": f"{rng.randrange(80):032x}",
+            "prompt_id": f"p{trace % 7}",
+            "trace_id": f"{trace:032x}",
             "source_file": f"f{rng.randrange(3)}",
             "row_number": n,
             "reject_reason": "bad" if n % 17 == 0 else None,
         }
-        for n in range(1, 400)
+        for n, trace in enumerate(traces, start=1)
     ]
     root = OutputRoot(str(tmp_path / "out"))
     run = root.new_run()
@@ -505,21 +508,29 @@ def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, 
         chosen += keys
     assert sorted(chosen) == sorted(f"{f}\x00{n}" for f, n in firsts)
 
-    failed = firsts[:5]
-    rejects = pa.table(
-        {
-            "source_file": [f for f, _ in failed],
-            "row_number": [n for _, n in failed],
-            "reason": [f"bad {n}" for _, n in failed],
-            "kind": ["render"] * 5,
-        }
-    )
-    given = repeated_rejects(run, rejects)
-    assert {(r["source_file"], r["row_number"]): r["reason"] for r in given.to_pylist()} == {
-        copy: f"bad {first[1]}"
-        for copy, (status, first) in expected.items()
-        if status == "repeat" and first in failed
+    trace_of = {(r["source_file"], r["row_number"]): r["trace_id"] for r in rows}
+    failed = {trace_of[first] for first in firsts[:5]}
+    for part, chosen in enumerate([sorted(failed)[:2], sorted(failed)[2:]]):
+        late = [
+            {"prompt_id": f"p{int(t, 16) % 7}", "trace_id": t, "reason": f"bad {t[-2:]}"}
+            for t in chosen
+        ]
+        table = _padded([{**r, "kind": "render"} for r in late], SCORING_REJECTS_SCHEMA)
+        run.write_table(f"_late/part-{part}.parquet", table)
+    assemble_rows(run, cache, buckets)
+    assembled = run.read_table("_rows").to_pylist()
+    assert len(assembled) == len(rows)
+    late_reasons = {
+        (r["source_file"], r["row_number"]): (r["reject_reason"], r["reject_kind"])
+        for r in assembled
+        if r["reject_reason"] is not None and r["reject_reason"] != "bad"
     }
+    assert late_reasons == {
+        copy: (f"bad {trace_of[copy][-2:]}", "render")
+        for copy in expected
+        if trace_of[copy] in failed
+    }
+    assert len(late_reasons) > 5  # the repeats of the rejected first copies too
 
 
 def _padded(rows: list[dict], schema: pa.Schema) -> pa.Table:

@@ -11,6 +11,7 @@ import torch
 
 from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig
 from ln_ray.io.cache import ScoreCache
+from ln_ray.io.folder import Folder
 from ln_ray.pipeline.score_stage import ScoreStage
 from tests.helpers import GOOD_ROW, prepared_rows, raw_table
 
@@ -23,7 +24,11 @@ def test_a_trace_that_keeps_failing_is_rejected_and_the_rest_scored(
     student = StudentConfig(model=tiny_student_dir)
     _, prepared = prepared_rows(student, raw)
     stage = ScoreStage(
-        student, ScoringConfig(window=1), ComputeConfig(max_retries=1), ScoreCache(str(tmp_path))
+        student,
+        ScoringConfig(window=1),
+        ComputeConfig(max_retries=1),
+        ScoreCache(str(tmp_path / "cache")),
+        Folder(str(tmp_path / "run")),
     )
     poison = prepared["input_ids"][2].as_py()
     real_score, calls = stage.scorer.score, []
@@ -35,16 +40,17 @@ def test_a_trace_that_keeps_failing_is_rejected_and_the_rest_scored(
         return real_score(traces)
 
     monkeypatch.setattr(stage.scorer, "score", score)
-    (rejected,) = stage(prepared).to_pylist()
+    assert stage(prepared).to_pylist() == [{"traces": 4, "rejected": 1}]
+    (rejected,) = _late(tmp_path)
     assert rejected == {
-        "source_file": prepared["source_file"][2].as_py(),
-        "row_number": prepared["row_number"][2].as_py(),
+        "prompt_id": "q2",
+        "trace_id": prepared["trace_id"][2].as_py(),
         "reason": "scoring failed: RuntimeError: kernel failure",
         "kind": "scoring_error",
     }
     # the batch twice (max_retries=1), then halves, each once, down to the one trace
     assert calls == [5, 5, 2, 3, 1, 2]
-    stored = ScoreCache(str(tmp_path)).read_table("").to_pylist()
+    stored = ScoreCache(str(tmp_path / "cache")).read_table("").to_pylist()
     poisoned = prepared["trace_id"][2].as_py()
     assert len(stored) == 4 and poisoned not in {r["trace_id"] for r in stored}
 
@@ -54,11 +60,16 @@ def test_a_prompt_that_fills_the_global_cap_is_rejected(tiny_student_dir, tmp_pa
     _, prepared = prepared_rows(student, raw_table(json.dumps(GOOD_ROW).encode()))
     cap = prepared["prefix_len"][0].as_py()
     stage = ScoreStage(
-        student, ScoringConfig(max_tokens=cap), ComputeConfig(), ScoreCache(str(tmp_path))
+        student,
+        ScoringConfig(max_tokens=cap),
+        ComputeConfig(),
+        ScoreCache(str(tmp_path / "cache")),
+        Folder(str(tmp_path / "run")),
     )
-    (row,) = stage(prepared).to_pylist()
+    stage(prepared)
+    (row,) = _late(tmp_path)
     assert row["reason"] == f"prompt longer than scoring.max_tokens ({cap} tokens)"
-    assert not ScoreCache(str(tmp_path)).files()
+    assert not ScoreCache(str(tmp_path / "cache")).files()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -66,8 +77,21 @@ def test_a_gpu_actor_without_a_gpu_refuses_to_score(tiny_student_dir, tmp_path):
     student = StudentConfig(model=tiny_student_dir)
     with pytest.raises(RuntimeError, match="sees no CUDA device"):
         ScoreStage(
-            student, ScoringConfig(), ComputeConfig(gpus_per_actor=1), ScoreCache(str(tmp_path))
+            student,
+            ScoringConfig(),
+            ComputeConfig(gpus_per_actor=1),
+            ScoreCache(str(tmp_path / "cache")),
+            Folder(str(tmp_path / "run")),
         )
+
+
+def _late(tmp_path) -> list[dict]:
+    """The traces a stage wrote to its run's ``_late/``."""
+    from ln_ray.schema import SCORING_REJECTS_SCHEMA
+
+    run = Folder(str(tmp_path / "run"))
+    assert all(name.startswith("_late/part-") for name in run.parquet_files("_late"))
+    return run.read_table("_late", schema=SCORING_REJECTS_SCHEMA).to_pylist()
 
 
 class Reports:
@@ -97,7 +121,13 @@ def test_an_actor_proves_its_student_before_its_first_batch(tiny_student_dir, tm
     reports = Reports()
     identity = check_student(student).identity
     ScoreStage(
-        student, ScoringConfig(), ComputeConfig(), ScoreCache(str(tmp_path)), identity, reports
+        student,
+        ScoringConfig(),
+        ComputeConfig(),
+        ScoreCache(str(tmp_path / "cache")),
+        Folder(str(tmp_path / "run")),
+        identity,
+        reports,
     )
     (proof,) = reports.proofs
     assert proof["covered_by_tests"] and proof["max_difference"] < proof["tolerance"]
@@ -113,7 +143,8 @@ def test_an_actor_whose_student_differs_from_the_drivers_stops_the_job(tiny_stud
             StudentConfig(model=tiny_student_dir),
             ScoringConfig(),
             ComputeConfig(),
-            ScoreCache(str(tmp_path)),
+            ScoreCache(str(tmp_path / "cache")),
+            Folder(str(tmp_path / "run")),
             identity="another-snapshot@0123456789abcdef",
             progress=reports,
         )
@@ -128,11 +159,16 @@ def test_an_actor_whose_student_fails_its_self_check_stops_the_job(leaky_student
     student = StudentConfig(model=leaky_student_dir, trust_remote_code=True)
     with pytest.raises(ProofError):
         ScoreStage(
-            student, ScoringConfig(), ComputeConfig(), ScoreCache(str(tmp_path)), progress=reports
+            student,
+            ScoringConfig(),
+            ComputeConfig(),
+            ScoreCache(str(tmp_path / "cache")),
+            Folder(str(tmp_path / "run")),
+            progress=reports,
         )
     (reason,) = reports.halted
     assert reason.startswith(f"student {leaky_student_dir!r} failed its self-check: the ")
-    assert not ScoreCache(str(tmp_path)).files()  # nothing scored
+    assert not ScoreCache(str(tmp_path / "cache")).files()  # nothing scored
 
 
 def _five_traces(tiny_student_dir):
@@ -148,7 +184,11 @@ def test_a_trace_out_of_memory_alone_is_tried_in_smaller_packs_then_rejected(
 ):
     student, prepared = _five_traces(tiny_student_dir)
     stage = ScoreStage(
-        student, ScoringConfig(window=1), ComputeConfig(token_budget=256), ScoreCache(str(tmp_path))
+        student,
+        ScoringConfig(window=1),
+        ComputeConfig(token_budget=256),
+        ScoreCache(str(tmp_path / "cache")),
+        Folder(str(tmp_path / "run")),
     )
     long_trace = prepared["input_ids"][4].as_py()
     real_forward, real_plan = stage.scorer._forward_pack, stage.scorer.plan
@@ -173,8 +213,9 @@ def test_a_trace_out_of_memory_alone_is_tried_in_smaller_packs_then_rejected(
 
     monkeypatch.setattr(stage.scorer, "plan", plan)
     monkeypatch.setattr(stage.scorer, "_forward_pack", forward_by_trace)
-    (rejected,) = stage(prepared).to_pylist()
-    assert rejected["row_number"] == prepared["row_number"][4].as_py()
+    stage(prepared)
+    (rejected,) = _late(tmp_path)
+    assert rejected["trace_id"] == prepared["trace_id"][4].as_py()
     assert rejected == {
         **rejected,
         "reason": "too long for this device at compute.token_budget=256",
@@ -182,7 +223,7 @@ def test_a_trace_out_of_memory_alone_is_tried_in_smaller_packs_then_rejected(
     }
     assert {128, 64} <= set(budgets)  # alone, in smaller packs, before giving up
     assert stage.scorer.token_budget == 256  # and back to the configured budget
-    stored = ScoreCache(str(tmp_path)).read_table("").to_pylist()
+    stored = ScoreCache(str(tmp_path / "cache")).read_table("").to_pylist()
     assert len(stored) == 4  # the four others were scored, in packs of 64 tokens
 
 
@@ -190,7 +231,13 @@ def test_a_device_error_that_poisons_the_actor_restarts_it(tiny_student_dir, tmp
     from ln_ray.pipeline import score_stage
 
     student, prepared = _five_traces(tiny_student_dir)
-    stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(), ScoreCache(str(tmp_path)))
+    stage = ScoreStage(
+        student,
+        ScoringConfig(window=1),
+        ComputeConfig(),
+        ScoreCache(str(tmp_path / "cache")),
+        Folder(str(tmp_path / "run")),
+    )
 
     def poisoned(traces):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -206,4 +253,4 @@ def test_a_device_error_that_poisons_the_actor_restarts_it(tiny_student_dir, tmp
     with pytest.raises(Exited) as exited:
         stage(prepared)  # never a reject: the process ends, and Ray restarts it
     assert exited.value.args == (score_stage.DEVICE_ERROR_EXIT,)
-    assert not ScoreCache(str(tmp_path)).files()
+    assert not ScoreCache(str(tmp_path / "cache")).files()

@@ -6,10 +6,10 @@ import json
 
 from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig
 from ln_ray.io.cache import ScoreCache
+from ln_ray.io.folder import Folder
 from ln_ray.pipeline.score_stage import ScoreStage
 from ln_ray.schema import (
     CACHE_SCHEMA,
-    LATE_REJECTS_SCHEMA,
     PREPARED_SCHEMA,
     VALIDATED_SCHEMA,
 )
@@ -38,9 +38,13 @@ def test_validate_tokenize_and_score_stages(tiny_student_dir, tmp_path):
     assert prepared.num_rows == 1 and prepared["step_chars"].to_pylist() == [[24, 17]]
 
     cache_dir = ScoreCache(str(tmp_path / "cache"))
-    stage = ScoreStage(student, ScoringConfig(window=1), ComputeConfig(token_budget=64), cache_dir)
+    run = Folder(str(tmp_path / "run"))
+    stage = ScoreStage(
+        student, ScoringConfig(window=1), ComputeConfig(token_budget=64), cache_dir, run
+    )
     out = stage(prepared)
-    assert out.schema == LATE_REJECTS_SCHEMA and out.num_rows == 0  # scored: nothing rejected
+    assert out.to_pylist() == [{"traces": 1, "rejected": 0}]
+    assert not run.parquet_files("_late")  # scored: nothing rejected
     files = cache_dir.files()
     assert len(files) == 1
     stored = cache_dir.read_table(files[0])

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
+from ln_ray.prepare.layout import check_pattern
 from ln_ray.prepare.reasoning import REASONING_MODES, ReasoningFormat
 from ln_ray.prepare.render import VIEWS, RenderOptions
 from ln_ray.prepare.segment import SEGMENT_MODES
@@ -43,8 +44,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ColumnsConfig:
-    """Names of the input columns; ``steps``, ``correct``, ``messages`` and ``reasoning`` are
-    optional."""
+    """Names of the input columns; ``steps``, ``correct``, ``messages``, ``reasoning`` and
+    ``system`` are optional. A name with dots names a nested field (``info.think_content``).
+    ``messages`` may hold OpenAI-style or ShareGPT-style conversations."""
 
     prompt: str = "prompt"
     response: str = "response"
@@ -54,17 +56,21 @@ class ColumnsConfig:
     steps: str = "steps"
     correct: str = "correct"
     messages: str = "messages"
+    system: str = "system"
 
 
 @dataclass
 class InputConfig:
     """Where the traces are: a file, folder or glob on any fsspec filesystem. A file larger than
-    ``split_bytes`` is read by several tasks, each about that much of it."""
+    ``split_bytes`` is read by several tasks, each about that much of it. ``teacher_from_path``
+    takes each file's teacher from its path: ``hive`` (``teacher=NAME/`` folders) or a regular
+    expression with a group named ``teacher`` (and optionally ``prompt_set``)."""
 
     path: str = "ln_ray/demo/traces.jsonl"
     format: str = "auto"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     split_bytes: int = 64 * 2**20
+    teacher_from_path: str | None = None
 
 
 @dataclass
@@ -256,6 +262,9 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.input.format in INPUT_FORMATS, f"input.format must be one of {INPUT_FORMATS}")
     need(bool(cfg.output.path), "output.path is empty")
     need(cfg.input.split_bytes >= 1, "input.split_bytes must be >= 1")
+    if cfg.input.teacher_from_path is not None:
+        problem = check_pattern(cfg.input.teacher_from_path)
+        need(problem is None, problem or "")
     need(cfg.output.keep_runs >= 1, "output.keep_runs must be >= 1")
     need(cfg.output.cache_buckets >= 1, "output.cache_buckets must be >= 1")
     need(cfg.output.merge_parts >= 2, "output.merge_parts must be >= 2")

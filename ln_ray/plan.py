@@ -70,8 +70,9 @@ def plan_run(
     """
     from ln_ray.score.student import load_tokenizer
 
-    files, _ = storage.list_input_files(cfg.input.path, cfg.input.format)
-    fs, _ = storage.filesystem(cfg.input.path)
+    inputs = storage.Inputs.list(cfg.input.path, cfg.input.format)
+    fs, files = inputs.fs, inputs.files
+    from_path = inputs.path_fields(cfg.input.teacher_from_path)
     sizes = {path: fs.size(path) for path, _ in files}
     step = max(1, len(files) // sample_files)
     sampled = files[::step][:sample_files]
@@ -83,7 +84,7 @@ def plan_run(
         counted = count_source_rows(url, fmt).get("rows_in_file") or 0
         rows_seen += counted
         bytes_seen += sizes[path]
-        for raw in _rows(fs, path, fmt, cfg, per_file):
+        for raw in _rows(fs, path, fmt, cfg, per_file, from_path.get(path)):
             try:
                 traces.append(
                     prepare_row(
@@ -205,13 +206,16 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _rows(fs: Any, path: str, fmt: str, cfg: LnRayConfig, limit: int) -> list[dict[str, Any]]:
+def _rows(
+    fs: Any, path: str, fmt: str, cfg: LnRayConfig, limit: int, from_path: Any
+) -> list[dict[str, Any]]:
     """A uniform sample of ``limit`` readable rows of one file (reservoir sampling, seeded)."""
     rng = random.Random(0)
     kept: list[dict[str, Any]] = []
     with fs.open(path, "rb") as handle:
         reader = iter_parquet if fmt == "parquet" else iter_jsonl
-        readable = (row for row in reader(handle, cfg.input.columns) if not row.get("read_error"))
+        rows = reader(handle, cfg.input.columns, from_path=from_path)
+        readable = (row for row in rows if not row.get("read_error"))
         for seen, row in enumerate(readable):
             if seen < limit:
                 kept.append(row)

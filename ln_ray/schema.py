@@ -49,6 +49,7 @@ RAW_SCHEMA = pa.schema(
         ("steps", pa.list_(pa.string())),
         ("correct", pa.bool_()),
         ("messages", pa.string()),
+        ("system", pa.string()),
         ("extra", pa.string()),
         ("read_error", pa.string()),
     ]

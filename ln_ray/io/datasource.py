@@ -74,15 +74,22 @@ class TraceShardDatasource(Datasource):
         urls: The URL recorded as ``source_file`` per path (with its protocol).
         columns: Names of the input columns.
         filesystem: The pyarrow filesystem the paths are in.
+        from_path: The fields each path names (``layout.path_fields``), given to its rows.
     """
 
     def __init__(
-        self, pieces: list[Piece], urls: dict[str, str], columns: ColumnsConfig, filesystem: Any
+        self,
+        pieces: list[Piece],
+        urls: dict[str, str],
+        columns: ColumnsConfig,
+        filesystem: Any,
+        from_path: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self._pieces = pieces
         self._urls = urls
         self._columns = columns
         self._filesystem = filesystem
+        self._from_path = from_path or {}
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(piece.size for piece in self._pieces)
@@ -109,15 +116,20 @@ class TraceShardDatasource(Datasource):
                 input_files=list(dict.fromkeys(piece.path for piece in pieces)),
                 exec_stats=None,
             )
+            fields = {p.path: self._from_path[p.path] for p in pieces if p.path in self._from_path}
             read = functools.partial(
-                _read_pieces, pieces, self._urls, self._columns, self._filesystem
+                _read_pieces, pieces, self._urls, self._columns, self._filesystem, fields
             )
             read_tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
         return read_tasks
 
 
 def _read_pieces(
-    pieces: list[Piece], urls: dict[str, str], columns: ColumnsConfig, filesystem: Any
+    pieces: list[Piece],
+    urls: dict[str, str],
+    columns: ColumnsConfig,
+    filesystem: Any,
+    from_path: dict[str, dict[str, str]],
 ) -> Iterator[pa.Table]:
     for piece in pieces:
         source = urls.get(piece.path, piece.path)
@@ -126,8 +138,9 @@ def _read_pieces(
         else:
             handle = filesystem.open_input_stream(piece.path)
         with handle:
+            fields = from_path.get(piece.path)
             if piece.fmt == "parquet":
-                rows = iter_parquet(handle, columns, piece)
+                rows = iter_parquet(handle, columns, piece, fields)
             else:
-                rows = iter_jsonl(handle, columns, piece)
+                rows = iter_jsonl(handle, columns, piece, fields)
             yield from blocks(rows, source)

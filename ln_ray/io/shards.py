@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from ln_ray.config import ColumnsConfig
 from ln_ray.io import jsontext
 from ln_ray.io.pieces import Piece, numbered_lines
+from ln_ray.prepare.layout import nested_field, other_columns
 from ln_ray.schema import RAW_SCHEMA
 
 BLOCK_ROWS = 256
@@ -29,10 +30,14 @@ _READ_CHUNK = 1 << 20
 
 
 def iter_jsonl(
-    f: Any, columns: ColumnsConfig, piece: Piece | None = None
+    f: Any,
+    columns: ColumnsConfig,
+    piece: Piece | None = None,
+    from_path: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Canonical rows of a JSONL stream (or of one ``piece`` of the file, which must then be
     seekable); line numbers are 1-based lines of the file, blank lines are skipped.
+    ``from_path``: the fields the file's path names (``path_fields``), given to every row.
 
     A line is parsed by orjson where it gives what the standard library gives (``jsontext``);
     any other line goes to ``json``, which also says what is wrong with a bad one.
@@ -42,7 +47,7 @@ def iter_jsonl(
             continue
         record = jsontext.loads_native(line)
         if isinstance(record, dict):
-            yield canonical_row(record, columns, number, native=True)
+            yield canonical_row(record, columns, number, native=True, from_path=from_path)
             continue
         try:
             text = line.decode("utf-8")
@@ -63,14 +68,17 @@ def iter_jsonl(
         if not isinstance(record, dict):
             yield _error_row(number, "line is not a JSON object")
             continue
-        yield canonical_row(record, columns, number)
+        yield canonical_row(record, columns, number, from_path=from_path)
 
 
 def iter_parquet(
-    f: Any, columns: ColumnsConfig, piece: Piece | None = None
+    f: Any,
+    columns: ColumnsConfig,
+    piece: Piece | None = None,
+    from_path: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Canonical rows of a Parquet file (or of one ``piece``: a range of its row groups); row
-    numbers are 1-based rows of the file.
+    numbers are 1-based rows of the file. ``from_path`` as for ``iter_jsonl``.
 
     Row groups are read one at a time, so a corrupt one costs only its own rows: each of them
     becomes a row with ``read_error`` and its row number (known from the footer), and every row
@@ -90,7 +98,7 @@ def iter_parquet(
         try:
             for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, row_groups=[group]):
                 for record in batch.to_pylist():
-                    yield canonical_row(record, columns, number)
+                    yield canonical_row(record, columns, number, from_path=from_path)
                     number += 1
         except Exception as exc:
             reason = (
@@ -121,12 +129,26 @@ def count_source_rows(url: str, fmt: str) -> dict[str, Any]:
 
 
 def canonical_row(
-    record: dict[str, Any], columns: ColumnsConfig, number: int, native: bool = False
+    record: dict[str, Any],
+    columns: ColumnsConfig,
+    number: int,
+    native: bool = False,
+    from_path: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Map a user record onto the canonical columns; a value of the wrong type sets read_error.
 
-    ``native``: the record came from ``jsontext.loads_native`` (its text is valid Unicode, and
-    orjson writes its values back).
+    A column name with dots names a nested field (``info.think_content``) unless the record has
+    a column of that very name; the fields it takes leave the copy of their column kept with the
+    other input columns (``extra``).
+
+    Args:
+        record: One input row.
+        columns: The input's column names.
+        number: Its 1-based row number in its file.
+        native: The record came from ``jsontext.loads_native`` (its text is valid Unicode, and
+            orjson writes its values back).
+        from_path: The fields its file's path names (``path_fields``: the teacher, and a prompt
+            set that prefixes the prompt_id).
     """
     names = {
         "prompt_id": columns.prompt_id,
@@ -137,12 +159,13 @@ def canonical_row(
         "steps": columns.steps,
         "correct": columns.correct,
         "messages": columns.messages,
+        "system": columns.system,
     }
-    row: dict[str, Any] = {key: record.get(name) for key, name in names.items()}
+    row: dict[str, Any] = {key: nested_field(record, name) for key, name in names.items()}
     row["row_number"] = number
     row["read_error"] = None
-    problems = []
-    for key in ("prompt", "teacher", "response", "reasoning"):
+    problems = _take_teacher(row, from_path["teacher"]) if from_path else []
+    for key in ("prompt", "teacher", "response", "reasoning", "system"):
         if row[key] is not None and not isinstance(row[key], str):
             problems.append(f"{key} is not a string")
             row[key] = None
@@ -162,6 +185,10 @@ def canonical_row(
     elif prompt_id is not None and not isinstance(prompt_id, str):
         problems.append("prompt_id is not a string or number")
         row["prompt_id"] = None
+    prompt_set = (from_path or {}).get("prompt_set")
+    if prompt_set is not None and isinstance(row["prompt_id"], str):
+        # Sets that number their prompts alike (1, 2, ...) stay apart.
+        row["prompt_id"] = f"{prompt_set}/{row['prompt_id']}"
     steps = row["steps"]
     if steps is not None and (
         not isinstance(steps, list | tuple) or not all(isinstance(s, str) for s in steps)
@@ -176,8 +203,7 @@ def canonical_row(
         row["messages"] = _json_text(messages, native)
         if row["messages"] is None:
             problems.append("messages nests too deeply")
-    named = set(names.values())
-    extra = {k: v for k, v in record.items() if k not in named}
+    extra = other_columns(record, names.values())
     row["extra"] = _json_text(extra, native) if extra else None
     if extra and row["extra"] is None:
         problems.append("a column nests too deeply")
@@ -192,9 +218,18 @@ def canonical_row(
 
 
 _TEXT_KEYS = (
-    *("prompt_id", "prompt", "teacher", "response", "reasoning"),
+    *("prompt_id", "prompt", "teacher", "response", "reasoning", "system"),
     *("steps", "messages", "extra"),
 )
+
+
+def _take_teacher(row: dict[str, Any], teacher: str) -> list[str]:
+    """Give the row its path's teacher; a teacher column must agree with it."""
+    if row["teacher"] is None:
+        row["teacher"] = teacher
+    elif row["teacher"] != teacher:
+        return [f"teacher {row['teacher']!r} differs from its path's {teacher!r}"]
+    return []
 
 
 def _error_row(number: int | None, reason: str) -> dict[str, Any]:

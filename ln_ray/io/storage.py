@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import fsspec
 from fsspec.core import url_to_fs
 
+from ln_ray.prepare import layout
+
 log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = {
@@ -72,6 +74,20 @@ class Inputs(NamedTuple):
     def shown(self, path: str) -> str:
         """A file's URL as it is recorded and shown (``source_file``): credentials masked."""
         return redact_url(full_url(self.fs, path))
+
+    def path_fields(self, spec: str | None) -> dict[str, dict[str, str]]:
+        """What each file's path names under ``input.teacher_from_path`` (``layout.path_fields``;
+        nothing when it is unset).
+
+        Raises:
+            InputError: A file's path names no teacher (the message names the file).
+        """
+        if spec is None:
+            return {}
+        try:
+            return {path: layout.path_fields(path, spec) for path, _ in self.files}
+        except layout.PathFieldsError as exc:
+            raise InputError(str(exc)) from None
 
 
 def redact_url(text: str) -> str:

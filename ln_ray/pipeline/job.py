@@ -97,6 +97,7 @@ def run_score(cfg: LnRayConfig) -> RunManifest:
     started = time.time()
     try:  # preflight: nothing is read or scored before the run can finish
         inputs = Inputs.list(cfg.input.path, cfg.input.format)
+        inputs.path_fields(cfg.input.teacher_from_path)  # every file names its teacher
         storage.check_output_apart(cfg.input.path, cfg.output.path)
         student = check_student(
             cfg.student,

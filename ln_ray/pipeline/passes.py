@@ -91,7 +91,11 @@ def validate_rows(cfg: LnRayConfig, inputs: Inputs, run: RunFolder) -> Validated
         task,
     )
     datasource = TraceShardDatasource(
-        pieces, {path: inputs.shown(path) for path in paths}, cfg.input.columns, arrow_fs
+        pieces,
+        {path: inputs.shown(path) for path in paths},
+        cfg.input.columns,
+        arrow_fs,
+        inputs.path_fields(cfg.input.teacher_from_path),
     )
     validated = ray.data.read_datasource(
         datasource,

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ln_ray.prepare.layout import sharegpt_message
 from ln_ray.prepare.reasoning import ReasoningFormat, map_steps, present
 from ln_ray.prepare.render import RenderError, RenderOptions, TokenizedTrace, tokenize_trace
 from ln_ray.prepare.segment import check_steps, segment_steps
@@ -67,8 +68,10 @@ def validate_row(raw: dict[str, Any], max_response_chars: int) -> TraceRow:
 
     Args:
         raw: A row with the canonical keys (prompt_id, prompt, teacher, response, reasoning,
-            steps, correct, messages); absent optional fields are None. A row with ``steps`` and
-            no response has their concatenation as its response.
+            steps, correct, messages, system); absent optional fields are None. A row with
+            ``steps`` and no response has their concatenation as its response. ``messages`` may
+            be OpenAI-style (``role``, ``content``) or ShareGPT-style (``from``, ``value``); a
+            ``system`` text opens the conversation as its system message.
         max_response_chars: Hard cap on the response length (reasoning included).
 
     Returns:
@@ -215,8 +218,20 @@ def _text(raw: dict[str, Any], key: str) -> str:
 
 
 def _messages(raw: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
-    """The row's ``messages`` if given, else ``[user: prompt, assistant: response]``; and the
-    reasoning given apart from the response, if any."""
+    """The row's ``messages`` (or ``[user: prompt, assistant: response]``) opened by its
+    ``system`` text if it has one; and the reasoning given apart from the response, if any."""
+    messages, reasoning = _conversation(raw)
+    system = raw.get("system")
+    if system is None or not system.strip():
+        return messages, reasoning
+    if messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages], reasoning
+    if messages[0]["content"] != system:
+        raise RowRejected("system differs from the conversation's own system message")
+    return messages, reasoning
+
+
+def _conversation(raw: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
     given = raw.get("messages")
     reasoning = raw.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, str):
@@ -238,7 +253,13 @@ def _messages(raw: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
     for message in given:
         if not isinstance(message, dict):
             raise RowRejected("a message is not an object")
-        role, content = message.get("role"), message.get("content")
+        try:
+            role, content = sharegpt_message(message) or (
+                message.get("role"),
+                message.get("content"),
+            )
+        except ValueError as exc:
+            raise RowRejected(str(exc)) from None
         if not isinstance(role, str) or not isinstance(content, str):
             raise RowRejected("a message lacks a string role or content")
         messages.append({"role": role, "content": content})

@@ -1,6 +1,6 @@
-"""The ``ln-ray`` command: ``score``, ``select`` (re-run the reduce), ``summary``, ``report``,
-``plan`` (what a run will cost, from a sample of its input), ``config`` (every setting a run
-would use)."""
+"""The ``ln-ray`` command: ``inspect`` (how an input will be read, from a sample), ``score``,
+``select`` (re-run the reduce), ``summary``, ``report``, ``plan`` (what a run will cost, from a
+sample of its input), ``config`` (every setting a run would use)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="ln-ray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser(
+        "inspect", help="how an input will be read, and sample rows as the student sees them"
+    )
+    inspect.add_argument("input_path", help="the input.path a run would read")
+    inspect.add_argument("--config-name", default="default", help="a name in conf/ or a YAML path")
+    inspect.add_argument("--rows", type=int, default=200, help="rows to read (a few files' first)")
+    inspect.add_argument("--samples", type=int, default=2, help="rows to render")
+    inspect.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
 
     score = commands.add_parser("score", help="score traces and write every output")
     score.add_argument("--config-name", default="default", help="a name in conf/ or a YAML path")
@@ -60,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("--config-name", default="default", help="a name in conf/ or a YAML path")
     config.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides after an option (``inspect PATH --samples 3 key=value``) are overrides too.
+    if extra and hasattr(args, "overrides") and all("=" in item for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ln_ray").setLevel(logging.INFO)
     from ln_ray.pipeline.job import JobError
@@ -74,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args.output_path)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "inspect":
+            return _inspect(args)
         if args.command == "config":
             return _config(load_config(args.config_name, args.overrides))
         return _summary(args.output_path)
@@ -83,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _score(cfg: LnRayConfig) -> int:
+    from ln_ray.pipeline.display import live_display
     from ln_ray.pipeline.job import run_score
 
-    manifest = run_score(cfg)
+    with live_display():
+        manifest = run_score(cfg)
     print(_summary_of(manifest, cfg.output.path))
     return 0
 
@@ -115,10 +133,12 @@ def config_yaml(cfg: LnRayConfig) -> str:
 
 
 def _select(output_path: str, overrides: list[str]) -> int:
+    from ln_ray.pipeline.display import live_display
     from ln_ray.pipeline.job import run_select
 
     cfg = finished_run_config(_read_manifest(output_path).config, output_path, overrides)
-    manifest = run_select(cfg)
+    with live_display():
+        manifest = run_select(cfg)
     print(_summary_of(manifest, output_path))
     return 0
 
@@ -174,6 +194,20 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"ln-ray: {exc}", file=sys.stderr)
         return 2
     print(format_plan(plan))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ln_ray.inspect_input import inspect_input
+    from ln_ray.io.storage import InputError
+    from ln_ray.score.vetting import StudentError
+
+    cfg = load_config(args.config_name, [f"input.path={args.input_path}", *args.overrides])
+    try:
+        print(inspect_input(cfg, rows=args.rows, samples=args.samples), end="")
+    except (InputError, StudentError) as exc:
+        print(f"ln-ray: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -166,6 +166,7 @@ class ComputeConfig:
     shuffle: str = "sort"
     max_retries: int = 2
     progress_s: float = 30.0
+    ray_progress: bool = False  # Ray Data's own per-operator progress and execution logs
     min_cpus: float = 0.0  # the job waits for a cluster this large before it plans its reads
     min_gpus: float = 0.0
     wait_for_cluster_s: float = 1800.0

@@ -159,7 +159,7 @@ def _score(
         with timeline.run(SCORE) as scored:
             scoring = ScoringPass(0, [], [])
             if new.to_score:
-                scoring = score_new_rows(cfg, run, cache, new, student.identity)
+                scoring = score_new_rows(cfg, run, cache, new, student)
             scored.update(rows=new.to_score, rejected=scoring.rejected, attention=scoring.kernels)
             scored.update(scoring.merged)
         with timeline.run(COMPACT) as compaction:

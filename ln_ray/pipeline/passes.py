@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +31,7 @@ from ln_ray.io.datasource import TraceShardDatasource, plan_pieces
 from ln_ray.io.manifest import VALID_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.io.storage import Inputs
+from ln_ray.pipeline.display import run_status
 from ln_ray.pipeline.lookup import NewRows, to_score
 from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
 from ln_ray.pipeline.ray_ops import (
@@ -42,13 +43,16 @@ from ln_ray.pipeline.ray_ops import (
     write_dataset,
 )
 from ln_ray.pipeline.score_stage import SCORE_COUNTS, ScoreStage
-from ln_ray.pipeline.stages import TOKENIZE_INPUT, tokenize_batch, validate_batch
+from ln_ray.pipeline.stages import TOKENIZE_INPUT, PlanLimits, tokenize_batch, validate_batch
 from ln_ray.schema import (
     REJECTS_SCHEMA,
     ROW_META_SCHEMA,
     VALIDATED_SCHEMA,
     row_keys,
 )
+
+if TYPE_CHECKING:
+    from ln_ray.score.student import VettedStudent
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +197,15 @@ class ScoringPass:
 
 
 def score_new_rows(
-    cfg: LnRayConfig, run: RunFolder, cache: ScoreCache, new: NewRows, identity: str
+    cfg: LnRayConfig, run: RunFolder, cache: ScoreCache, new: NewRows, student: VettedStudent
 ) -> ScoringPass:
     """Tokenize and score the rows the lookup found new (``_new/``), into the score cache.
 
     The actor pool starts with one actor and grows to ``compute.actors`` while there is work
     for more (never past one actor per batch of new rows). Each actor loads the student,
-    checks that it has the ``identity`` the driver computed and proves it before its first
-    batch.
+    checks that it has the identity the driver computed (``student``) and proves it before its
+    first batch. Progress is shown as the run's status on a terminal (``display.py``), else
+    logged every ``compute.progress_s``.
 
     Raises:
         ScoringHalted: An actor stopped the job: the reason says why.
@@ -214,11 +219,14 @@ def score_new_rows(
     # On the driver's node: a worker node lost while scoring (a preempted spot node) must not
     # take the run's progress, halts and proofs with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    free = ray.available_resources().get("CPU", 0.0)
     counter = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounter).remote()
     done, started = threading.Event(), time.time()
+    status = run_status()
     reporter = threading.Thread(
         target=report_progress,
-        args=(counter, new_rows, started, done, compute.progress_s),
+        args=(counter, new_rows, started, done),
+        kwargs=status.progress_output(compute.progress_s),
         daemon=True,
     )
     reporter.start()
@@ -226,7 +234,7 @@ def score_new_rows(
     try:
         with merging as merged:
             rejected = _tokenize_and_score(
-                cfg, run, cache, actors, identity, ProgressReport(counter)
+                cfg, run, cache, actors, student, ProgressReport(counter)
             )
     except Exception:
         halted = ray.get(counter.halt_reason.remote())
@@ -236,12 +244,24 @@ def score_new_rows(
     finally:
         done.set()
         reporter.join()
-    traces, tokens = ray.get(counter.snapshot.remote())
+    progress = ray.get(counter.snapshot.remote())
     kernels = ray.get(counter.attention.remote())
     proofs = ray.get(counter.proven.remote())
-    log.info(progress_line(traces, new_rows, tokens, time.time() - started))
+    log.info(progress_line(progress, new_rows, time.time() - started))
     ray.kill(counter)
+    _await_released(free)
     return ScoringPass(rejected, kernels, proofs, merged)
+
+
+def _await_released(free: float, timeout_s: float = 10.0) -> None:
+    """Wait (a few seconds at most) until the cluster has as many free CPUs as before the
+    scoring actors started: they stop as the pool ends, and the next stage's reads would
+    otherwise start while they still hold their CPUs (Ray Data then warns it may hang)."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < free and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def _tokenize_and_score(
@@ -249,7 +269,7 @@ def _tokenize_and_score(
     run: RunFolder,
     cache: ScoreCache,
     actors: int,
-    identity: str,
+    student: VettedStudent,
     progress: ProgressReport,
 ) -> int:
     """Tokenize and score ``_new/``'s rows to score; returns how many traces were rejected."""
@@ -271,7 +291,13 @@ def _tokenize_and_score(
         )
         .map_batches(
             tokenize_batch,
-            fn_kwargs={"student": cfg.student, "segment": cfg.segment, "scoring": cfg.scoring},
+            fn_kwargs={
+                "student": cfg.student,
+                "segment": cfg.segment,
+                "scoring": cfg.scoring,
+                "limits": PlanLimits(student.global_cap, student.rope_limit),
+                "progress": progress,
+            },
             batch_format="pyarrow",
             batch_size=64,
             **task,
@@ -284,7 +310,7 @@ def _tokenize_and_score(
                 "compute": compute,
                 "cache": cache,
                 "run": run,
-                "identity": identity,
+                "identity": student.identity,
                 "progress": progress,
             },
             batch_format="pyarrow",

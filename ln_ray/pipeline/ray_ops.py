@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import pandas as pd
@@ -46,8 +47,12 @@ def connect_ray(compute: ComputeConfig) -> None:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
+            # The notice that the Ray this job starts for itself uses token authentication
+            # asks nothing of the user.
+            logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
             # "local": a new Ray of its own, never a cluster that `ray start` left on this node
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    quiet_ray_data(compute.ray_progress)
     wait_for_cluster(compute)
     resources = ray.cluster_resources()
     log.info("Ray cluster: %g CPUs, %g GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
@@ -68,6 +73,41 @@ def connect_ray(compute: ComputeConfig) -> None:
     # Parquet would then run as hundreds of tiny tasks. Blocks of the default size (128 MB), and
     # at least two per CPU, keep every CPU busy with a fraction of the tasks.
     context.read_op_min_num_blocks = 2 * cluster_cpus()
+
+
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_ray_data(progress: bool) -> None:
+    """Ray Data's per-operator progress and execution logs on (``compute.ray_progress``) or off
+    (the default: the job logs its own progress, and Ray Data's dumps would drown it); and never
+    the warning that a task's retries are given as ``ray_remote_args``, which Ray 2.60 deprecates
+    without a named parameter for them (``max_retries``, ``max_restarts``)."""
+    from ray.data import DataContext
+    from ray.util.annotations import RayDeprecationWarning
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = progress
+    context.print_on_execution_start = progress
+    logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
+    # ... and never its notice that they are off.
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.INFO if progress else logging.ERROR
+    )
+    warnings.filterwarnings(
+        "ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning
+    )
+    # Ray Data warns that a dataset "will hang" when the cluster's free CPUs read 0 as it
+    # starts; that view lags finished tasks by up to a second, so it fires between the job's
+    # stages on a small cluster while nothing waits.
+    dataset_log = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _NoFalseHangWarning) for f in dataset_log.filters):
+        dataset_log.addFilter(_NoFalseHangWarning())
+
+
+class _NoFalseHangWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not have any available CPUs" not in record.getMessage()
 
 
 def wait_for_cluster(compute: ComputeConfig, poll_s: float = 1.0) -> None:

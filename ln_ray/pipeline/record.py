@@ -23,6 +23,7 @@ import ln_ray
 from ln_ray.config import ComputeConfig, LnRayConfig, to_dict
 from ln_ray.io.folder import Folder
 from ln_ray.io.manifest import LATE_DIR, NEW_DIR, ROWS_DIR, VALID_DIR, RunManifest
+from ln_ray.pipeline.display import run_status
 from ln_ray.schema import (
     CACHE_SCHEMA,
     NEW_ROWS_SCHEMA,
@@ -130,7 +131,12 @@ class Timeline:
         """Time ``step``; the dict it yields takes what the pass reports of itself."""
         started = time.time()
         figures: dict[str, Any] = {}
-        yield figures
+        status = run_status()
+        status.stage(step.name)
+        try:
+            yield figures
+        finally:
+            status.stage(None)
         check_written(self.folder, step)
         figures.update(
             seconds=round(time.time() - started, 3), resources=step.resources(self.compute)

@@ -58,8 +58,9 @@ class ScoreStage:
         cache: The score cache for this student and scoring settings.
         run: The run's folder, whose ``_late/`` takes the traces rejected.
         identity: The student's identity as the driver computed it (None: not checked).
-        progress: Told ``add(traces, tokens)`` after each batch (the job's progress report),
-            the actor's kernel and proof, and ``halt(reason)`` when the job must stop.
+        progress: Told ``packs(tokens)`` as packs end and ``add(traces, tokens)`` after each
+            batch, in model tokens (the job's progress report), the actor's kernel and proof,
+            and ``halt(reason)`` when the job must stop.
     """
 
     def __init__(
@@ -118,9 +119,11 @@ class ScoreStage:
         self.run = run
         self.max_retries = compute.max_retries
         self.kernel = attention_kernel(self.student.model)
+        self.batch_tokens = 0  # model tokens of the batch in hand so far
         if progress is not None:
             progress.kernel(self.kernel)
             progress.proof(self.proof.to_dict())
+            self.scorer.on_pack = self._pack_done
         log.info(
             "scoring actor ready in %.1fs: %s on %s (%d threads), attention: %s; self-check: "
             "largest log-prob difference %.2g (tolerance %g)",
@@ -152,6 +155,7 @@ class ScoreStage:
             One row: ``traces`` scored and ``rejected`` (``SCORE_COUNTS``).
         """
         require_columns(batch.column_names, PREPARED_SCHEMA.names, "score")
+        self.batch_tokens = 0
         rows = batch.to_pylist()
         for row in rows:
             if row["reject_reason"] is None:
@@ -168,7 +172,7 @@ class ScoreStage:
             records = pa.Table.from_pylist(list(scored.values()), schema=CACHE_SCHEMA)
             self.cache.write_part(records)
         if self.progress is not None:
-            tokens = sum(record["n_tokens"] for record in scored.values())
+            tokens = sum(record["model_tokens"] for record in scored.values())
             self.progress.add(len(rows), tokens)
         rejected = []
         for row in rows:
@@ -194,6 +198,10 @@ class ScoreStage:
                 pa.Table.from_pylist(rejected, schema=SCORING_REJECTS_SCHEMA),
             )
         return pa.table({"traces": [len(scored)], "rejected": [len(rejected)]}, schema=SCORE_COUNTS)
+
+    def _pack_done(self, tokens: int) -> None:
+        self.batch_tokens += tokens
+        self.progress.packs(self.batch_tokens)
 
     def _score(
         self, rows: list[dict[str, Any]], retries: int

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from ln_ray.config import (
     render_options,
 )
 from ln_ray.io import jsontext
+from ln_ray.prepare.render import TokenizedTrace
 from ln_ray.prepare.rows import (
     RowRejected,
     TraceRow,
@@ -44,6 +46,7 @@ from ln_ray.schema import (
     VALIDATED_SCHEMA,
     require_columns,
 )
+from ln_ray.score.planning import plan_scoring
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,8 @@ def tokenize_batch(
     student: StudentConfig,
     segment: SegmentConfig,
     scoring: ScoringConfig,
+    limits: PlanLimits | None = None,
+    progress: Any = None,
 ) -> pa.Table:
     """Segment, render and tokenize validated rows (new traces); a row the student's template
     cannot render becomes a reject.
@@ -138,7 +143,11 @@ def tokenize_batch(
         student: Whose tokenizer, chat template and template arguments to use (the tokenizer is
             loaded once per worker process).
         segment: Segmenter settings for rows without ``steps``.
-        scoring: The student's view.
+        scoring: The student's view, and its windows.
+        limits: The student's global cap and RoPE limit: with ``progress``, the model tokens
+            the batch's traces will cost are planned (``planning.plan_scoring``) and reported
+            (``progress.plan(traces, tokens)``), the progress report's total.
+        progress: The job's progress report.
 
     Returns:
         Rows in ``PREPARED_SCHEMA``, one per input row, in order.
@@ -146,7 +155,7 @@ def tokenize_batch(
     require_columns(batch.column_names, TOKENIZE_INPUT.names, "tokenize")
     tokenizer = _tokenizer(student)
     render = render_options(student, scoring)
-    out = []
+    out, planned = [], []
     for row in batch.to_pylist():
         messages = jsontext.loads(row["messages"])
         response = messages[-1]["content"]
@@ -169,6 +178,7 @@ def tokenize_batch(
         except RowRejected as exc:
             out.append({**row, "reject_reason": str(exc), "reject_kind": exc.kind})
             continue
+        planned.append(tokens)
         out.append(
             {
                 **row,
@@ -178,10 +188,35 @@ def tokenize_batch(
                 "step_bounds": tokens.step_bounds.astype(np.int32),
             }
         )
+    if progress is not None and limits is not None:
+        progress.plan(len(planned), planned_tokens(planned, scoring, limits))
     return pa.Table.from_pylist(
         [{name: row.get(name) for name in PREPARED_SCHEMA.names} for row in out],
         schema=PREPARED_SCHEMA,
     )
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """What planning a trace's sequences needs of the student (``VettedStudent``)."""
+
+    global_cap: int
+    rope_limit: int | None
+
+
+def planned_tokens(traces: list[TokenizedTrace], scoring: ScoringConfig, limits: PlanLimits) -> int:
+    """The model tokens scoring ``traces`` costs (prompts too long to score cost none)."""
+    scorable = [t for t in traces if t.prefix_len < limits.global_cap]
+    if not scorable:
+        return 0
+    plan = plan_scoring(
+        scorable,
+        window=scoring.window,
+        window_fraction=scoring.window_fraction,
+        max_tokens=limits.global_cap,
+        rope_limit=limits.rope_limit,
+    )
+    return sum(plan.model_tokens)
 
 
 def duplicate_key(row: TraceRow) -> str:

@@ -164,6 +164,18 @@ def generation_prompt(
     return prompt
 
 
+def context_text(
+    tokenizer: Any, context: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
+) -> str:
+    """``context`` rendered by the template without a generation prompt (what the generation
+    view's prompt adds to is shown apart by ``ln-ray inspect``).
+
+    Raises:
+        RenderError: The template fails.
+    """
+    return _apply(tokenizer, context, template_kwargs)
+
+
 def render_conversation(
     tokenizer: Any, messages: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
 ) -> RenderedTrace:

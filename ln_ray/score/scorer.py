@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +140,7 @@ class StudentScorer:
         self.prefix_budget = prefix_budget
         self.head_chunk = head_chunk or (128 if self.device.type == "cpu" else 2048)
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
+        self.on_pack: Callable[[int], None] | None = None  # told each pack's tokens when done
         self.layers_attended: set[int] = set()  # decoder layers whose attention ran a pack
         self.seconds = {"global": 0.0, "local": 0.0}  # time spent in each pass so far
 
@@ -328,6 +329,8 @@ class StudentScorer:
             torch.cat(predictors), targets, with_rank=pack[0].is_global, chunk=self.head_chunk
         )
         self.model_tokens += start
+        if self.on_pack is not None:
+            self.on_pack(start)
         return PackScores(pack, lp, rank)
 
 

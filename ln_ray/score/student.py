@@ -120,7 +120,9 @@ def load_student(cfg: StudentConfig, device: torch.device | None = None) -> Stud
         StudentError: The model cannot be found locally (and downloads are off) or fails to load.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a bar per actor start, in the job's log
     device = device or torch.device("cpu")
     dtype = pick_dtype(cfg.dtype, device)
     source = resolve_student(cfg.model)
@@ -169,11 +171,15 @@ class VettedStudent:
         model_type: Its model type.
         covered_by_tests: Whether the equivalence tests cover its family; a student of another
             family is proven by each actor's self-check alone.
+        global_cap: The longest global sequence its scorer runs (``vetting.global_cap``).
+        rope_limit: The length past which its RoPE frequencies change (None: they never do).
     """
 
     identity: str
     model_type: str
     covered_by_tests: bool
+    global_cap: int = 0
+    rope_limit: int | None = None
 
 
 def check_student(
@@ -204,7 +210,8 @@ def check_student(
     source = resolve_student(cfg.model)
     folder = _model_folder(source, cfg)
     config = load_model_config(cfg)
-    check_scorable(config, global_cap(config, max_tokens))
+    cap = global_cap(config, max_tokens)
+    rope_limit = check_scorable(config, cap)
     _check_skeleton(config, cfg)
     tokenizer = load_tokenizer(cfg)
     _check_tokenizer(tokenizer, cfg.model)
@@ -221,6 +228,8 @@ def check_student(
         identity=student_identity(source, folder, cfg, dtype),
         model_type=model_type(config),
         covered_by_tests=is_covered(config),
+        global_cap=cap,
+        rope_limit=rope_limit,
     )
 
 

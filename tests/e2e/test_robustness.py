@@ -420,6 +420,9 @@ def test_refresh_scores_only_new_traces(ray_cluster, tiny_student_dir, tmp_path,
     done = [int(line.split()[1].replace(",", "")) for line in progress]
     assert done == sorted(done) and all(n <= 12 for n in done)
     assert progress[-1].startswith("scoring: 12 of 12 traces (100%)")
+    model_tokens = first.stages["tokenize_score"]["model_tokens_now"]
+    # The total was planned while tokenizing; the work done meets it exactly.
+    assert f", {model_tokens:,} of {model_tokens:,} model tokens, " in progress[-1]
     assert len(_cache_is_folded(out, 4)) == 12
     assert first.stages["compact_cache"]["files_folded"] == 6  # one part per batch of 2
     day_one = read_output(out, "scores").set_index("trace_id").sort_index()

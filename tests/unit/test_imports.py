@@ -104,6 +104,7 @@ FLOW = (
     "ln_ray.pipeline.ray_ops",  # the Ray toolbox every stage uses
     "ln_ray.pipeline.stages",  # per-row callables: validate, tokenize
     "ln_ray.pipeline.progress",
+    "ln_ray.pipeline.display",  # the run's status line on a terminal
     "ln_ray.pipeline.score_stage",
     "ln_ray.pipeline.row_checks",  # rows grouped by a key: duplicates, conflicts
     "ln_ray.pipeline.lookup",  # the rows whose trace the score cache lacks
@@ -116,6 +117,7 @@ FLOW = (
     "ln_ray.pipeline.summary",
     "ln_ray.pipeline.job",
     "ln_ray.plan",
+    "ln_ray.inspect_input",  # how an input will be read, from a sample
     "ln_ray.report_sample",  # what the report reads of the scores, bounded
     "ln_ray.report",
     "ln_ray.cli",

@@ -56,3 +56,32 @@ def test_a_cluster_that_stays_too_small_fails_in_time_and_withdraws_its_request(
     with pytest.raises(ClusterTooSmall, match=r"has 0 of 8 GPUs after 0s"):
         wait_for_cluster(ComputeConfig(min_cpus=2, min_gpus=8, wait_for_cluster_s=0.05), 0.01)
     assert cluster.requests == [(2, [{"GPU": 1}] * 8), (0, None)]
+
+
+def test_ray_datas_own_progress_is_off_unless_asked_for(caplog):
+    import warnings
+
+    from ray.data import DataContext
+
+    from ln_ray.pipeline.ray_ops import quiet_ray_data
+
+    context = DataContext.get_current()
+    try:
+        quiet_ray_data(False)
+        assert not context.enable_progress_bars and not context.print_on_execution_start
+        assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("default")
+            quiet_ray_data(False)  # its filter stays first in line
+            ray.data.range(3).map_batches(lambda b: b, max_retries=1)
+        assert not [w for w in seen if "ray_remote_args" in str(w.message)]
+        with caplog.at_level(logging.WARNING, logger="ray.data.dataset"):
+            logging.getLogger("ray.data.dataset").warning(
+                "Warning: The Ray cluster currently does not have any available CPUs."
+            )
+        assert "available CPUs" not in caplog.text
+        quiet_ray_data(True)
+        assert context.enable_progress_bars and context.print_on_execution_start
+        assert logging.getLogger("ray.data").getEffectiveLevel() == logging.INFO
+    finally:
+        quiet_ray_data(False)

@@ -113,6 +113,9 @@ class Reports:
     def add(self, traces: int, tokens: int) -> None:
         pass
 
+    def packs(self, tokens: int) -> None:
+        pass
+
 
 def test_an_actor_proves_its_student_before_its_first_batch(tiny_student_dir, tmp_path):
     from ln_ray.score.student import check_student

@@ -209,7 +209,7 @@ def load_config(
     try:
         layers: list[Any] = [schema]
         if config_name is not None:
-            layers.append(OmegaConf.load(_config_path(config_name)))
+            layers.append(_load_yaml(_config_path(config_name)))
         if base is not None:
             layers.append(OmegaConf.create(base))
         if overrides:
@@ -327,6 +327,23 @@ def to_dict(cfg: LnRayConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     assert isinstance(container, dict)
     return container  # type: ignore[return-value]
+
+
+def _load_yaml(path: Path) -> Any:
+    """A config file's settings.
+
+    Raises:
+        ConfigError: It is not valid YAML (the message names the file, line and column).
+    """
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML{where}: {problem}"
+        ) from None
 
 
 def _config_path(name: str) -> Path:

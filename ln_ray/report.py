@@ -23,7 +23,7 @@ import pyarrow as pa
 from ln_ray.aggregate.select import agreement_counts
 from ln_ray.io.manifest import ROWS_DIR, RunManifest
 from ln_ray.io.run_folder import OutputError, OutputRoot, PublishedRun
-from ln_ray.pipeline.summary import printable, yes_no
+from ln_ray.pipeline.summary import overview, printable, yes_no
 from ln_ray.report_sample import SAMPLE_PER_TEACHER, ScoresView, read_scores
 from ln_ray.schema import better_direction
 
@@ -118,33 +118,73 @@ def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
     )
     return [
         _section(
+            "Overview",
+            _overview(teachers, agreement)
+            + _figure(
+                _plot_overview(overview(teachers)),
+                "Each teacher's rank by each metric (1 is best); '>' marks a teacher told apart "
+                "from the next by the paired comparison",
+            ),
+            anchor="overview",
+        ),
+        _details(
             "Teachers",
             _teacher_tables(teachers)
             + _figure(_plot_teachers(teachers, order), "Mean per teacher with its bootstrap CI"),
         ),
-        _section(
+        _details(
             "Is one teacher better than another?",
             _pair_matrices(run["pairs"], order, run["manifest"]),
         ),
-        _section(
+        _details(
             "How many prompts the ranking needs",
             _stability(run["stability"], run["manifest"]),
         ),
-        _section(
+        _details(
             "Score distributions",
             _figure(_plot_distributions(scores.sample, order), sampled),
         ),
-        _section(
+        _details(
             "Wins",
             _figure(_plot_wins(teachers, order), "Share of prompts won, per metric"),
         ),
-        _section(
+        _details(
             "Do the metrics agree?",
             _agreement_table(agreement)
             + _figure(_plot_agreement(agreement), "Share of prompts where two metrics agree"),
         ),
-        _section("Where local and global disagree most", _disagreements(scores, run["published"])),
+        _details("Where local and global disagree most", _disagreements(scores, run["published"])),
     ]
+
+
+def _overview(teachers: pd.DataFrame, agreement: pd.DataFrame) -> str:
+    """The teachers x metrics ranks, with the neighbours told apart, and the selections'
+    agreement in a sentence."""
+    cells = overview(teachers)
+    head = "".join(f"<th>{_e(metric)}</th>" for metric in cells.columns)
+    rows = "".join(
+        f"<tr><td>{_e(teacher)}</td>"
+        + "".join(
+            f"<td title='told apart from the next teacher'>{_e(v)}</td>"
+            if str(v).endswith(">")
+            else f"<td>{_e(v)}</td>"
+            for v in row
+        )
+        + "</tr>"
+        for teacher, row in cells.iterrows()
+    )
+    pairs = [
+        f"{a} and {b} pick the same trace for {agreement.loc[a, b]:.0%} of prompts"
+        for i, a in enumerate(agreement.index)
+        for b in agreement.columns[i + 1 :]
+        if not pd.isna(agreement.loc[a, b])
+    ]
+    said = f"<p>The selection metrics agree: {_e('; '.join(pairs))}.</p>" if pairs else ""
+    return (
+        "<p>Each teacher's rank by each metric (1 is best; '&gt;': the paired comparison tells "
+        "it apart from the next teacher). The sections below give the details.</p>"
+        f"<table class='overview'><tr><th>teacher</th>{head}</tr>{rows}</table>{said}"
+    )
 
 
 def run_agreement(published: PublishedRun) -> pd.DataFrame:
@@ -341,6 +381,21 @@ def _plot_distributions(scores: pd.DataFrame, order: list[str]):
     return fig
 
 
+def _plot_overview(cells: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    ranks = cells.map(lambda v: float(str(v).split()[0]) if str(v)[0].isdigit() else np.nan)
+    fig, ax = plt.subplots(figsize=(1.1 * len(cells.columns) + 2.5, 0.45 * len(cells) + 1.2))
+    ax.imshow(ranks.to_numpy(dtype=float), cmap="RdYlGn_r", aspect="auto", alpha=0.55)
+    ax.set_xticks(range(len(cells.columns)), cells.columns, rotation=20, ha="right")
+    ax.set_yticks(range(len(cells.index)), [printable(t) for t in cells.index])
+    for i in range(len(cells.index)):
+        for j in range(len(cells.columns)):
+            ax.text(j, i, str(cells.iloc[i, j]), ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
 def _plot_wins(teachers: pd.DataFrame, order: list[str]):
     import matplotlib.pyplot as plt
 
@@ -387,8 +442,14 @@ def _figure(fig, caption: str) -> str:
     )
 
 
-def _section(title: str, body: str) -> str:
-    return f"<section><h2>{_e(title)}</h2>{body}</section>"
+def _section(title: str, body: str, anchor: str = "") -> str:
+    where = f" id='{anchor}'" if anchor else ""
+    return f"<section{where}><h2>{_e(title)}</h2>{body}</section>"
+
+
+def _details(title: str, body: str) -> str:
+    """A section folded in the page: its title shows, its body opens on a click."""
+    return f"<details><summary><h2>{_e(title)}</h2></summary>{body}</details>"
 
 
 def _e(text: Any) -> str:
@@ -405,6 +466,9 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 td:nth-child(2) {{ text-align: left; }}
 figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
+details > summary {{ cursor: pointer; }} details > summary h2 {{ display: inline; }}
+details {{ margin: 1em 0; }} .overview td {{ text-align: center; }}
+.overview td:first-child {{ text-align: left; }}
 pre {{ white-space: pre-wrap; background: #f7f7f7; padding: 0.8em; }}
 mark {{ background: #ffb3a7; }}
 .trace {{ border-top: 1px solid #ddd; margin-top: 1em; }} .prompt {{ color: #555; }}

@@ -65,6 +65,15 @@ _REJECT = [("reject_reason", pa.string()), ("reject_kind", pa.string())]
 # The reason's first part for rows whose prompt_id also names another prompt.
 SHARED_PROMPT_ID = "prompt_id shared by different prompts"
 
+
+def reason_kind(reason: str | None) -> str | None:
+    """A reject reason without its particulars (its text up to the first colon), so that the
+    rejects of one cause count together; every duplicate as ``duplicate``."""
+    if reason is None:
+        return None
+    return "duplicate" if reason.startswith("duplicate of") else reason.split(":")[0]
+
+
 # A row's own columns, without scores or text: what travels through scoring, the join with the
 # score cache and the shuffles. Rejected rows carry only provenance, ``reject_reason`` and
 # ``reject_kind``; ``dup_key`` identifies (prompt_id, teacher, response) for de-duplication and

@@ -167,7 +167,10 @@ def list_input_files(url: str, input_format: str = "auto") -> InputFiles:
     elif fs.exists(path):
         candidates = [path]
     else:
-        raise InputError(f"input.path {url!r} does not exist")
+        raise InputError(
+            f"input.path {url!r} does not exist: set input.path to the traces' file, folder or "
+            "glob (a local path, or an s3://, gs:// ... URL)"
+        )
     root = _input_root(path)
     files, skipped = [], []
     for candidate in candidates:

@@ -17,7 +17,7 @@ from ln_ray.io.shards import count_source_rows
 from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.assemble import is_unscored
 from ln_ray.pipeline.ray_ops import cluster_cpus, reduce_partitions
-from ln_ray.schema import SCORED_ROWS_SCHEMA, padded
+from ln_ray.schema import SCORED_ROWS_SCHEMA, padded, reason_kind
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
@@ -186,12 +186,6 @@ def _mark_now(group: pa.Table) -> pa.Table:
     return rows.set_column(rows.schema.get_field_index("now"), "now", now)
 
 
-def reason_kind(reason: str | None) -> str | None:
-    if reason is None:
-        return None
-    return "duplicate" if reason.startswith("duplicate of") else reason.split(":")[0]
-
-
 def check_inputs(
     inputs: Inputs, per_file: dict[str, dict[str, int]], expected: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -226,19 +220,30 @@ def check_inputs(
     return entries
 
 
-def check_reject_budget(rows_read: int, kinds: dict[str, int], max_fraction: float) -> None:
+def check_reject_budget(
+    rows_read: int,
+    kinds: dict[str, int],
+    max_fraction: float,
+    reasons: dict[str, int] | None = None,
+) -> None:
     """Fail a run that rejected more than ``max_fraction`` of the rows it read.
 
     Duplicates do not count (their trace is scored through the first copy).
 
     Raises:
-        RejectBudgetError: With the rejects by kind.
+        RejectBudgetError: With the rejects by kind, and the most common reasons (``reasons``:
+            rows per ``reason_kind``), which say what to fix.
     """
     rejected = sum(n for kind, n in kinds.items() if kind != "duplicate")
     if rows_read and rejected / rows_read > max_fraction:
         by_kind = ", ".join(f"{kind} {n:,}" for kind, n in sorted(kinds.items()))
+        common = sorted(
+            ((n, reason) for reason, n in (reasons or {}).items() if reason != "duplicate"),
+            key=lambda item: (-item[0], item[1]),
+        )[:3]
+        most = "; most common: " + ", ".join(f"{r!r} {n:,}" for n, r in common) if common else ""
         raise RejectBudgetError(
             f"{rejected:,} of {rows_read:,} rows were rejected ({rejected / rows_read:.1%}, "
-            f"by kind: {by_kind}), more than output.max_reject_fraction={max_fraction:g} "
+            f"by kind: {by_kind}{most}), more than output.max_reject_fraction={max_fraction:g} "
             "allows"
         )

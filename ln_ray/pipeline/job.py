@@ -48,6 +48,7 @@ from ln_ray.pipeline.lookup import find_new_rows, new_row_keys
 from ln_ray.pipeline.passes import (
     ScoringHalted,
     ScoringPass,
+    Validated,
     score_new_rows,
     validate_rows,
     write_validation_rejects,
@@ -143,7 +144,7 @@ def _score(
         with timeline.run(VALIDATE) as record:
             validated = validate_rows(cfg, inputs, run)
             record.update(rows=validated.rows)
-        _check_early_rejects(cfg, run, validated.rows, validated.rejected)
+        _check_early_rejects(cfg, run, validated)
         with timeline.run(LOOKUP) as record:
             # Parts left by an interrupted run are folded first: the lookup reads buckets.
             leftover = _compact(cache, buckets) if cache.unfolded(buckets) else {}
@@ -175,7 +176,10 @@ def _score(
             entries = check_inputs(inputs, counted_rows.per_file, counted(expected_rows))
             counts = {key: sum(entry[key] for entry in entries) for key in COUNTS}
             check_reject_budget(
-                counts["rows_read"], counted_rows.kinds, cfg.output.max_reject_fraction
+                counts["rows_read"],
+                counted_rows.kinds,
+                cfg.output.max_reject_fraction,
+                counted_rows.reasons,
             )
             record.update(
                 rows_scored=counts["rows_scored"],
@@ -234,13 +238,13 @@ def _unpublished(run: RunFolder, started: float) -> Iterator[None]:
         raise
 
 
-def _check_early_rejects(
-    cfg: LnRayConfig, run: RunFolder, rows: int, rejected: dict[str, int]
-) -> None:
+def _check_early_rejects(cfg: LnRayConfig, run: RunFolder, validated: Validated) -> None:
     """Fail before scoring when validation alone rejected more than the budget allows (writing
     those rejects into the run's folder, for diagnosis)."""
     try:
-        check_reject_budget(rows, rejected, cfg.output.max_reject_fraction)
+        check_reject_budget(
+            validated.rows, validated.rejected, cfg.output.max_reject_fraction, validated.reasons
+        )
     except RejectBudgetError as exc:
         write_validation_rejects(run)
         raise RejectBudgetError(f"before scoring: {exc}") from None

@@ -35,6 +35,7 @@ from ln_ray.pipeline.display import run_status
 from ln_ray.pipeline.lookup import NewRows, to_score
 from ln_ray.pipeline.progress import ProgressCounter, ProgressReport, progress_line, report_progress
 from ln_ray.pipeline.ray_ops import (
+    await_free_cpus,
     cluster_cpus,
     collect,
     read_valid,
@@ -48,6 +49,7 @@ from ln_ray.schema import (
     REJECTS_SCHEMA,
     ROW_META_SCHEMA,
     VALIDATED_SCHEMA,
+    reason_kind,
     row_keys,
 )
 
@@ -64,6 +66,7 @@ class Validated:
     rows: int
     accepted: int
     rejected: dict[str, int]
+    reasons: dict[str, int] = field(default_factory=dict)  # rejected rows per ``reason_kind``
 
 
 def validate_rows(cfg: LnRayConfig, inputs: Inputs, run: RunFolder) -> Validated:
@@ -126,10 +129,12 @@ def validate_rows(cfg: LnRayConfig, inputs: Inputs, run: RunFolder) -> Validated
     ).to_pandas()
     accepted = counts[counts["kind"] == "ok"]["rows"].sum()
     rejected = counts[counts["kind"] != "ok"].groupby("kind")["rows"].sum()
+    reasons = counts.dropna(subset=["reason"]).groupby("reason")["rows"].sum()
     return Validated(
         rows=int(counts["rows"].sum()),
         accepted=int(accepted),
         rejected={str(kind): int(n) for kind, n in rejected.items()},
+        reasons={str(reason): int(n) for reason, n in reasons.items()},
     )
 
 
@@ -161,17 +166,23 @@ def rejects_of(rows: pa.Table) -> pa.Table:
     return rejected.select(columns).rename_columns(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
 
 
-_ROW_COUNTS = pa.schema([("kind", pa.string()), ("rows", pa.int64())])
+_ROW_COUNTS = pa.schema([("kind", pa.string()), ("reason", pa.string()), ("rows", pa.int64())])
 
 
 def _count_rows(table: pa.Table) -> pa.Table:
-    """A block's rows by what happens to them: ``ok`` (accepted), or the kind of their
-    reject."""
+    """A block's rows by what happens to them: ``ok`` (accepted), or the kind and reason
+    (``reason_kind``) of their reject."""
     kind = pc.coalesce(table["reject_kind"], pa.scalar("ok", pa.string()))
+    reason = pa.array([reason_kind(r) for r in table["reject_reason"].to_pylist()], pa.string())
     counted = (
-        pa.table({"kind": kind}).group_by("kind", use_threads=False).aggregate([("kind", "count")])
+        pa.table({"kind": kind, "reason": reason})
+        .group_by(["kind", "reason"], use_threads=False)
+        .aggregate([("kind", "count")])
     )  # columns by name: their order differs between pyarrow releases
-    return pa.table({"kind": counted["kind"], "rows": counted["kind_count"]}, schema=_ROW_COUNTS)
+    return pa.table(
+        {"kind": counted["kind"], "reason": counted["reason"], "rows": counted["kind_count"]},
+        schema=_ROW_COUNTS,
+    )
 
 
 class ScoringHalted(RuntimeError):
@@ -249,19 +260,8 @@ def score_new_rows(
     proofs = ray.get(counter.proven.remote())
     log.info(progress_line(progress, new_rows, time.time() - started))
     ray.kill(counter)
-    _await_released(free)
+    await_free_cpus(free)
     return ScoringPass(rejected, kernels, proofs, merged)
-
-
-def _await_released(free: float, timeout_s: float = 10.0) -> None:
-    """Wait (a few seconds at most) until the cluster has as many free CPUs as before the
-    scoring actors started: they stop as the pool ends, and the next stage's reads would
-    otherwise start while they still hold their CPUs (Ray Data then warns it may hang)."""
-    import ray
-
-    deadline = time.time() + timeout_s
-    while ray.available_resources().get("CPU", 0.0) < free and time.time() < deadline:
-        time.sleep(0.1)
 
 
 def _tokenize_and_score(

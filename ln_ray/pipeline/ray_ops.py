@@ -217,6 +217,17 @@ def _with_hash_group(table: pa.Table, key: str, groups: int) -> pa.Table:
     return table.append_column(HASH_GROUP, group)
 
 
+def await_free_cpus(free: float, timeout_s: float = 10.0) -> None:
+    """Wait (a few seconds at most) until the cluster has ``free`` CPUs free again (as many as
+    before an actor pool started: its actors stop as the pool ends, and the next stage's reads
+    would otherwise start while they still hold their CPUs)."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < free and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def task_retries(compute: ComputeConfig) -> dict[str, int]:
     """A task's retries: Ray Data retries failed tasks without end by default, and a poison
     input would loop forever."""

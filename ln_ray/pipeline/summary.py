@@ -76,6 +76,59 @@ def format_teacher_table(
     return "\n".join(lines).rstrip() + "\n"
 
 
+def overview(table: pd.DataFrame) -> pd.DataFrame:
+    """Teachers x metrics: each teacher's rank by each metric, ``1 >`` where the paired
+    comparison tells it apart from the next-ranked teacher. Teachers in their order by lalp
+    (else by the first metric), metrics in the teacher table's order."""
+    metrics = [m for m in _METRIC_TITLES if m in set(table["metric"])]
+    if not metrics:
+        return pd.DataFrame()
+    first = table[table["metric"] == metrics[0]].sort_values(["rank", "teacher"])
+    cells = pd.DataFrame(index=list(first["teacher"]), columns=metrics, dtype=object)
+    for row in table[table["metric"].isin(metrics)].itertuples():
+        apart = getattr(row, "separated_from_next", None)
+        told = apart is not None and not pd.isna(apart) and bool(apart)
+        cells.loc[row.teacher, row.metric] = f"{row.rank}{' >' if told else ''}"
+    return cells.fillna("-")
+
+
+def agreement_shares(counts: list[dict[str, Any]] | None) -> list[tuple[str, str, float]]:
+    """(metric, other, share of prompts where both select the same trace), each pair once."""
+    shares = []
+    for entry in counts or []:
+        if entry["metric"] < entry["other"] and entry["prompts"]:
+            shares.append((entry["metric"], entry["other"], entry["same"] / entry["prompts"]))
+    return sorted(shares)
+
+
+def format_overview(table: pd.DataFrame, agreement: list[dict[str, Any]] | None) -> str:
+    """One view of the teachers: their rank by every metric, which neighbours the paired
+    comparison tells apart, and how often the selection metrics pick the same trace."""
+    cells = overview(table)
+    if cells.empty:
+        return "Overview: no teacher was ranked in this run.\n"
+    names = [printable(t) for t in cells.index]
+    width = max(7, *(len(n) for n in names))
+    columns = [max(len(m), 4) for m in cells.columns]
+    lines = [
+        "Overview: each teacher's rank by each metric ('>': told apart from the next teacher)",
+        (
+            f"  {'teacher':<{width}}  "
+            + "  ".join(f"{m:<{w}}" for m, w in zip(cells.columns, columns))
+        ).rstrip(),
+    ]
+    for name, (_, row) in zip(names, cells.iterrows()):
+        ranks = "  ".join(f"{str(v):<{w}}" for v, w in zip(row, columns))
+        lines.append(f"  {name:<{width}}  {ranks}".rstrip())
+    shares = agreement_shares(agreement)
+    if shares:
+        lines.append(
+            "  The selections agree (same trace for a prompt): "
+            + ", ".join(f"{a} and {b} {share:.0%}" for a, b, share in shares)
+        )
+    return "\n".join(lines) + "\n"
+
+
 def yes_no(value: Any) -> str:
     """A nullable flag as a table cell: yes, no, or empty when null."""
     return "" if value is None or pd.isna(value) else ("yes" if value else "no")
@@ -157,6 +210,9 @@ def format_summary(
         f" (filtered on correct: {selection.get('filtered_on_correct', False)})",
         f"  time: scoring {timings.get('score_s', 0):.1f}s, "
         f"reduce {timings.get('reduce_s', 0):.1f}s, total {timings.get('total_s', 0):.1f}s",
+        "",
+        format_overview(table, selection.get("agreement")),
+        "In detail, metric by metric:",
         "",
         format_teacher_table(
             table, selection.get("confidence", 0.95), pairs, selection.get("stability")

@@ -365,7 +365,15 @@ def _listed_snapshot(repo_id: str) -> tuple[str, dict[str, str]]:
 
 
 def _model_folder(source: StudentSource, cfg: StudentConfig) -> str:
-    return _converted_gguf(source, cfg) if source.gguf_file else source.path
+    if source.gguf_file:
+        return _converted_gguf(source, cfg)
+    local = source.path.startswith(("/", "./", "../", "~")) or os.path.isabs(source.path)
+    if local and not os.path.exists(os.path.expanduser(source.path)):
+        raise StudentError(
+            f"student.model {cfg.model!r}: no such folder; set student.model to a local model "
+            "folder, a .gguf file, a model id in the local Hugging Face cache, or smollm2-135m"
+        )
+    return source.path
 
 
 def _hub_options(cfg: StudentConfig) -> dict[str, bool]:

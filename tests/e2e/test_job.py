@@ -187,6 +187,11 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
         selected, read_output(out, "teachers"), read_output(out, "teacher_pairs")
     )
     assert "Pairs told apart" in summary or "Pairs not told apart" in summary
+    # One overview first (every teacher's rank by every metric, the selections' agreement),
+    # then the per-metric details.
+    overview = summary.index("Overview: each teacher's rank by each metric")
+    assert overview < summary.index("In detail, metric by metric:") < summary.index("Teachers by")
+    assert "The selections agree (same trace for a prompt): galp and lalp " in summary
     statement = selected.selection["stability"]["lalp"]["statement"]
     assert f"{statement[0].upper()}{statement[1:]}." in summary
 

@@ -71,6 +71,7 @@ def test_report_content(demo_run):
 
 
 HEADINGS = (
+    "Overview",
     "Teachers",
     "Is one teacher better than another?",
     "How many prompts the ranking needs",
@@ -100,10 +101,18 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--window-size=1280,2400"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1366,768",
+    ):  # fmt: skip  (a laptop's screen)
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
@@ -113,12 +122,27 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])"
         )
-        assert len(images) == 5
+        assert len(images) == 6
         assert all(complete and width > 0 for complete, width, _ in images), images
         text = driver.find_element("tag name", "body").text
         for heading in HEADINGS:
             assert heading in text
-        assert "teacher-scrambled" in text
+        # The page opens with one overview (ranks by metric, the agreement, one figure) that
+        # fits a laptop's width; the details follow, folded.
+        first = driver.find_element("css selector", "section")
+        assert first.get_attribute("id") == "overview" and first.is_displayed()
+        table = first.find_element("css selector", "table.overview")
+        assert "teacher-scrambled" in table.text and "lalp_token" in table.text
+        assert "pick the same trace for" in first.text
+        page_width, window = driver.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        assert page_width <= window
+        folded = driver.find_elements("css selector", "details")
+        assert len(folded) == len(HEADINGS) - 1 and not any(d.get_attribute("open") for d in folded)
+        assert not driver.find_element("css selector", "details table").is_displayed()
+        folded[0].find_element("tag name", "summary").click()  # a reader opens the teacher table
+        assert folded[0].find_element("css selector", "table").is_displayed()
         assert len(driver.find_elements("tag name", "mark")) >= 5  # least natural steps
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
@@ -184,6 +208,8 @@ def test_markup_mathtext_and_escapes_in_the_input_show_as_text(hostile_run, tmp_
         driver.get(Path(page).as_uri())
         assert driver.execute_script("return typeof window.pwned") == "undefined"
         assert driver.execute_script("return document.scripts.length") == 0
+        for folded in driver.find_elements("css selector", "details > summary"):
+            folded.click()  # open every detail, as a reader would
         text = driver.find_element("tag name", "body").text
         assert "<script>window.pwned = 1</script>" in text  # the teacher's name, as text
         assert "<script>window.pwned = 2</script>" in text  # a trace's text, as text

@@ -219,7 +219,10 @@ def test_a_run_over_its_reject_budget_fails_and_the_published_results_stay(
     assert (
         "did not publish: before scoring: 3 of 3 rows were rejected (100.0%, by kind: " in message
     )
-    assert "input 3), more than output.max_reject_fraction=0.05 allows" in message
+    assert (
+        "input 3; most common: 'empty response' 2, 'invalid JSON' 1), more than "
+        "output.max_reject_fraction=0.05 allows"
+    ) in message
     assert (tmp_path / "out" / "manifest.json").read_bytes() == before  # untouched
     assert read_output(out, "scores").shape[0] == published.counts["rows_scored"]
     # The failed run's rejects stay readable, where the error says.
@@ -230,7 +233,7 @@ def test_a_run_over_its_reject_budget_fails_and_the_published_results_stay(
     assert failure["error"].startswith("before scoring: 3 of 3 rows were rejected")
 
     # Rejected while scoring (every prompt longer than the global cap): failed after scoring.
-    too_long = r"6 of 6 rows were rejected \(100.0%, by kind: too_long 6\)"
+    too_long = r"6 of 6 rows were rejected \(100.0%, by kind: too_long 6; most common: 'prompt"
     with pytest.raises(JobError, match=too_long) as late:
         run_score(tiny_job_config(tmp_path / "good", out, tiny_student_dir, "scoring.max_tokens=4"))
     where = str(late.value).split("this run's rejects are in ")[1].split(". Raise")[0]

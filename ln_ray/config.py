@@ -19,6 +19,7 @@ from ln_ray.prepare.layout import check_pattern
 from ln_ray.prepare.reasoning import REASONING_MODES, ReasoningFormat
 from ln_ray.prepare.render import VIEWS, RenderOptions
 from ln_ray.prepare.segment import SEGMENT_MODES
+from ln_ray.schema import MESSAGES_FORMATS
 
 # conf/ at the top of the checkout; ln_ray/conf links to it, and a wheel carries a copy.
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -88,6 +89,7 @@ class OutputConfig:
     merge_parts: int = 256  # while scoring, the cache's parts are merged this many at a time
     max_reject_fraction: float = 0.05
     lease_timeout_s: float = 600.0
+    messages_format: str = "openai"  # curated/'s conversation: openai messages, or sharegpt
 
 
 @dataclass
@@ -274,6 +276,10 @@ def validate_config(cfg: LnRayConfig) -> None:
         "output.max_reject_fraction must be in [0, 1]",
     )
     need(cfg.output.lease_timeout_s > 0, "output.lease_timeout_s must be > 0")
+    need(
+        cfg.output.messages_format in MESSAGES_FORMATS,
+        f"output.messages_format must be one of {MESSAGES_FORMATS}",
+    )
     need(bool(cfg.student.model), "student.model is empty")
     need(cfg.student.dtype in DTYPES, f"student.dtype must be one of {DTYPES}")
     need(cfg.segment.mode in SEGMENT_MODES, f"segment.mode must be one of {SEGMENT_MODES}")

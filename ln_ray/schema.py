@@ -258,6 +258,9 @@ TEACHER_STABILITY_SCHEMA = pa.schema(
 # curated/: each prompt's selected trace as chat messages, then every other input column (their
 # types are unified over the selected rows: ln_ray/aggregate/curate.py).
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# ... or, with output.messages_format=sharegpt, as ShareGPT conversations.
+SHAREGPT_TYPE = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+MESSAGES_FORMATS = ("openai", "sharegpt")
 CURATED_BASE = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -268,6 +271,15 @@ CURATED_BASE = pa.schema(
         ("messages", MESSAGE_TYPE),
     ]
 )
+
+
+def curated_base(messages_format: str = "openai") -> pa.Schema:
+    """``CURATED_BASE`` with its conversation in ``messages_format``: OpenAI-style
+    ``messages``, or ShareGPT-style ``conversations``."""
+    if messages_format == "sharegpt":
+        where = CURATED_BASE.get_field_index("messages")
+        return CURATED_BASE.set(where, pa.field("conversations", SHAREGPT_TYPE))
+    return CURATED_BASE
 
 
 def row_keys(table: pa.Table) -> pa.Array:

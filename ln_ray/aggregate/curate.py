@@ -14,10 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ln_ray.io import jsontext
-from ln_ray.schema import CURATED_BASE, row_keys
+from ln_ray.prepare.layout import as_sharegpt
+from ln_ray.schema import CURATED_BASE, curated_base, row_keys
 
 # The curated set's columns that come from the selected row itself (the rest is its text).
 CURATED_KEYS = [name for name in CURATED_BASE.names if name != "messages"]
+# The curated set's own column names, in either messages format: input columns named so are
+# renamed (``curated_column``).
+OWN_COLUMNS = {*CURATED_BASE.names, "conversations"}
 _SCALARS = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 
@@ -51,7 +55,7 @@ def curated_column(key: str) -> str:
     core = key
     while core.startswith("input_"):
         core = core[len("input_") :]
-    return f"input_{key}" if core in CURATED_BASE.names else key
+    return f"input_{key}" if core in OWN_COLUMNS else key
 
 
 def extra_types(table: pa.Table) -> pa.Table:
@@ -86,12 +90,20 @@ def extra_schema(pairs: list[tuple[str, str]], reserved: set[str] | None = None)
 
 
 def curate_batch(table: pa.Table, *, schema: pa.Schema) -> pa.Table:
-    """Turn selected rows into SFT records: base columns, messages, then the extra columns."""
-    extras = [f for f in schema if f.name not in CURATED_BASE.names]
+    """Turn selected rows into SFT records: base columns, the conversation (``messages``, or
+    ShareGPT ``conversations`` when ``schema`` has them), then the extra columns."""
+    sharegpt = "conversations" in schema.names and "messages" not in schema.names
+    base = curated_base("sharegpt" if sharegpt else "openai").names
+    extras = [f for f in schema if f.name not in base]
     out: dict[str, list[Any]] = {name: [] for name in schema.names}
     for row in table.select([*CURATED_BASE.names, "extra"]).to_pylist():
-        for name in CURATED_BASE.names:
-            out[name].append(jsontext.loads(row[name]) if name == "messages" else row[name])
+        for name in CURATED_KEYS:
+            out[name].append(row[name])
+        messages = jsontext.loads(row["messages"])
+        if sharegpt:
+            out["conversations"].append(as_sharegpt(messages))
+        else:
+            out["messages"].append(messages)
         values = {
             curated_column(key): value
             for key, value in (jsontext.loads(row["extra"]) if row["extra"] else {}).items()
@@ -104,6 +116,8 @@ def curate_batch(table: pa.Table, *, schema: pa.Schema) -> pa.Table:
     return pa.table(out, schema=schema)
 
 
-def curated_schema(extra: pa.Schema) -> pa.Schema:
-    """The curated table's schema: the base columns followed by the extra columns."""
-    return pa.schema([*CURATED_BASE, *[f for f in extra if f.name not in CURATED_BASE.names]])
+def curated_schema(extra: pa.Schema, messages_format: str = "openai") -> pa.Schema:
+    """The curated table's schema: the base columns (the conversation in ``messages_format``)
+    followed by the extra columns."""
+    base = curated_base(messages_format)
+    return pa.schema([*base, *[f for f in extra if f.name not in base.names]])

@@ -52,9 +52,15 @@ class Tables(Protocol):
 
 
 def write_curated(
-    source: Tables, text: str, target: RunFolder, selections: Any, partitions: int
+    source: Tables,
+    text: str,
+    target: RunFolder,
+    selections: Any,
+    partitions: int,
+    messages_format: str = "openai",
 ) -> None:
-    """Write ``curated/``: each prompt's trace selected by LALP with its text.
+    """Write ``curated/``: each prompt's trace selected by LALP with its text, the conversation
+    in ``messages_format`` (``schema.curated_base``).
 
     The selected traces' rows are found by a grouping on trace_id (the selections and the rows'
     keys meet in the same group); each row then goes to a group per file of ``text`` that may
@@ -80,7 +86,9 @@ def write_curated(
         grouped_by_hash(routed, "text_file", _extra_types_of, partitions, **where), _KINDS
     ).to_pylist()
     subset = grouped_by_hash(routed, "text_file", _text_of, partitions, **where)
-    schema = curated_schema(extra_schema([(k["column"], k["kind"]) for k in kinds]))
+    schema = curated_schema(
+        extra_schema([(k["column"], k["kind"]) for k in kinds]), messages_format
+    )
     write_dataset(
         subset.map_batches(curate_batch, fn_kwargs={"schema": schema}, batch_format="pyarrow"),
         target,

@@ -194,7 +194,7 @@ def _score(
         timeline.stages[VALIDATE.name]["shard_errors"] = sum(e["shard_errors"] for e in entries)
         log.info("selecting per prompt and ranking teachers")
         with timeline.run(REDUCE) as record:
-            selection = reduce_scores(run, VALID_DIR, run, cfg.selection)
+            selection = reduce_scores(run, VALID_DIR, run, cfg.selection, cfg.output)
             record.update(prompts=selection["prompts"])
         lease.check()
     return run_manifest(
@@ -305,9 +305,8 @@ def run_select(cfg: LnRayConfig) -> RunManifest:
         with _unpublished(run, time.time()):
             connect_ray(cfg.compute)
             with timeline.run(REDUCE) as record:
-                selection = reduce_scores(
-                    published, published.manifest.text_output, run, cfg.selection
-                )
+                text = published.manifest.text_output
+                selection = reduce_scores(published, text, run, cfg.selection, cfg.output)
                 record.update(prompts=selection["prompts"])
             lease.check()
         before = published.manifest

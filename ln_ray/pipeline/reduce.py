@@ -36,7 +36,7 @@ from ln_ray.aggregate.select import (
 )
 from ln_ray.aggregate.stability import ranking_stability, stability_statement, stable_from
 from ln_ray.aggregate.teachers import count_wins, rank_teachers, teacher_stats
-from ln_ray.config import SelectionConfig
+from ln_ray.config import OutputConfig, SelectionConfig
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.pipeline.curated import Tables, write_curated
 from ln_ray.pipeline.ray_ops import (
@@ -61,7 +61,11 @@ _WINS = pa.schema([("metric", pa.string()), ("teacher", pa.string()), ("wins", p
 
 
 def reduce_scores(
-    source: Tables, text: str, target: RunFolder, selection: SelectionConfig
+    source: Tables,
+    text: str,
+    target: RunFolder,
+    selection: SelectionConfig,
+    output: OutputConfig | None = None,
 ) -> dict[str, Any]:
     """Write selections/, teachers/, teacher_pairs/, teacher_stability/ and curated/ into
     ``target`` from a run's scores.
@@ -72,6 +76,8 @@ def reduce_scores(
         text: The output holding the rows' text (``_valid/``), joined back for the curated set.
         target: The run folder to write into.
         selection: Selection options.
+        output: The output options: the curated set's conversation in
+            ``output.messages_format`` (OpenAI-style messages by default).
 
     Returns:
         The manifest's ``selection`` entry (with ``reduce_s``).
@@ -79,6 +85,7 @@ def reduce_scores(
     import ray
 
     started = time.time()
+    messages_format = (output or OutputConfig()).messages_format
     arrow_fs = source.arrow_fs
     scores = ray.data.read_parquet(
         source.full("scores"), filesystem=arrow_fs, schema=SCORES_SCHEMA
@@ -96,7 +103,7 @@ def reduce_scores(
             ("teachers", TEACHERS_SCHEMA),
             ("teacher_pairs", TEACHER_PAIRS_SCHEMA),
             ("teacher_stability", TEACHER_STABILITY_SCHEMA),
-            ("curated", curated_schema(extra_schema([]))),
+            ("curated", curated_schema(extra_schema([]), messages_format)),
         ):
             target.ensure_table(name, schema)
         return {**summary, "prompts": 0, "prompts_selected": 0, "reduce_s": _since(started)}
@@ -156,7 +163,7 @@ def reduce_scores(
         }
         for metric in TEACHER_METRICS
     }
-    write_curated(source, text, target, selections, partitions)
+    write_curated(source, text, target, selections, partitions, messages_format)
     return {
         **summary,
         "prompts": prompts,

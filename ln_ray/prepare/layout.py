@@ -79,6 +79,19 @@ def path_fields(path: str, spec: str) -> dict[str, str]:
     return found
 
 
+# Chat roles as ShareGPT's senders, for a curated set written in ShareGPT form.
+SHAREGPT_SENDERS = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+def as_sharegpt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Chat messages as ShareGPT's (``from``, ``value``); a role ShareGPT has no name for keeps
+    its own."""
+    return [
+        {"from": SHAREGPT_SENDERS.get(m["role"], m["role"]), "value": m["content"]}
+        for m in messages
+    ]
+
+
 def sharegpt_message(message: dict) -> tuple[str, str] | None:
     """A ShareGPT message (``from``, ``value``) as (role, content), or None if it is not one.
 

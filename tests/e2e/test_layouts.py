@@ -39,7 +39,7 @@ def _openai(row: dict) -> dict:
     }
 
 
-def test_a_folder_per_teacher_of_sharegpt_parquet_scores_as_per_trace_rows(
+def test_a_folder_per_teacher_of_sharegpt_parquet_scores_as_per_trace_rows_and_stays_sharegpt(
     ray_cluster, tiny_student_dir, tmp_path
 ):
     rows = make_rows(n_prompts=4)
@@ -60,6 +60,7 @@ def test_a_folder_per_teacher_of_sharegpt_parquet_scores_as_per_trace_rows(
             "input.teacher_from_path=hive",
             "input.columns.messages=conversations",
             "input.columns.prompt_id=id",
+            "output.messages_format=sharegpt",  # the curated set as it came
         )
     )
     flat = run_score(
@@ -75,9 +76,12 @@ def test_a_folder_per_teacher_of_sharegpt_parquet_scores_as_per_trace_rows(
     assert sorted(by_layout[0]["teacher"].unique()) == teachers
     assert flat.counts["rows_scored"] == len(rows)
     curated = read_output(hive_out, "curated")
-    for messages in curated["messages"]:
+    assert "messages" not in curated.columns
+    for conversation in curated["conversations"]:
+        assert [m["from"] for m in conversation] == ["system", "human", "gpt"]
+        assert conversation[0]["value"] == SYSTEM
+    for messages in read_output(flat_out, "curated")["messages"]:
         assert [m["role"] for m in messages] == ["system", "user", "assistant"]
-        assert messages[0]["content"] == SYSTEM
 
 
 def test_a_file_per_teacher_and_prompt_set_with_nested_answers(

@@ -67,7 +67,7 @@ def read_scores(
             worst = pl.concat([worst, gapped]).sort(pl.col("gap").abs(), descending=True)
             worst = worst.head(disagreements)
     elif moments.count:  # one usable trace: no spread to measure a gap by
-        first = next(_usable(f) for f in _batches(run) if _usable(f).height)
+        first = next(u for u in map(_usable, _batches(run)) if u.height)
         worst = first.head(1).with_columns(gap=pl.lit(0.0))
     return ScoresView(
         traces=traces,

@@ -66,12 +66,13 @@ _REJECT = [("reject_reason", pa.string()), ("reject_kind", pa.string())]
 SHARED_PROMPT_ID = "prompt_id shared by different prompts"
 
 
-def reason_kind(reason: str | None) -> str | None:
-    """A reject reason without its particulars (its text up to the first colon), so that the
-    rejects of one cause count together; every duplicate as ``duplicate``."""
-    if reason is None:
-        return None
-    return "duplicate" if reason.startswith("duplicate of") else reason.split(":")[0]
+def reason_kinds(reasons: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Reject reasons without their particulars (each one's text up to its first colon), so
+    that the rejects of one cause count together; every duplicate as ``duplicate``; null where
+    the row is accepted."""
+    head = pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0)
+    duplicate = pc.starts_with(reasons, "duplicate of")
+    return pc.if_else(duplicate, pa.scalar("duplicate", pa.string()), head)
 
 
 # A row's own columns, without scores or text: what travels through scoring, the join with the

@@ -17,7 +17,7 @@ from ln_ray.io.shards import count_source_rows
 from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.assemble import is_unscored
 from ln_ray.pipeline.ray_ops import cluster_cpus, reduce_partitions
-from ln_ray.schema import SCORED_ROWS_SCHEMA, padded, reason_kind
+from ln_ray.schema import SCORED_ROWS_SCHEMA, padded, reason_kinds
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
 PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
@@ -124,11 +124,10 @@ def count_rows(rows: Any, new_keys: Any | None) -> RowCounts:
     def partial_sums(table: pa.Table) -> pa.Table:
         rejected = pc.is_valid(table["reject_reason"])
         new = pc.and_(pc.fill_null(table["now"], False), pc.invert(rejected))
-        reasons = table["reject_reason"].to_pylist()
         counters = pa.table(
             {
                 "source_file": table["source_file"],
-                "reason": pa.array([reason_kind(r) for r in reasons], pa.string()),
+                "reason": reason_kinds(table["reject_reason"]),
                 "kind": table["reject_kind"],
                 "rows_scored": pc.cast(pc.invert(rejected), pa.int64()),
                 "rows_rejected": pc.cast(rejected, pa.int64()),
@@ -232,7 +231,7 @@ def check_reject_budget(
 
     Raises:
         RejectBudgetError: With the rejects by kind, and the most common reasons (``reasons``:
-            rows per ``reason_kind``), which say what to fix.
+            rows per ``reason_kinds``), which say what to fix.
     """
     rejected = sum(n for kind, n in kinds.items() if kind != "duplicate")
     if rows_read and rejected / rows_read > max_fraction:

@@ -153,7 +153,10 @@ class _Forwarded:
         os.dup2(self.saved, self.fd)  # the pipe's last writer closes: the thread drains it
         os.close(self.saved)
         self._thread.join(timeout=5)
-        self.terminal.close()
+        # A child process that inherited the pipe may still hold it: the thread then goes on
+        # forwarding whatever it writes, so its terminal stays open.
+        if not self._thread.is_alive():
+            self.terminal.close()
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from ln_ray.schema import (
     REJECTS_SCHEMA,
     ROW_META_SCHEMA,
     VALIDATED_SCHEMA,
-    reason_kind,
+    reason_kinds,
     row_keys,
 )
 
@@ -66,7 +66,7 @@ class Validated:
     rows: int
     accepted: int
     rejected: dict[str, int]
-    reasons: dict[str, int] = field(default_factory=dict)  # rejected rows per ``reason_kind``
+    reasons: dict[str, int] = field(default_factory=dict)  # rejected rows per ``reason_kinds``
 
 
 def validate_rows(cfg: LnRayConfig, inputs: Inputs, run: RunFolder) -> Validated:
@@ -171,9 +171,9 @@ _ROW_COUNTS = pa.schema([("kind", pa.string()), ("reason", pa.string()), ("rows"
 
 def _count_rows(table: pa.Table) -> pa.Table:
     """A block's rows by what happens to them: ``ok`` (accepted), or the kind and reason
-    (``reason_kind``) of their reject."""
+    (``reason_kinds``) of their reject."""
     kind = pc.coalesce(table["reject_kind"], pa.scalar("ok", pa.string()))
-    reason = pa.array([reason_kind(r) for r in table["reject_reason"].to_pylist()], pa.string())
+    reason = reason_kinds(table["reject_reason"])
     counted = (
         pa.table({"kind": kind, "reason": reason})
         .group_by(["kind", "reason"], use_threads=False)

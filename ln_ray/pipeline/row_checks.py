@@ -32,7 +32,7 @@ def duplicate_rows(rows: pa.Table) -> pa.Table:
     frame = pl.from_arrow(rows.select(["dup_key", "source_file", "row_number"]))
     assert isinstance(frame, pl.DataFrame)
     frame = frame.rename({"source_file": "first_file", "row_number": "first_row"})
-    found = _firsts(frame.with_columns(copies=pl.lit(1, pl.Int64))).filter(pl.col("copies") > 1)
+    found = _firsts(frame).filter(pl.col("copies") > 1)
     if found.height == 0:
         return LATE_REJECTS_SCHEMA.empty_table()
     return _later_copies(rows, found.to_arrow().select(_FIRSTS.names).cast(_FIRSTS))
@@ -61,7 +61,7 @@ def _firsts(frame: pl.DataFrame) -> pl.DataFrame:
     return (
         frame.sort(["dup_key", "first_file", "first_row"])
         .group_by("dup_key", maintain_order=True)
-        .agg(pl.col("first_file").first(), pl.col("first_row").first(), pl.col("copies").sum())
+        .agg(pl.col("first_file").first(), pl.col("first_row").first(), pl.len().alias("copies"))
     )
 
 

@@ -290,7 +290,11 @@ def test_whole_run_problems_fail_fast(ray_cluster, tiny_student_dir, corpus, tmp
         (tiny_job_config(corpus[0], tmp_path / "a-file" / "out", tiny_student_dir), "not writable"),
         (
             tiny_job_config(corpus[0], tmp_path / "o3", str(tmp_path / "no-model")),
-            "cannot load student",
+            "no-model': no such folder; set student.model to a local model folder",
+        ),
+        (
+            tiny_job_config(corpus[0], tmp_path / "o4", "no-org/no-such-model"),
+            r"cannot load student 'no-org/no-such-model' \(downloads are off",
         ),
     ]
     for cfg, message in cases:

@@ -25,7 +25,6 @@ from ln_ray.schema import MESSAGES_FORMATS
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 INPUT_FORMATS = ("auto", "parquet", "jsonl")
-METRICS = ("lalp", "galp", "rsr")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SHUFFLES = ("sort", "hash")
 # apply_chat_template's own parameters and the template's messages: not template arguments.

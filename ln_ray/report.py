@@ -3,9 +3,9 @@
 It shows the teacher table per metric with confidence intervals, the paired comparison of every
 two teachers (mean difference and win rate over shared prompts, pairs told apart marked), how
 many prompts the ranking needs (its stability on random subsets), each teacher's distribution of
-lalp, galp and rsr, how often each teacher wins per metric, how often the metrics agree on the
-selected trace, and the traces whose local and global scores disagree most, with their least
-natural steps highlighted.
+lalp, lalp_drop1, galp and rsr, how often each teacher wins per metric, how often the metrics
+agree on the selected trace, and the traces whose local and global scores disagree most, with
+their least natural steps highlighted.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ln_ray.aggregate.select import agreement_counts
+from ln_ray.aggregate.select import SELECTED_BY, agreement_counts
 from ln_ray.io.manifest import ROWS_DIR, RunManifest
 from ln_ray.io.run_folder import OutputError, OutputRoot, PublishedRun
 from ln_ray.pipeline.summary import overview, printable, yes_no
 from ln_ray.report_sample import SAMPLE_PER_TEACHER, ScoresView, read_scores
 from ln_ray.schema import better_direction
 
-METRICS = ("lalp", "galp", "rsr")
+METRICS = SELECTED_BY  # the metrics traces are selected by
 REPORT_NAME = "report.html"
 _DISAGREEMENTS = 5
 _HIGHLIGHTED_STEPS = 3
@@ -113,7 +113,7 @@ def _render(run: dict[str, Any]) -> str:
 def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
     scores, agreement, teachers = run["scores"], run["agreement"], run["teachers"]
     sampled = (
-        f"Per-trace lalp, galp and rsr by teacher (a sample of up to "
+        f"Per-trace lalp, lalp_drop1, galp and rsr by teacher (a sample of up to "
         f"{SAMPLE_PER_TEACHER:,} traces per teacher, of {scores.traces:,})"
     )
     return [
@@ -406,7 +406,7 @@ def _plot_wins(teachers: pd.DataFrame, order: list[str]):
         part = teachers[teachers["metric"] == metric].set_index("teacher")["wins"]
         wins = part.reindex(order).fillna(0).astype(float)
         share = wins / max(wins.sum(), 1)
-        ax.bar(x + (k - 1) * width, share.to_numpy(), width, label=metric)
+        ax.bar(x + (k - (len(METRICS) - 1) / 2) * width, share.to_numpy(), width, label=metric)
     ax.set_xticks(x, [printable(t) for t in order], rotation=20, ha="right")
     ax.set_ylabel("share of prompts won")
     ax.legend()

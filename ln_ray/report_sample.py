@@ -23,11 +23,13 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
+from ln_ray.aggregate.select import SELECTED_BY
 from ln_ray.io.run_folder import PublishedRun
 
 SAMPLE_PER_TEACHER = 5_000
 BATCH_ROWS = 65_536
-SHOWN = ["prompt_id", "teacher", "trace_id", "lalp", "galp", "rsr"]
+SHOWN = ["prompt_id", "teacher", "trace_id", *SELECTED_BY]
+_FLOATS = {metric: pl.Float64 for metric in SELECTED_BY}
 
 
 @dataclass(frozen=True)
@@ -86,16 +88,14 @@ def _batches(run: PublishedRun) -> Iterator[pl.DataFrame]:
 
 def _empty() -> pl.DataFrame:
     schema = {name: pl.String for name in ("prompt_id", "teacher", "trace_id")}
-    return pl.DataFrame(
-        schema={**schema, "lalp": pl.Float64, "galp": pl.Float64, "rsr": pl.Float64}
-    )
+    return pl.DataFrame(schema={**schema, **_FLOATS})
 
 
 def _smallest_hashes(frame: pl.DataFrame, per_teacher: int) -> pl.DataFrame:
     """Per teacher, the rows with the smallest hash of their trace_id (ties by trace_id)."""
     key = pl.col("trace_id").hash(seed=0)
     return (
-        frame.cast({"lalp": pl.Float64, "galp": pl.Float64, "rsr": pl.Float64})
+        frame.cast(_FLOATS)
         .sort([key, pl.col("trace_id")])
         .group_by("teacher", maintain_order=True)
         .head(per_teacher)
@@ -106,7 +106,7 @@ def _smallest_hashes(frame: pl.DataFrame, per_teacher: int) -> pl.DataFrame:
 def _usable(frame: pl.DataFrame) -> pl.DataFrame:
     """Rows with both lalp and galp (not null, not NaN)."""
     both = pl.col("lalp").is_not_null() & pl.col("galp").is_not_null()
-    frame = frame.cast({"lalp": pl.Float64, "galp": pl.Float64, "rsr": pl.Float64})
+    frame = frame.cast(_FLOATS)
     return frame.filter(both & pl.col("lalp").is_not_nan() & pl.col("galp").is_not_nan())
 
 

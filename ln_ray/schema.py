@@ -27,7 +27,7 @@ TEXT_COLUMNS = ("messages", "extra")
 # The steps' lengths in characters (they partition the response).
 _STEP_CHARS = ("step_chars", pa.list_(pa.int32()))
 
-METRIC_COLUMNS = ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
+METRIC_COLUMNS = ("galp", "lalp", "lalp_drop1", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
 _SCORES = [
     ("n_tokens", pa.int64()),
     ("n_steps", pa.int64()),
@@ -197,6 +197,7 @@ SELECTIONS_SCHEMA = pa.schema(
 TEACHER_METRICS = {
     "lalp": True,
     "galp": True,
+    "lalp_drop1": True,
     "lalp_token": True,
     "rsr": False,
     "rsr_dataset": False,

@@ -66,6 +66,9 @@ def reference_scores(
     step_means = [
         float(np.mean(local_lp[a:b])) if b > a else None for a, b in zip(bounds[:-1], bounds[1:])
     ]
+    # lalp_drop1 from its definition: each step's mean without its first token; a step left
+    # with no token is skipped.
+    dropped = [local_lp[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a >= 2]
     clipped = [min(r, rank_clip) for r in global_rank]
     return {
         "global_logprobs": np.array(global_lp),
@@ -75,6 +78,7 @@ def reference_scores(
         "galp": float(np.mean(global_lp)) if g else math.nan,
         "lalp": float(np.mean([s for s in step_means if s is not None])),
         "lalp_token": float(np.mean(local_lp)),
+        "lalp_drop1": float(np.mean([np.mean(d) for d in dropped])) if dropped else math.nan,
         "rsr": sum(clipped) / -sum(global_lp) if g else math.nan,
         "avg_rank": float(np.mean(clipped)) if g else math.nan,
         "avg_surprisal": -float(np.mean(global_lp)) if g else math.nan,
@@ -87,7 +91,7 @@ def assert_matches_reference(fast, ref):
     np.testing.assert_allclose(fast.global_logprobs, ref["global_logprobs"], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(fast.global_ranks, ref["global_ranks"])
     np.testing.assert_allclose(fast.local_logprobs, ref["local_logprobs"], atol=1e-4, rtol=0)
-    for key in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
+    for key in ("galp", "lalp", "lalp_drop1", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
         assert fast.__dict__[key] == pytest.approx(ref[key], abs=1e-4, nan_ok=True), key
     assert fast.truncated == ref["truncated"]
     for a, b in zip(fast.step_logprobs, ref["step_logprobs"], strict=True):

@@ -16,8 +16,9 @@ import pyarrow as pa
 from ln_ray.schema import SELECTIONS_SCHEMA, TEACHER_METRICS
 
 # The metrics a trace is selected by, and which way is better for each.
-HIGHER_IS_BETTER = {metric: TEACHER_METRICS[metric] for metric in ("lalp", "galp", "rsr")}
-CANDIDATE_COLUMNS = ["prompt_id", "teacher", "trace_id", "correct", "lalp", "galp", "rsr"]
+SELECTED_BY = ("lalp", "lalp_drop1", "galp", "rsr")
+HIGHER_IS_BETTER = {metric: TEACHER_METRICS[metric] for metric in SELECTED_BY}
+CANDIDATE_COLUMNS = ["prompt_id", "teacher", "trace_id", "correct", *SELECTED_BY]
 
 
 def select_traces(scores: pa.Table, *, filter_correct: bool) -> pa.Table:

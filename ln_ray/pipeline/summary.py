@@ -12,6 +12,7 @@ from ln_ray.schema import SHARED_PROMPT_ID, better_direction
 
 _METRIC_NAMES = {
     "lalp": "local naturalness",
+    "lalp_drop1": "local naturalness without each step's first token",
     "galp": "global log-prob",
     "lalp_token": "local log-prob per token",
     "rsr": "rank-surprisal ratio, per-trace mean",

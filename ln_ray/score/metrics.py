@@ -12,7 +12,8 @@ def trace_metrics(
     step_bounds: np.ndarray,
     rank_clip: int,
 ) -> dict[str, object]:
-    """GALP, LALP, lalp_token, RSR, avg_rank, avg_surprisal and per-step local log-probs.
+    """GALP, LALP, lalp_drop1, lalp_token, RSR, avg_rank, avg_surprisal and per-step local
+    log-probs.
 
     Args:
         global_logprobs: Log-probs of the globally scored response tokens (a truncated trace has
@@ -24,7 +25,9 @@ def trace_metrics(
 
     Returns:
         A dict of the metrics. A step with no tokens of its own has step log-prob None and does not
-        count towards LALP; a metric over no tokens is NaN.
+        count towards LALP; a metric over no tokens is NaN. ``lalp_drop1`` is LALP with each
+        step's first token left out of its step mean (ASLEC-DROP, arXiv 2604.06834): a step of
+        one token then owns no scored token and is skipped, as an empty step is.
     """
     step_logprobs: list[float | None] = []
     for a, b in zip(step_bounds[:-1], step_bounds[1:]):
@@ -32,12 +35,18 @@ def trace_metrics(
             float(np.mean(local_logprobs[a:b], dtype=np.float64)) if b > a else None
         )
     scored_steps = [s for s in step_logprobs if s is not None]
+    dropped = [
+        float(np.mean(local_logprobs[a + 1 : b], dtype=np.float64))
+        for a, b in zip(step_bounds[:-1], step_bounds[1:])
+        if b - a >= 2
+    ]
     surprisal = -global_logprobs.astype(np.float64)
     clipped = np.minimum(global_ranks, rank_clip).astype(np.float64)
     total_surprisal = float(surprisal.sum())
     return {
         "galp": _mean(-surprisal),
         "lalp": float(np.mean(scored_steps)) if scored_steps else float("nan"),
+        "lalp_drop1": float(np.mean(dropped)) if dropped else float("nan"),
         "lalp_token": _mean(local_logprobs),
         "rsr": float(clipped.sum()) / total_surprisal if total_surprisal > 0 else float("nan"),
         "avg_rank": _mean(clipped),

@@ -61,6 +61,7 @@ class TraceScores:
     model_tokens: int  # tokens this trace ran through the model (prefix once, plus every window)
     galp: float
     lalp: float
+    lalp_drop1: float
     lalp_token: float
     rsr: float
     avg_rank: float

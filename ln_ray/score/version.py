@@ -6,4 +6,5 @@ a score: the scorer, the segmenter, the student's view, the tokenization of a tr
 ``tests/equivalence/test_golden.py`` fails when the golden numbers move while it stays the same.
 """
 
-SCORING_VERSION = 2  # 2: control tokens inside a trace's text are tokenized as text
+# 2: control tokens inside a trace's text are tokenized as text; 3: lalp_drop1 scored and cached
+SCORING_VERSION = 3

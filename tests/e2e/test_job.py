@@ -38,7 +38,12 @@ def expected_selections(scores: pd.DataFrame, filter_correct: bool) -> dict[tupl
     """Independent argmax/argmin per prompt, ties by teacher then trace_id."""
     picked = {}
     eligible = scores[scores["correct"] == True] if filter_correct else scores  # noqa: E712
-    for metric, ascending in (("lalp", False), ("galp", False), ("rsr", True)):
+    for metric, ascending in (
+        ("lalp", False),
+        ("lalp_drop1", False),
+        ("galp", False),
+        ("rsr", True),
+    ):
         ordered = eligible.dropna(subset=[metric]).sort_values(
             [metric, "teacher", "trace_id"], ascending=[ascending, True, True]
         )
@@ -53,8 +58,8 @@ def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> No
     scores = read_output(url, "scores")
     assert len(scores) == len(rows)
     assert list(scores.columns) == [
-        "prompt_id", "teacher", "trace_id", "n_tokens", "n_steps", "galp", "lalp", "lalp_token",
-        "rsr", "avg_rank", "avg_surprisal", "truncated", "step_logprobs", "correct",
+        "prompt_id", "teacher", "trace_id", "n_tokens", "n_steps", "galp", "lalp", "lalp_drop1",
+        "lalp_token", "rsr", "avg_rank", "avg_surprisal", "truncated", "step_logprobs", "correct",
     ]  # fmt: skip
     assert scores["trace_id"].is_unique
     assert (scores["n_tokens"] > 0).all() and scores["lalp"].notna().all()
@@ -71,7 +76,7 @@ def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> No
     assert got == expected_selections(scores, filter_correct)
 
     teachers = read_output(url, "teachers").set_index(["metric", "teacher"])
-    for metric in ("lalp", "galp", "rsr"):
+    for metric in ("lalp", "lalp_drop1", "galp", "rsr"):  # the metrics traces are selected by
         means = scores.groupby("teacher")[metric].mean()
         wins = selections[selections["metric"] == metric]["teacher"].value_counts()
         for teacher in TEACHERS:
@@ -94,7 +99,7 @@ def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> No
 
     # paired comparisons over the prompts both teachers answered (one trace each here)
     pairs = read_output(url, "teacher_pairs").set_index(["metric", "teacher_a", "teacher_b"])
-    assert len(pairs) == 7 * len(TEACHERS) * (len(TEACHERS) - 1)
+    assert len(pairs) == 8 * len(TEACHERS) * (len(TEACHERS) - 1)
     wide = scores.pivot(index="prompt_id", columns="teacher", values="lalp")
     first, second = TEACHERS[0], TEACHERS[1]
     shared = wide[[first, second]].dropna()

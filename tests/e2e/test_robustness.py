@@ -25,7 +25,7 @@ import pytest
 from ln_ray.config import ConfigError
 from ln_ray.io import cache
 from ln_ray.pipeline.job import JobError, run_score
-from ln_ray.schema import CACHE_SCHEMA
+from ln_ray.schema import CACHE_SCHEMA, METRIC_COLUMNS
 from tests.helpers import (
     REPO,
     make_rows,
@@ -51,7 +51,7 @@ def assert_same_scores(a: str, b: str, atol: float = 1e-5) -> None:
         f"{sorted(set(left.index) - set(right.index))}, only in the second: "
         f"{sorted(set(right.index) - set(left.index))}"
     )
-    for column in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
+    for column in METRIC_COLUMNS:
         x, y = left[column].to_numpy(float), right[column].to_numpy(float)
         apart = np.isnan(x) != np.isnan(y)
         assert not apart.any(), f"{column} is NaN in one run only: {list(left.index[apart])}"
@@ -73,7 +73,7 @@ def assert_same_scores(a: str, b: str, atol: float = 1e-5) -> None:
 def test_a_trace_nan_in_one_run_only_is_a_difference(tmp_path, monkeypatch):
     scores = pd.DataFrame(
         {"trace_id": ["t1", "t2"], "step_logprobs": [[-1.0, None], [-2.0]]}
-        | {m: [-1.0, -2.0] for m in ("galp", "lalp", "lalp_token", "rsr", "avg_rank")}
+        | {m: [-1.0, -2.0] for m in METRIC_COLUMNS if m != "avg_surprisal"}
         | {"avg_surprisal": [1.0, 2.0]}
     )
     runs = {"a": scores, "b": scores.assign(galp=[-1.0, float("nan")])}

@@ -35,7 +35,7 @@ WINDOW = 4
 LOGPROB_ATOL = 1e-4
 METRIC_ATOL = 2e-5
 RANK_SWAPS = 2
-METRICS = ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
+METRICS = ("galp", "lalp", "lalp_drop1", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
 
 
 def compute(student: Any) -> dict[str, Any]:
@@ -64,10 +64,7 @@ def compute(student: Any) -> dict[str, Any]:
                 "global_logprobs": [round(float(x), 6) for x in score.global_logprobs],
                 "global_ranks": [int(x) for x in score.global_ranks],
                 "local_logprobs": [round(float(x), 6) for x in score.local_logprobs],
-                **{
-                    name: round(float(getattr(score, name)), 6)
-                    for name in ("galp", "lalp", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
-                },
+                **{name: round(float(getattr(score, name)), 6) for name in METRICS},
             }
             for row, score in zip(rows, scores, strict=True)
         ],

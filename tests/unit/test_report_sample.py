@@ -30,6 +30,7 @@ def _scores(n: int, seed: int) -> pd.DataFrame:
             "teacher": rng.choice(["a", "b", "c"], n),
             "trace_id": [f"{rng.integers(2**62):016x}" for _ in range(n)],
             "lalp": rng.normal(-1.5, 0.3, n),
+            "lalp_drop1": rng.normal(-1.1, 0.3, n),
             "galp": rng.normal(-1.2, 0.2, n),
             "rsr": rng.uniform(0.5, 2.0, n),
             "correct": None,

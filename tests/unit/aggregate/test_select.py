@@ -16,7 +16,12 @@ from ln_ray.aggregate.select import (
 
 
 def _prompt(rows):
-    return pa.Table.from_pandas(pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), preserve_index=False)
+    """Candidates given as (prompt, teacher, trace, correct, lalp, galp, rsr); lalp_drop1 is
+    their lalp."""
+    columns = [c for c in CANDIDATE_COLUMNS if c != "lalp_drop1"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["lalp_drop1"] = frame["lalp"]
+    return pa.Table.from_pandas(frame[CANDIDATE_COLUMNS], preserve_index=False)
 
 
 def select_prompt(table, *, filter_correct):
@@ -32,7 +37,7 @@ def test_select_argmax_argmin_with_correct_filter():
         ]
     )
     picked = select_prompt(group, filter_correct=True).set_index("metric")
-    assert picked.loc["lalp", "teacher"] == "a"
+    assert picked.loc["lalp", "teacher"] == picked.loc["lalp_drop1", "teacher"] == "a"
     assert picked.loc["galp", "teacher"] == "c"
     assert picked.loc["rsr", "teacher"] == "c"
     assert (picked["n_candidates"] == 2).all()
@@ -90,6 +95,7 @@ def test_selection_over_many_prompts_matches_a_loop_and_merges_over_any_split():
                 "trace_id": f"{i:04d}",
                 "correct": bool(rng.integers(2)) if i % 7 else None,
                 "lalp": value,
+                "lalp_drop1": float(rng.choice([value, -1.0, np.nan, rng.normal()])),
                 "galp": float(rng.choice([-1.0, rng.normal()])),
                 "rsr": float(rng.choice([3.0, np.nan, abs(rng.normal())])),
             }
@@ -114,4 +120,4 @@ def test_select_skips_nan_and_prompts_without_candidates():
     group = _prompt([("p", "a", "t1", False, -1.0, np.nan, np.nan)])
     assert select_prompt(group, filter_correct=True).empty
     picked = select_prompt(group, filter_correct=False)
-    assert picked["metric"].tolist() == ["lalp"]
+    assert picked["metric"].tolist() == ["lalp", "lalp_drop1"]

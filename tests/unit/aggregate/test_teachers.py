@@ -21,6 +21,7 @@ def _teacher(name, lalp, rank=None, surprisal=None):
         {
             "teacher": [name] * n,
             "lalp": lalp,
+            "lalp_drop1": lalp,
             "galp": lalp,
             "lalp_token": lalp,
             "rsr": np.asarray(rank or [2.0] * n) / np.asarray(surprisal or [1.0] * n),

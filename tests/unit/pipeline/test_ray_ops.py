@@ -70,11 +70,15 @@ def test_ray_datas_own_progress_is_off_unless_asked_for(caplog):
         quiet_ray_data(False)
         assert not context.enable_progress_bars and not context.print_on_execution_start
         assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
+        from ray.util.annotations import RayDeprecationWarning
+
+        deprecated = "`ray_remote_args` is deprecated and will be removed in Ray 2.64."
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("default")
-            quiet_ray_data(False)  # its filter stays first in line
-            ray.data.range(3).map_batches(lambda b: b, max_retries=1)
-        assert not [w for w in seen if "ray_remote_args" in str(w.message)]
+            warnings.warn(deprecated, RayDeprecationWarning, stacklevel=1)  # as Ray Data warns
+            quiet_ray_data(False)  # its filter goes first in line
+            warnings.warn(deprecated, RayDeprecationWarning, stacklevel=1)
+        assert [str(w.message) for w in seen] == [deprecated]  # the first one only
         with caplog.at_level(logging.WARNING, logger="ray.data.dataset"):
             logging.getLogger("ray.data.dataset").warning(
                 "Warning: The Ray cluster currently does not have any available CPUs."

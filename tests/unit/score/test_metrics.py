@@ -21,6 +21,23 @@ def test_metrics_by_hand():
     assert m["step_logprobs"] == [pytest.approx(-1.0), None, pytest.approx(-3.0)]
     assert m["lalp"] == pytest.approx(-2.0)  # every step weighs the same
     assert m["lalp_token"] == pytest.approx(-2.5)  # every token weighs the same
+    # Without each step's first token: [t0] owns none and is skipped, [t1 t2 t3] is [t2 t3].
+    assert m["lalp_drop1"] == pytest.approx(-3.0)
+
+
+def test_lalp_drop1_leans_less_towards_long_steps():
+    # Two teachers say the same: each step opens on an unlikely token (-6), the rest is
+    # likely (-0.5). One writes steps of 2 tokens, the other of 8: LALP favours the long steps,
+    # lalp_drop1 scores them alike.
+    short = np.array([-6.0, -0.5] * 4)
+    long = np.array([-6.0] + [-0.5] * 7)
+    empty_global = (np.array([-1.0]), np.array([1]))
+    m_short = trace_metrics(*empty_global, short, np.array([0, 2, 4, 6, 8]), 100)
+    m_long = trace_metrics(*empty_global, long, np.array([0, 8]), 100)
+    assert m_short["lalp"] == pytest.approx(-3.25) and m_long["lalp"] == pytest.approx(-1.1875)
+    assert m_short["lalp_drop1"] == m_long["lalp_drop1"] == pytest.approx(-0.5)
+    one_token_steps = trace_metrics(*empty_global, short[:2], np.array([0, 1, 2]), 100)
+    assert math.isnan(one_token_steps["lalp_drop1"])  # no step keeps a token
 
 
 def test_no_global_tokens_gives_nan_global_metrics():

@@ -379,6 +379,18 @@ def render_options(student: StudentConfig, scoring: ScoringConfig) -> RenderOpti
     )
 
 
+def prepare_options(cfg: LnRayConfig) -> dict[str, Any]:
+    """``prepare_row``'s keyword arguments for a run of ``cfg``: a row prepared outside the job
+    (``ln-ray plan``, ``ln-ray inspect``) is segmented, capped and rendered as the job does."""
+    return {
+        "segment_mode": cfg.segment.mode,
+        "min_step_chars": cfg.segment.min_chars,
+        "max_response_chars": cfg.scoring.max_response_chars,
+        "render": render_options(cfg.student, cfg.scoring),
+        "reasoning": reasoning_format(cfg.student, cfg.scoring),
+    }
+
+
 def reasoning_format(student: StudentConfig, scoring: ScoringConfig) -> ReasoningFormat:
     """How reasoning is presented to the student, from the config."""
     return ReasoningFormat(

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ln_ray.config import LnRayConfig, reasoning_format, render_options
+from ln_ray.config import LnRayConfig, prepare_options, render_options
 from ln_ray.io import storage
 from ln_ray.io.shards import iter_jsonl, iter_parquet
 from ln_ray.prepare.render import context_text, render_trace
@@ -83,15 +83,7 @@ def _count(sampled: Sampled, raw: dict[str, Any], cfg: LnRayConfig, tokenizer: A
     try:
         if raw.get("read_error"):
             raise RowRejected(raw["read_error"])
-        trace = prepare_row(
-            raw,
-            tokenizer,
-            segment_mode=cfg.segment.mode,
-            min_step_chars=cfg.segment.min_chars,
-            max_response_chars=cfg.scoring.max_response_chars,
-            render=render_options(cfg.student, cfg.scoring),
-            reasoning=reasoning_format(cfg.student, cfg.scoring),
-        )
+        trace = prepare_row(raw, tokenizer, **prepare_options(cfg))
     except RowRejected as exc:
         sampled.rejects.setdefault(f"{exc} ({exc.kind})", []).append(where)
         return

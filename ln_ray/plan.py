@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ln_ray.config import LnRayConfig, reasoning_format, render_options
+from ln_ray.config import LnRayConfig, prepare_options
 from ln_ray.io import storage
 from ln_ray.io.shards import count_source_rows, iter_jsonl, iter_parquet
 from ln_ray.prepare.rows import RowRejected, prepare_row
@@ -86,17 +86,7 @@ def plan_run(
         bytes_seen += sizes[path]
         for raw in _rows(fs, path, fmt, cfg, per_file, from_path.get(path)):
             try:
-                traces.append(
-                    prepare_row(
-                        raw,
-                        tokenizer,
-                        segment_mode=cfg.segment.mode,
-                        min_step_chars=cfg.segment.min_chars,
-                        max_response_chars=cfg.scoring.max_response_chars,
-                        render=render_options(cfg.student, cfg.scoring),
-                        reasoning=reasoning_format(cfg.student, cfg.scoring),
-                    ).tokens
-                )
+                traces.append(prepare_row(raw, tokenizer, **prepare_options(cfg)).tokens)
             except RowRejected:
                 rejected += 1
     if not traces:

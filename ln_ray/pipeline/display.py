@@ -78,10 +78,7 @@ class RunStatus:
         """Print ``text`` (whole lines, or a part of one) above the status line."""
         with self._lock:
             out = stream or self.stream
-            if self._shown:
-                self.stream.write(CLEAR)
-                self.stream.flush()
-                self._shown = False
+            self._erase()
             out.write(text)
             out.flush()
             if text.endswith("\n"):
@@ -91,10 +88,13 @@ class RunStatus:
         """Erase the line and stop drawing it."""
         with self._lock:
             self._stage = None
-            if self._shown:
-                self.stream.write(CLEAR)
-                self.stream.flush()
-                self._shown = False
+            self._erase()
+
+    def _erase(self) -> None:
+        if self._shown:
+            self.stream.write(CLEAR)
+            self.stream.flush()
+            self._shown = False
 
     def _draw(self) -> None:
         if not self.live:

@@ -155,18 +155,13 @@ def _actor() -> str:
 def progress_line(progress: Progress, total: int, seconds: float) -> str:
     """One progress line: traces done of the total, model tokens done of theirs, tokens/s and
     the time left (from tokens)."""
-    tokens, planned = progress.tokens, progress.total_tokens(total)
-    rate = tokens / seconds if seconds > 0 else 0.0
+    tokens, planned, rate, left = _pace(progress, total, seconds)
     share = progress.traces / total if total else 1.0
     of = "" if planned is None else f" of {planned:,}"
     if planned is not None and progress.planned_traces < total:
         of = f" of about {planned:,}"
     if progress.traces >= total:
         left = "done"
-    elif rate and planned is not None:
-        left = f"ETA {duration(max(planned - tokens, 0) / rate)}"
-    else:
-        left = "ETA -"
     return (
         f"scoring: {progress.traces:,} of {total:,} traces ({share:.0%}), "
         f"{tokens:,}{of} model tokens, {rate:,.0f} tokens/s, {duration(seconds)} elapsed, "
@@ -174,18 +169,25 @@ def progress_line(progress: Progress, total: int, seconds: float) -> str:
     )
 
 
+def _pace(progress: Progress, total: int, seconds: float) -> tuple[int, int | None, float, str]:
+    """Model tokens done, their total (None before any trace is planned), tokens/s and the time
+    left from tokens (``ETA -`` until there is a rate and a total)."""
+    tokens, planned = progress.tokens, progress.total_tokens(total)
+    rate = tokens / seconds if seconds > 0 else 0.0
+    left = "ETA -"
+    if rate and planned is not None:
+        left = f"ETA {duration(max(planned - tokens, 0) / rate)}"
+    return tokens, planned, rate, left
+
+
 def status_text(progress: Progress, total: int, seconds: float) -> str:
     """The progress in a terminal's status line: traces, model tokens (the share of the work
     done), tokens/s and the time left."""
-    tokens, planned = progress.tokens, progress.total_tokens(total)
-    rate = tokens / seconds if seconds > 0 else 0.0
+    tokens, planned, rate, left = _pace(progress, total, seconds)
     work = f"{tokens:,} model tokens"
     if planned:
         about = "~" if progress.planned_traces < total else ""
         work = f"{tokens:,}/{about}{planned:,} model tokens ({min(tokens / planned, 1):.0%})"
-    left = "ETA -"
-    if rate and planned is not None:
-        left = f"ETA {duration(max(planned - tokens, 0) / rate)}"
     return f"{progress.traces:,}/{total:,} traces, {work}, {rate:,.0f} tokens/s, {left}"
 
 

@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
-from ln_ray.prepare.layout import check_pattern
+from ln_ray.prepare.layout import LAYOUTS, check_pattern
 from ln_ray.prepare.reasoning import REASONING_MODES, ReasoningFormat
 from ln_ray.prepare.render import VIEWS, RenderOptions
 from ln_ray.prepare.segment import SEGMENT_MODES
@@ -57,6 +57,7 @@ class ColumnsConfig:
     correct: str = "correct"
     messages: str = "messages"
     system: str = "system"
+    responses: str = "generations"  # input.layout=per_prompt: the list of responses
 
 
 @dataclass
@@ -64,13 +65,16 @@ class InputConfig:
     """Where the traces are: a file, folder or glob on any fsspec filesystem. A file larger than
     ``split_bytes`` is read by several tasks, each about that much of it. ``teacher_from_path``
     takes each file's teacher from its path: ``hive`` (``teacher=NAME/`` folders) or a regular
-    expression with a group named ``teacher`` (and optionally ``prompt_set``)."""
+    expression with a group named ``teacher`` (and optionally ``prompt_set``). ``layout``:
+    ``per_trace`` (a row is one trace) or ``per_prompt`` (a row is one prompt with a list of
+    responses in ``columns.responses``)."""
 
     path: str = "ln_ray/demo/traces.jsonl"
     format: str = "auto"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     split_bytes: int = 64 * 2**20
     teacher_from_path: str | None = None
+    layout: str = "per_trace"
 
 
 @dataclass
@@ -264,6 +268,7 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(cfg.input.format in INPUT_FORMATS, f"input.format must be one of {INPUT_FORMATS}")
     need(bool(cfg.output.path), "output.path is empty")
     need(cfg.input.split_bytes >= 1, "input.split_bytes must be >= 1")
+    need(cfg.input.layout in LAYOUTS, f"input.layout must be one of {LAYOUTS}")
     if cfg.input.teacher_from_path is not None:
         problem = check_pattern(cfg.input.teacher_from_path)
         need(problem is None, problem or "")

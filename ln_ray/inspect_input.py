@@ -19,6 +19,7 @@ from typing import Any
 from ln_ray.config import LnRayConfig, prepare_options, render_options
 from ln_ray.io import storage
 from ln_ray.io.shards import iter_jsonl, iter_parquet
+from ln_ray.prepare.layout import PER_PROMPT
 from ln_ray.prepare.render import context_text, render_trace
 from ln_ray.prepare.rows import RowRejected, prepare_row
 
@@ -62,7 +63,9 @@ def inspect_input(cfg: LnRayConfig, rows: int = 200, files: int = 4, samples: in
     for path, fmt in chosen:
         reader = iter_parquet if fmt == "parquet" else iter_jsonl
         with inputs.fs.open(path, "rb") as handle:
-            read = reader(handle, cfg.input.columns, from_path=from_path.get(path))
+            read = reader(
+                handle, cfg.input.columns, from_path=from_path.get(path), layout=cfg.input.layout
+            )
             for raw in itertools.islice(read, per_file):
                 sampled.rows.append({**raw, "source_file": inputs.shown(path)})
     tokenizer = load_tokenizer(cfg.student)
@@ -80,6 +83,8 @@ def _count(sampled: Sampled, raw: dict[str, Any], cfg: LnRayConfig, tokenizer: A
         sampled.sharegpt += 1
     sampled.teachers[raw.get("teacher") or "(none)"] += 1
     where = f"{raw['source_file']} row {raw['row_number']}"
+    if raw.get("item") is not None:
+        where += f" item {raw['item']}"
     try:
         if raw.get("read_error"):
             raise RowRejected(raw["read_error"])
@@ -129,18 +134,21 @@ def _block(name: str, text: str) -> list[str]:
 def _report(cfg: LnRayConfig, sampled: Sampled, rows_per_file: int) -> str:
     formats = Counter(fmt for _, fmt in sampled.files)
     columns = cfg.input.columns
+    unit = "traces" if cfg.input.layout == PER_PROMPT else "rows"
     lines = [
         f"input {storage.redact_url(cfg.input.path)}: {len(sampled.files)} files "
         f"({', '.join(f'{n} {fmt}' for fmt, n in sorted(formats.items()))})"
         + (f", {len(sampled.skipped)} skipped for their suffix" if sampled.skipped else ""),
-        f"sample: the first {rows_per_file} rows of {sampled.read_from} files, "
-        f"{len(sampled.rows)} rows",
-        "layout: one row per trace; " + _conversation(sampled, cfg) + "; " + _teacher(cfg),
+        f"sample: the first {rows_per_file} {unit} of {sampled.read_from} files, "
+        f"{len(sampled.rows)} {unit}",
+        f"layout: {_layout(cfg)}; {_conversation(sampled, cfg)}; {_teacher(cfg)}",
         "",
         "column          read from                     found in",
     ]
     for key in CANONICAL:
         name = getattr(columns, key)
+        if key == "response" and cfg.input.layout == PER_PROMPT:
+            name = f"{columns.responses}[item]"
         found = sampled.found[key]
         lines.append(f"  {key:<14}{name:<30}{found} of {len(sampled.rows)} rows")
     lines += ["", "rows per teacher in the sample:"]
@@ -154,8 +162,19 @@ def _report(cfg: LnRayConfig, sampled: Sampled, rows_per_file: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _layout(cfg: LnRayConfig) -> str:
+    if cfg.input.layout == PER_PROMPT:
+        return (
+            f"one row per prompt, each response in its list {cfg.input.columns.responses!r} "
+            "a trace (item 0, 1, ...)"
+        )
+    return "one row per trace"
+
+
 def _conversation(sampled: Sampled, cfg: LnRayConfig) -> str:
     columns = cfg.input.columns
+    if cfg.input.layout == PER_PROMPT:
+        return f"conversation from {columns.prompt!r} and each of {columns.responses!r}"
     if sampled.found["messages"]:
         style = "ShareGPT-style" if sampled.sharegpt else "OpenAI-style"
         return f"conversation from {columns.messages!r} ({style})"
@@ -165,5 +184,8 @@ def _conversation(sampled: Sampled, cfg: LnRayConfig) -> str:
 def _teacher(cfg: LnRayConfig) -> str:
     spec = cfg.input.teacher_from_path
     if spec is None:
-        return f"teacher from column {cfg.input.columns.teacher!r}"
+        named = f"teacher from column {cfg.input.columns.teacher!r}"
+        if cfg.input.layout == PER_PROMPT:
+            named += f" (else {cfg.input.columns.responses}[item])"
+        return named
     return "teacher from the path (" + ("teacher=NAME/ folders" if spec == "hive" else spec) + ")"

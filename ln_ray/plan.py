@@ -204,7 +204,7 @@ def _rows(
     kept: list[dict[str, Any]] = []
     with fs.open(path, "rb") as handle:
         reader = iter_parquet if fmt == "parquet" else iter_jsonl
-        rows = reader(handle, cfg.input.columns, from_path=from_path)
+        rows = reader(handle, cfg.input.columns, from_path=from_path, layout=cfg.input.layout)
         readable = (row for row in rows if not row.get("read_error"))
         for seen, row in enumerate(readable):
             if seen < limit:

@@ -11,7 +11,10 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_PROVENANCE = [("source_file", pa.string()), ("row_number", pa.int64())]
+# Where a row came from: its file, its 1-based row there, and (input.layout=per_prompt) its
+# response's index in that row's list (null when a row is one trace). The three are its row key.
+_PROVENANCE = [("source_file", pa.string()), ("row_number", pa.int64()), ("item", pa.int32())]
+ROW_KEY = tuple(name for name, _ in _PROVENANCE)
 # What identifies a trace on its way from validation to the outputs.
 _TRACE = [
     ("trace_id", pa.string()),
@@ -103,11 +106,11 @@ VALIDATED_SCHEMA = pa.schema(
 NEW_ROWS_SCHEMA = pa.schema(
     [
         ("valid_file", pa.string()),
-        ("source_file", pa.string()),
-        ("row_number", pa.int64()),
+        *_PROVENANCE,
         ("status", pa.string()),
         ("first_file", pa.string()),
         ("first_row", pa.int64()),
+        ("first_item", pa.int32()),
     ]
 )
 
@@ -163,8 +166,7 @@ SCORING_REJECTS_SCHEMA = pa.schema(
 # by row key.
 LATE_REJECTS_SCHEMA = pa.schema(
     [
-        ("source_file", pa.string()),
-        ("row_number", pa.int64()),
+        *_PROVENANCE,
         ("reason", pa.string()),
         ("kind", pa.string()),
     ]
@@ -172,8 +174,7 @@ LATE_REJECTS_SCHEMA = pa.schema(
 
 REJECTS_SCHEMA = pa.schema(
     [
-        ("source_file", pa.string()),
-        ("row_number", pa.int64()),
+        *_PROVENANCE,
         ("prompt_id", pa.string()),
         ("teacher", pa.string()),
         ("reason", pa.string()),
@@ -285,10 +286,20 @@ def curated_base(messages_format: str = "openai") -> pa.Schema:
 
 
 def row_keys(table: pa.Table) -> pa.Array:
-    """``source_file`` and ``row_number`` as one text key (null where the row number is)."""
+    """``source_file``, ``row_number`` and ``item`` as one text key (null where the row number
+    is)."""
+    item = pc.fill_null(pc.cast(table["item"], pa.string()), "")
     return pc.binary_join_element_wise(
-        table["source_file"], pc.cast(table["row_number"], pa.string()), "\x00"
+        table["source_file"], pc.cast(table["row_number"], pa.string()), item, "\x00"
     )
+
+
+def row_place(file: pa.Array, row: pa.Array, item: pa.Array) -> pa.Array:
+    """Where rows are, as a person reads it: ``FILE row N`` (``FILE row N item I`` for a
+    response of a per_prompt row)."""
+    place = pc.binary_join_element_wise(file, pc.cast(row, pa.string()), " row ")
+    items = pc.binary_join_element_wise(place, pc.cast(item, pa.string()), " item ")
+    return pc.coalesce(items, place)
 
 
 def padded(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -22,6 +22,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ln_ray.config import ColumnsConfig
 from ln_ray.io.pieces import Piece, byte_ranges, count_newlines, jsonl_pieces, parquet_pieces
 from ln_ray.io.shards import blocks, iter_jsonl, iter_parquet
+from ln_ray.prepare.layout import PER_TRACE
 
 
 def plan_pieces(
@@ -75,6 +76,7 @@ class TraceShardDatasource(Datasource):
         columns: Names of the input columns.
         filesystem: The pyarrow filesystem the paths are in.
         from_path: The fields each path names (``layout.path_fields``), given to its rows.
+        layout: ``input.layout`` (``per_prompt``: a row's responses are read as its traces).
     """
 
     def __init__(
@@ -84,12 +86,14 @@ class TraceShardDatasource(Datasource):
         columns: ColumnsConfig,
         filesystem: Any,
         from_path: dict[str, dict[str, str]] | None = None,
+        layout: str = PER_TRACE,
     ) -> None:
         self._pieces = pieces
         self._urls = urls
         self._columns = columns
         self._filesystem = filesystem
         self._from_path = from_path or {}
+        self._layout = layout
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(piece.size for piece in self._pieces)
@@ -118,7 +122,13 @@ class TraceShardDatasource(Datasource):
             )
             fields = {p.path: self._from_path[p.path] for p in pieces if p.path in self._from_path}
             read = functools.partial(
-                _read_pieces, pieces, self._urls, self._columns, self._filesystem, fields
+                _read_pieces,
+                pieces,
+                self._urls,
+                self._columns,
+                self._filesystem,
+                fields,
+                self._layout,
             )
             read_tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
         return read_tasks
@@ -130,6 +140,7 @@ def _read_pieces(
     columns: ColumnsConfig,
     filesystem: Any,
     from_path: dict[str, dict[str, str]],
+    layout: str,
 ) -> Iterator[pa.Table]:
     for piece in pieces:
         source = urls.get(piece.path, piece.path)
@@ -140,7 +151,7 @@ def _read_pieces(
         with handle:
             fields = from_path.get(piece.path)
             if piece.fmt == "parquet":
-                rows = iter_parquet(handle, columns, piece, fields)
+                rows = iter_parquet(handle, columns, piece, fields, layout)
             else:
-                rows = iter_jsonl(handle, columns, piece, fields)
+                rows = iter_jsonl(handle, columns, piece, fields, layout)
             yield from blocks(rows, source)

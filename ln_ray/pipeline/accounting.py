@@ -1,7 +1,9 @@
 """The run's accounting: per input file, rows read = rows scored + rows rejected, and tokens.
 
 Every row of every input file is accounted for: the files' rows are counted independently of
-the pipeline (Parquet metadata, non-blank JSONL lines) and compared with what came out.
+the pipeline (Parquet metadata, non-blank JSONL lines) and compared with what came out. A row of
+a ``per_prompt`` input holds several traces: its counts are of traces (``rows_read`` and the
+rest), and ``input_rows`` counts the file's rows, one per row key without an item or with item 0.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from ln_ray.io.shards import count_source_rows
 from ln_ray.io.storage import Inputs
 from ln_ray.pipeline.assemble import is_unscored
 from ln_ray.pipeline.ray_ops import cluster_cpus, reduce_partitions
-from ln_ray.schema import SCORED_ROWS_SCHEMA, padded, reason_kinds
+from ln_ray.schema import ROW_KEY, SCORED_ROWS_SCHEMA, padded, reason_kinds, row_keys
 
 COUNTS = ("rows_read", "rows_scored", "rows_rejected", "tokens_scored", "model_tokens")
-PER_FILE = (*COUNTS[1:], "shard_errors", "tokens_scored_now", "model_tokens_now")
+PER_FILE = (*COUNTS[1:], "input_rows", "shard_errors", "tokens_scored_now", "model_tokens_now")
 _COUNTERS = (*PER_FILE, "unscored")  # per block, by (file, reject reason, reject kind)
 
 
@@ -101,7 +103,7 @@ def count_rows(rows: Any, new_keys: Any | None) -> RowCounts:
 
     Args:
         rows: The finished rows (``SCORED_ROWS_SCHEMA``).
-        new_keys: source_file and row_number of the rows whose trace this run found new
+        new_keys: The row keys of the rows whose trace this run found new
             (``lookup.new_row_keys``); None when it found none.
 
     Raises:
@@ -131,6 +133,7 @@ def count_rows(rows: Any, new_keys: Any | None) -> RowCounts:
                 "kind": table["reject_kind"],
                 "rows_scored": pc.cast(pc.invert(rejected), pa.int64()),
                 "rows_rejected": pc.cast(rejected, pa.int64()),
+                "input_rows": pc.cast(pc.fill_null(pc.equal(table["item"], 0), True), pa.int64()),
                 "shard_errors": pc.cast(pc.is_null(table["row_number"]), pa.int64()),
                 "tokens_scored": pc.if_else(rejected, 0, pc.fill_null(table["n_tokens"], 0)),
                 "model_tokens": pc.if_else(rejected, 0, pc.fill_null(table["model_tokens"], 0)),
@@ -163,7 +166,7 @@ def count_rows(rows: Any, new_keys: Any | None) -> RowCounts:
     )
 
 
-_COUNTED = ["source_file", "row_number", "reject_reason", "reject_kind", "n_tokens", "model_tokens"]
+_COUNTED = [*ROW_KEY, "reject_reason", "reject_kind", "n_tokens", "model_tokens"]
 _COUNTED_NOW = pa.schema(
     [*(SCORED_ROWS_SCHEMA.field(name) for name in _COUNTED), pa.field("now", pa.bool_())]
 )
@@ -178,10 +181,10 @@ def _flagged(table: pa.Table, now: bool) -> pa.Table:
 
 
 def _mark_now(group: pa.Table) -> pa.Table:
-    """One file's rows, each marked ``now`` when the file's new keys hold its row number."""
-    keys = group.filter(group["now"])["row_number"]
+    """One file's rows, each marked ``now`` when the file's new keys hold its row key."""
+    keys = row_keys(group.filter(group["now"]))
     rows = group.filter(pc.invert(group["now"]))
-    now = pc.fill_null(pc.is_in(rows["row_number"], value_set=keys), False)
+    now = pc.fill_null(pc.is_in(row_keys(rows), value_set=keys), False)
     return rows.set_column(rows.schema.get_field_index("now"), "now", now)
 
 
@@ -201,7 +204,7 @@ def check_inputs(
         entry = {"path": shown, "format": fmt, **source}
         entry.update(counts)
         entry["rows_read"] = counts["rows_scored"] + counts["rows_rejected"]
-        readable = entry["rows_read"] - counts["shard_errors"]
+        readable = counts["input_rows"] - counts["shard_errors"]
         if source.get("rows_in_file") is None:
             if not counts["shard_errors"]:
                 lost.append(

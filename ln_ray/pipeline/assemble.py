@@ -34,6 +34,7 @@ from ln_ray.schema import (
     CACHE_SCHEMA,
     LATE_REJECTS_SCHEMA,
     REJECTS_SCHEMA,
+    ROW_KEY,
     ROW_META_SCHEMA,
     SCORED_ROWS_SCHEMA,
     SCORES_SCHEMA,
@@ -178,8 +179,7 @@ def _rows_of(traces: pa.Table, rows: pa.Table) -> pa.Table:
     where = pc.index_in(rows["trace_id"], value_set=traces["trace_id"])
     table = pa.table(
         {
-            "source_file": rows["source_file"],
-            "row_number": rows["row_number"],
+            **{name: rows[name] for name in ROW_KEY},
             "reason": pc.take(traces["reject_reason"], where),
             "kind": pc.take(traces["reject_kind"], where),
         }

@@ -29,12 +29,17 @@ from ln_ray.aggregate.curate import (
 from ln_ray.io.manifest import ROWS_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.pipeline.ray_ops import collect, grouped_by_hash, write_dataset
-from ln_ray.schema import SCORED_ROWS_SCHEMA, TEXT_COLUMNS, padded, row_keys
+from ln_ray.schema import (
+    ROW_KEY,
+    SCORED_ROWS_SCHEMA,
+    TEXT_COLUMNS,
+    VALIDATED_SCHEMA,
+    padded,
+    row_keys,
+)
 
 # What the curated set needs of each selected row, besides its text.
-_SELECTED_ROWS = pa.schema(
-    [SCORED_ROWS_SCHEMA.field(name) for name in ("source_file", "row_number", *CURATED_KEYS)]
-)
+_SELECTED_ROWS = pa.schema([SCORED_ROWS_SCHEMA.field(name) for name in (*ROW_KEY, *CURATED_KEYS)])
 # What the curated set reads of _rows/ to find them (not the scores).
 _ROW_KEYS = pa.schema(
     [SCORED_ROWS_SCHEMA.field(name) for name in (*_SELECTED_ROWS.names, "reject_reason")]
@@ -145,9 +150,7 @@ def _text_of(group: pa.Table, folder: str, arrow_fs: Any) -> pa.Table:
     """The selected rows of a group with their text, each file of it read once."""
     found = [
         with_text(texts, mine)
-        for texts, mine in _files_of(
-            group, folder, arrow_fs, ["source_file", "row_number", *TEXT_COLUMNS]
-        )
+        for texts, mine in _files_of(group, folder, arrow_fs, [*ROW_KEY, *TEXT_COLUMNS])
     ]
     return pa.concat_tables(found)
 
@@ -160,9 +163,7 @@ def _extra_types_of(group: pa.Table, folder: str, arrow_fs: Any) -> pa.Table:
     only their ``extra``."""
     found = [
         extra_types(texts.filter(pc.is_in(row_keys(texts), value_set=row_keys(mine))))
-        for texts, mine in _files_of(
-            group, folder, arrow_fs, ["source_file", "row_number", "extra"]
-        )
+        for texts, mine in _files_of(group, folder, arrow_fs, [*ROW_KEY, "extra"])
     ]
     return pa.concat_tables([_KINDS.empty_table(), *found]).group_by(_KINDS.names).aggregate([])
 
@@ -172,6 +173,8 @@ def _files_of(
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Per file of ``folder`` the group names: its ``columns``, and the group's rows there."""
     for name in pc.unique(group["text_file"]).to_pylist():
-        texts = pq.read_table(f"{folder}/{name}", filesystem=arrow_fs, columns=columns)
+        # By schema: a run folder written before rows had an ``item`` reads it as null.
+        schema = pa.schema([VALIDATED_SCHEMA.field(column) for column in columns])
+        texts = pq.read_table(f"{folder}/{name}", filesystem=arrow_fs, schema=schema)
         mine = group.filter(pc.equal(group["text_file"], name))
         yield texts, mine.select(_SELECTED_ROWS.names)

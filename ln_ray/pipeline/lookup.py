@@ -27,11 +27,11 @@ from ln_ray.io.cache import ScoreCache, with_bucket
 from ln_ray.io.manifest import NEW_DIR
 from ln_ray.io.run_folder import RunFolder
 from ln_ray.pipeline.ray_ops import collect, read_valid, reduce_partitions, write_dataset
-from ln_ray.schema import NEW_ROWS_SCHEMA, row_keys
+from ln_ray.schema import NEW_ROWS_SCHEMA, ROW_KEY, row_keys
 
 SCORE, REPEAT = "score", "repeat"  # a new row's status: its trace's first copy, or another
-_LOOKUP_KEYS = ["trace_id", "source_file", "row_number", "reject_reason"]
-_ROW = ["source_file", "row_number"]
+_LOOKUP_KEYS = ["trace_id", *ROW_KEY, "reject_reason"]
+_FIRST = {"source_file": "first_file", "row_number": "first_row", "item": "first_item"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def find_new_rows(run: RunFolder, cache: ScoreCache, buckets: int) -> NewRows:
     if found.count():
         # Sorted by _valid/ file, in files of a few blocks: a tokenizing task's filter on its
         # own file reads one or two of them (the others are skipped by their statistics).
-        write_dataset(found.sort(["valid_file", "row_number"]), run, NEW_DIR)
+        write_dataset(found.sort(["valid_file", "row_number", "item"]), run, NEW_DIR)
     run.ensure_table(NEW_DIR, NEW_ROWS_SCHEMA)
     counts = collect(
         found.map_batches(_count_status, batch_format="pyarrow"), _STATUS_COUNTS
@@ -81,7 +81,7 @@ def to_score(run: RunFolder, valid_file: str) -> pa.Array:
     """Row keys (``schema.row_keys``) of the rows to score in one file of ``_valid/``."""
     chosen = run.read_table(
         NEW_DIR,
-        columns=["source_file", "row_number"],
+        columns=list(ROW_KEY),
         schema=NEW_ROWS_SCHEMA,
         filters=[("valid_file", "=", posixpath.basename(valid_file)), ("status", "=", SCORE)],
     )
@@ -89,13 +89,13 @@ def to_score(run: RunFolder, valid_file: str) -> pa.Array:
 
 
 def new_row_keys(run: RunFolder) -> Any:
-    """The ``_new/`` rows' source_file and row_number, as a dataset (the rows this run found
-    new, scored or repeating a scored one)."""
+    """The ``_new/`` rows' row keys (source_file, row_number, item), as a dataset (the rows
+    this run found new, scored or repeating a scored one)."""
     import ray
 
-    schema = pa.schema([NEW_ROWS_SCHEMA.field(name) for name in _ROW])
+    schema = pa.schema([NEW_ROWS_SCHEMA.field(name) for name in ROW_KEY])
     return ray.data.read_parquet(
-        run.full(NEW_DIR), filesystem=run.arrow_fs, columns=_ROW, schema=schema
+        run.full(NEW_DIR), filesystem=run.arrow_fs, columns=list(ROW_KEY), schema=schema
     )
 
 
@@ -108,8 +108,7 @@ def _accepted(rows: pa.Table, buckets: int) -> pa.Table:
             {
                 "valid_file": names,
                 "trace_id": rows["trace_id"],
-                "source_file": rows["source_file"],
-                "row_number": rows["row_number"],
+                **{name: rows[name] for name in ROW_KEY},
             }
         ),
         buckets,
@@ -122,17 +121,15 @@ def _new_in_bucket(group: pa.Table, cache: ScoreCache, buckets: int) -> pa.Table
     new = group.filter(pc.invert(pc.is_in(group["trace_id"], value_set=stored["trace_id"])))
     frame = pl.from_arrow(new.drop_columns(["bucket"]))
     assert isinstance(frame, pl.DataFrame)
-    frame = frame.sort(["trace_id", "source_file", "row_number"]).with_columns(
-        first_file=pl.col("source_file").first().over("trace_id"),
-        first_row=pl.col("row_number").first().over("trace_id"),
+    frame = frame.sort(["trace_id", *ROW_KEY], nulls_last=False).with_columns(
+        **{first: pl.col(name).first().over("trace_id") for name, first in _FIRST.items()}
     )
-    first = (pl.col("source_file") == pl.col("first_file")) & (
-        pl.col("row_number") == pl.col("first_row")
+    first = pl.all_horizontal(
+        pl.col(name).eq_missing(pl.col(first)) for name, first in _FIRST.items()
     )
     frame = frame.with_columns(
         status=pl.when(first).then(pl.lit(SCORE)).otherwise(pl.lit(REPEAT)),
-        first_file=pl.when(first).then(None).otherwise(pl.col("first_file")),
-        first_row=pl.when(first).then(None).otherwise(pl.col("first_row")),
+        **{name: pl.when(first).then(None).otherwise(pl.col(name)) for name in _FIRST.values()},
     )
     return frame.to_arrow().select(NEW_ROWS_SCHEMA.names).cast(NEW_ROWS_SCHEMA)
 

@@ -47,6 +47,7 @@ from ln_ray.pipeline.score_stage import SCORE_COUNTS, ScoreStage
 from ln_ray.pipeline.stages import TOKENIZE_INPUT, PlanLimits, tokenize_batch, validate_batch
 from ln_ray.schema import (
     REJECTS_SCHEMA,
+    ROW_KEY,
     ROW_META_SCHEMA,
     VALIDATED_SCHEMA,
     reason_kinds,
@@ -103,6 +104,7 @@ def validate_rows(cfg: LnRayConfig, inputs: Inputs, run: RunFolder) -> Validated
         cfg.input.columns,
         arrow_fs,
         inputs.path_fields(cfg.input.teacher_from_path),
+        cfg.input.layout,
     )
     validated = ray.data.read_datasource(
         datasource,
@@ -162,7 +164,7 @@ def rejects_of(rows: pa.Table) -> pa.Table:
     """The rejected ones of ``rows`` (with provenance, ids and reject reason and kind), as
     ``rejects/`` holds them."""
     rejected = rows.filter(pc.is_valid(rows["reject_reason"]))
-    columns = ["source_file", "row_number", "prompt_id", "teacher", "reject_reason", "reject_kind"]
+    columns = [*ROW_KEY, "prompt_id", "teacher", "reject_reason", "reject_kind"]
     return rejected.select(columns).rename_columns(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
 
 

@@ -13,25 +13,25 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ln_ray.schema import LATE_REJECTS_SCHEMA, SHARED_PROMPT_ID
+from ln_ray.schema import LATE_REJECTS_SCHEMA, ROW_KEY, SHARED_PROMPT_ID, row_keys, row_place
 
 
 def duplicate_rows(rows: pa.Table) -> pa.Table:
     """Rows repeating an earlier (prompt_id, teacher, response), with the reason.
 
-    The first copy of each dup_key is the one with the smallest (source_file, row_number).
+    The first copy of each dup_key is the one with the smallest row key (source_file,
+    row_number, item).
 
     Args:
-        rows: Rows of whole prompts, with dup_key (null: rejected), source_file and row_number.
+        rows: Rows of whole prompts, with dup_key (null: rejected) and their row key.
 
     Returns:
-        source_file, row_number, reason and kind of each duplicate row
-        (``LATE_REJECTS_SCHEMA``).
+        The row key, reason and kind of each duplicate row (``LATE_REJECTS_SCHEMA``).
     """
     rows = rows.filter(pc.is_valid(rows["dup_key"]))
-    frame = pl.from_arrow(rows.select(["dup_key", "source_file", "row_number"]))
+    frame = pl.from_arrow(rows.select(["dup_key", *ROW_KEY]))
     assert isinstance(frame, pl.DataFrame)
-    frame = frame.rename({"source_file": "first_file", "row_number": "first_row"})
+    frame = frame.rename(_AS_FIRST)
     found = _firsts(frame).filter(pl.col("copies") > 1)
     if found.height == 0:
         return LATE_REJECTS_SCHEMA.empty_table()
@@ -43,25 +43,28 @@ _FIRSTS = pa.schema(
         ("dup_key", pa.string()),
         ("first_file", pa.string()),
         ("first_row", pa.int64()),
+        ("first_item", pa.int32()),
         ("copies", pa.int64()),
     ]
 )
 _LATER = pa.schema(
     [
-        ("source_file", pa.string()),
-        ("row_number", pa.int64()),
+        *(LATE_REJECTS_SCHEMA.field(name) for name in ROW_KEY),
         ("first_file", pa.string()),
         ("first_row", pa.int64()),
+        ("first_item", pa.int32()),
     ]
 )
+_AS_FIRST = {"source_file": "first_file", "row_number": "first_row", "item": "first_item"}
+_FIRST = list(_AS_FIRST.values())
 
 
 def _firsts(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per key: its smallest (file, row) and the copies counted."""
+    """Per key: its smallest row key and the copies counted."""
     return (
-        frame.sort(["dup_key", "first_file", "first_row"])
+        frame.sort(["dup_key", *_FIRST], nulls_last=False)
         .group_by("dup_key", maintain_order=True)
-        .agg(pl.col("first_file").first(), pl.col("first_row").first(), pl.len().alias("copies"))
+        .agg(*(pl.col(name).first() for name in _FIRST), pl.len().alias("copies"))
     )
 
 
@@ -69,33 +72,23 @@ def _repeats(block: pa.Table, found: pa.Table) -> pa.Table:
     """The block's rows that repeat an earlier row of their key (``found``: the keys held more
     than once, with their first copy), with their first copy."""
     where = pc.index_in(block["dup_key"], value_set=found["dup_key"])
-    first_file = pc.take(found["first_file"], where)
-    first_row = pc.take(found["first_row"], where)
-    is_first = pc.and_(
-        pc.equal(block["source_file"], first_file), pc.equal(block["row_number"], first_row)
+    first = {name: pc.take(found[name], where) for name in _FIRST}
+    table = pa.table({**{name: block[name] for name in ROW_KEY}, **first})
+    is_first = pc.equal(
+        row_keys(table), row_keys(table.select(_FIRST).rename_columns(list(ROW_KEY)))
     )
     later = pc.and_(pc.is_valid(where), pc.invert(pc.fill_null(is_first, False)))
-    table = pa.table(
-        {
-            "source_file": block["source_file"],
-            "row_number": block["row_number"],
-            "first_file": first_file,
-            "first_row": first_row,
-        }
-    )
     return table.filter(pc.fill_null(later, False)).cast(_LATER)
 
 
 def _later_copies(block: pa.Table, found: pa.Table) -> pa.Table:
     """The block's rows that repeat an earlier row of their key, with the reason."""
     later = _repeats(block, found)
-    reason = pc.binary_join_element_wise(
-        "duplicate of ", later["first_file"], " row ", pc.cast(later["first_row"], pa.string()), ""
-    )
+    first = row_place(later["first_file"], later["first_row"], later["first_item"])
+    reason = pc.binary_join_element_wise("duplicate of ", first, "")
     table = pa.table(
         {
-            "source_file": later["source_file"],
-            "row_number": later["row_number"],
+            **{name: later[name] for name in ROW_KEY},
             "reason": reason,
             "kind": pa.array(["duplicate"] * later.num_rows, pa.string()),
         }
@@ -108,16 +101,16 @@ def conflicting_rows(rows: pa.Table) -> pa.Table:
     response), with a reason naming the first row of two of them.
 
     Args:
-        rows: Rows of whole prompts, with prompt_id, context_key (null: rejected), source_file
-            and row_number.
+        rows: Rows of whole prompts, with prompt_id, context_key (null: rejected) and their
+            row key.
 
     Returns:
-        source_file, row_number, reason and kind of each rejected row (``LATE_REJECTS_SCHEMA``).
+        The row key, reason and kind of each rejected row (``LATE_REJECTS_SCHEMA``).
     """
     rows = rows.filter(pc.is_valid(rows["context_key"]))
-    frame = pl.from_arrow(rows.select(["prompt_id", "context_key", "source_file", "row_number"]))
+    frame = pl.from_arrow(rows.select(["prompt_id", "context_key", *ROW_KEY]))
     assert isinstance(frame, pl.DataFrame)
-    found = _conflicts(frame.rename({"source_file": "first_file", "row_number": "first_row"}))
+    found = _conflicts(frame.rename(_AS_FIRST))
     if found.num_rows == 0:
         return LATE_REJECTS_SCHEMA.empty_table()
     return _conflicting_rows(rows, found)
@@ -127,18 +120,20 @@ _CONFLICTS = pa.schema([("prompt_id", pa.string()), ("reason", pa.string())])
 
 
 def _first_of_each_context(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per (prompt_id, context): its first row, in (file, row) order."""
+    """Per (prompt_id, context): its first row, in row key order."""
     return (
-        frame.sort(["prompt_id", "context_key", "first_file", "first_row"])
+        frame.sort(["prompt_id", "context_key", *_FIRST], nulls_last=False)
         .group_by(["prompt_id", "context_key"], maintain_order=True)
-        .agg(pl.col("first_file").first(), pl.col("first_row").first())
+        .agg(*(pl.col(name).first() for name in _FIRST))
     )
 
 
 def _conflicts(frame: pl.DataFrame) -> pa.Table:
     """Prompt ids with more than one context, with the reason their rows get."""
-    firsts = _first_of_each_context(frame).sort(["prompt_id", "first_file", "first_row"])
+    firsts = _first_of_each_context(frame).sort(["prompt_id", *_FIRST], nulls_last=False)
     where = pl.format("{} row {}", pl.col("first_file"), pl.col("first_row"))
+    item = pl.format("{} item {}", where, pl.col("first_item"))
+    where = pl.when(pl.col("first_item").is_null()).then(where).otherwise(item)
     merged = (
         firsts.with_columns(where=where)
         .group_by("prompt_id", maintain_order=True)
@@ -162,8 +157,7 @@ def _conflicting_rows(block: pa.Table, found: pa.Table) -> pa.Table:
     where = pc.index_in(block["prompt_id"], value_set=found["prompt_id"])
     table = pa.table(
         {
-            "source_file": block["source_file"],
-            "row_number": block["row_number"],
+            **{name: block[name] for name in ROW_KEY},
             "reason": pc.take(found["reason"], where),
             "kind": pa.array(["input"] * block.num_rows, pa.string()),
         }

@@ -94,6 +94,7 @@ def validate_batch(
         row: dict[str, Any] = {
             "source_file": raw["source_file"],
             "row_number": raw["row_number"],
+            "item": raw["item"],
             "prompt_id": raw["prompt_id"],
             "teacher": raw["teacher"],
         }

@@ -1,5 +1,8 @@
 """The layouts distillation corpora ship in, beyond one row per trace with a teacher column.
 
+A row may hold one prompt and a list of responses (``input.layout: per_prompt``, as OpenR1-Math
+ships: ``io.canonical.canonical_rows`` explodes it into traces).
+
 ShareGPT conversations (``from``/``value``, ``human``/``gpt``) map onto chat roles
 (``sharegpt_message``). Nested fields are named by dotted paths (``nested_field``).
 
@@ -19,6 +22,9 @@ import re
 import urllib.parse
 from typing import Any
 
+# input.layout: a row is one trace, or one prompt with a list of responses (exploded on read).
+PER_TRACE, PER_PROMPT = "per_trace", "per_prompt"
+LAYOUTS = (PER_TRACE, PER_PROMPT)
 HIVE = "hive"
 # ShareGPT's senders as chat roles (OpenThoughts, Bespoke-Stratos, LLaMA-Factory's sharegpt format).
 SHAREGPT_ROLES = {

@@ -287,10 +287,11 @@ def test_row_counts_per_file_and_reason(ray_cluster):
     from ln_ray.pipeline.accounting import AccountingError, count_rows
     from ln_ray.schema import SCORED_ROWS_SCHEMA
 
-    def row(source, number, trace=None, n_tokens=None, reason=None, kind="input"):
+    def row(source, number, trace=None, n_tokens=None, reason=None, kind="input", item=None):
         return {
             "source_file": source,
             "row_number": number,
+            "item": item,
             "trace_id": trace,
             "reject_reason": reason,
             "reject_kind": None if reason is None else kind,
@@ -305,10 +306,18 @@ def test_row_counts_per_file_and_reason(ray_cluster):
         row("f1", 3, reason="invalid JSON: line 3"),
         row("f2", 1, reason="duplicate of f1 row 1", kind="duplicate"),
         row("f2", None, reason="cannot read Parquet shard: bad footer"),
+        # one per_prompt row of three traces: two scored, one rejected
+        *(row("f3", 1, t, 7, item=i) for i, t in enumerate(("c" * 32, "d" * 32))),
+        row("f3", 1, reason="empty response", item=2),
     ]
     table = pa.Table.from_pylist(rows, schema=SCORED_ROWS_SCHEMA)
-    # the rows whose trace was new (lookup.new_row_keys): f1 row 2 only
-    new_keys = ray.data.from_arrow(pa.table({"source_file": ["f1"], "row_number": [2]}))
+    # the rows whose trace was new (lookup.new_row_keys): f1 row 2, and f3 row 1's item 1 alone
+    keys = {
+        "source_file": ["f1", "f3"],
+        "row_number": [2, 1],
+        "item": pa.array([None, 1], pa.int32()),
+    }
+    new_keys = ray.data.from_arrow(pa.table(keys))
     # two blocks, so the per-block sums are added up
     dataset = ray.data.from_arrow([table.slice(0, 2), table.slice(2)])
     counted = count_rows(dataset, new_keys)
@@ -316,6 +325,7 @@ def test_row_counts_per_file_and_reason(ray_cluster):
     assert per_file["f1"] == {
         "rows_scored": 2,
         "rows_rejected": 1,
+        "input_rows": 3,
         "shard_errors": 0,
         "tokens_scored": 30,
         "model_tokens": 150,
@@ -323,8 +333,16 @@ def test_row_counts_per_file_and_reason(ray_cluster):
         "model_tokens_now": 100,
     }
     assert per_file["f2"]["rows_rejected"] == 2 and per_file["f2"]["shard_errors"] == 1
-    assert counted.reasons == {"cannot read Parquet shard": 1, "duplicate": 1, "invalid JSON": 1}
-    assert counted.kinds == {"duplicate": 1, "input": 2}
+    assert per_file["f3"] == {
+        **dict.fromkeys(per_file["f3"], 0),
+        **{"rows_scored": 2, "rows_rejected": 1, "input_rows": 1},
+        **{"tokens_scored": 14, "model_tokens": 70, "tokens_scored_now": 7, "model_tokens_now": 35},
+    }
+    assert counted.reasons == {
+        **{"cannot read Parquet shard": 1, "duplicate": 1, "invalid JSON": 1},
+        "empty response": 1,
+    }
+    assert counted.kinds == {"duplicate": 1, "input": 3}
     nothing_new = count_rows(dataset, None).per_file["f1"]  # a run that found nothing new
     assert nothing_new["tokens_scored_now"] == 0 and nothing_new["tokens_scored"] == 30
 
@@ -401,18 +419,19 @@ def test_duplicates_are_found_across_blocks(ray_cluster):
                 "prompt_id": f"p{key % 17}",
                 "dup_key": f"k{key}",
                 "source_file": f"f{rng.randrange(3)}",
-                "row_number": n,
+                **_place(n),
             }
         )
     rows += [{"prompt_id": "p0", "dup_key": None, "source_file": "f0", "row_number": 999}]
-    found = _by_prompt(duplicate_rows, pa.Table.from_pylist(rows))
-    got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
+    found = _by_prompt(duplicate_rows, _padded(rows, _CHECKED))
+    got = {_key(r): r["reason"] for r in found.to_pylist()}
     expected = {}
     for key in {r["dup_key"] for r in rows if r["dup_key"]}:
-        copies = sorted((r["source_file"], r["row_number"]) for r in rows if r["dup_key"] == key)
+        copies = sorted((_key(r) for r in rows if r["dup_key"] == key), key=_order)
         for copy in copies[1:]:
-            expected[copy] = f"duplicate of {copies[0][0]} row {copies[0][1]}"
+            expected[copy] = f"duplicate of {_shown(copies[0])}"
     assert got == expected and len(expected) > 300
+    assert any(" item " in reason for reason in got.values())
 
 
 def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster):
@@ -430,27 +449,30 @@ def test_prompt_ids_naming_different_prompts_are_found_across_blocks(ray_cluster
                 "prompt_id": f"p{prompt:02d}",
                 "context_key": f"c{prompt}-{rng.randrange(contexts)}",
                 "source_file": f"f{rng.randrange(3)}",
-                "row_number": n,
+                **_place(n),
             }
         )
     rows.append({"prompt_id": "p00", "context_key": None, "source_file": "f0", "row_number": 999})
-    found = _by_prompt(conflicting_rows, pa.Table.from_pylist(rows))
-    got = {(r["source_file"], r["row_number"]): r["reason"] for r in found.to_pylist()}
+    found = _by_prompt(conflicting_rows, _padded(rows, _CHECKED))
+    got = {_key(r): r["reason"] for r in found.to_pylist()}
     expected = {}
     valid = [r for r in rows if r["context_key"] is not None]
     for prompt in {r["prompt_id"] for r in valid}:
         mine = [r for r in valid if r["prompt_id"] == prompt]
         firsts = sorted(
-            min((r["source_file"], r["row_number"]) for r in mine if r["context_key"] == key)
-            for key in {r["context_key"] for r in mine}
+            (
+                min((_key(r) for r in mine if r["context_key"] == key), key=_order)
+                for key in {r["context_key"] for r in mine}
+            ),
+            key=_order,
         )
         if len(firsts) > 1:
             reason = (
-                f"prompt_id shared by different prompts: {prompt!r} in {firsts[0][0]} row "
-                f"{firsts[0][1]} and {firsts[1][0]} row {firsts[1][1]}"
+                f"prompt_id shared by different prompts: {prompt!r} in {_shown(firsts[0])} "
+                f"and {_shown(firsts[1])}"
             ) + (f" ({len(firsts)} prompts in all)" if len(firsts) > 2 else "")
             for r in mine:
-                expected[(r["source_file"], r["row_number"])] = reason
+                expected[_key(r)] = reason
     assert got == expected and len(expected) > 30
     assert set(found["kind"].to_pylist()) == {"input"}
 
@@ -474,7 +496,7 @@ def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, 
             "prompt_id": f"p{trace % 7}",
             "trace_id": f"{trace:032x}",
             "source_file": f"f{rng.randrange(3)}",
-            "row_number": n,
+            **_place(n),
             "reject_reason": "bad" if n % 17 == 0 else None,
         }
         for n, trace in enumerate(traces, start=1)
@@ -495,15 +517,13 @@ def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, 
     expected = {}
     accepted = [r for r in rows if r["reject_reason"] is None and r["trace_id"] not in in_cache]
     for trace in {r["trace_id"] for r in accepted}:
-        copies = sorted(
-            (r["source_file"], r["row_number"]) for r in accepted if r["trace_id"] == trace
-        )
+        copies = sorted((_key(r) for r in accepted if r["trace_id"] == trace), key=_order)
         expected[copies[0]] = ("score", None)
         expected.update({copy: ("repeat", copies[0]) for copy in copies[1:]})
     got = {
-        (r["source_file"], r["row_number"]): (
+        _key(r): (
             r["status"],
-            None if r["first_file"] is None else (r["first_file"], r["first_row"]),
+            None if r["first_file"] is None else (r["first_file"], r["first_row"], r["first_item"]),
         )
         for r in run.read_table("_new").to_pylist()
     }
@@ -514,11 +534,11 @@ def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, 
     chosen = []
     for part in range(5):
         keys = to_score(run, f"_valid/part-{part}.parquet").to_pylist()
-        assert set(keys) <= {f"{r['source_file']}\x00{r['row_number']}" for r in rows[part::5]}
+        assert set(keys) <= {_text_key(_key(r)) for r in rows[part::5]}
         chosen += keys
-    assert sorted(chosen) == sorted(f"{f}\x00{n}" for f, n in firsts)
+    assert sorted(chosen) == sorted(_text_key(first) for first in firsts)
 
-    trace_of = {(r["source_file"], r["row_number"]): r["trace_id"] for r in rows}
+    trace_of = {_key(r): r["trace_id"] for r in rows}
     failed = {trace_of[first] for first in firsts[:5]}
     for part, chosen in enumerate([sorted(failed)[:2], sorted(failed)[2:]]):
         late = [
@@ -531,7 +551,7 @@ def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, 
     assembled = run.read_table("_rows").to_pylist()
     assert len(assembled) == len(rows)
     late_reasons = {
-        (r["source_file"], r["row_number"]): (r["reject_reason"], r["reject_kind"])
+        _key(r): (r["reject_reason"], r["reject_kind"])
         for r in assembled
         if r["reject_reason"] is not None and r["reject_reason"] != "bad"
     }
@@ -541,6 +561,42 @@ def test_new_rows_are_found_bucket_by_bucket_with_their_first_copy(ray_cluster, 
         if trace_of[copy] in failed
     }
     assert len(late_reasons) > 5  # the repeats of the rejected first copies too
+
+
+def _place(n: int) -> dict:
+    """Row ``n``'s place: half the rows are responses of per_prompt rows (an item of a shared
+    row number), half are rows of their own."""
+    if n % 2:
+        return {"row_number": n // 3, "item": n % 3}
+    return {"row_number": 1000 + n, "item": None}
+
+
+_CHECKED = pa.schema(
+    [
+        *(("prompt_id", pa.string()), ("dup_key", pa.string()), ("context_key", pa.string())),
+        *(("source_file", pa.string()), ("row_number", pa.int64()), ("item", pa.int32())),
+    ]
+)
+
+
+def _key(row: dict) -> tuple:
+    return row["source_file"], row["row_number"], row.get("item")
+
+
+def _order(key: tuple) -> tuple:
+    """Row keys in the job's order: file, row, then item (null first)."""
+    file, row, item = key
+    return file, row, -1 if item is None else item
+
+
+def _shown(key: tuple) -> str:
+    file, row, item = key
+    return f"{file} row {row}" + ("" if item is None else f" item {item}")
+
+
+def _text_key(key: tuple) -> str:
+    file, row, item = key
+    return f"{file}\x00{row}\x00{'' if item is None else item}"
 
 
 def _padded(rows: list[dict], schema: pa.Schema) -> pa.Table:

@@ -109,3 +109,25 @@ def test_the_cli_inspects_an_input_path(tiny_student_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "would be rejected: 12 of 12 sampled rows" in out
     assert "11 x missing teacher (input)" in out
+
+
+def test_inspect_shows_a_row_per_prompt_as_its_traces(tiny_student_dir, tmp_path):
+    row = {"problem": "What is 1 + 1?", "generations": ["Add them. It is 2.", "Two."]}
+    write_jsonl(tmp_path / "in" / "train.jsonl", [row, {**row, "generations": "2"}])
+    cfg = load_config(
+        "default",
+        [
+            f"input.path={tmp_path / 'in'}",
+            f"student.model={tiny_student_dir}",
+            "input.layout=per_prompt",
+            "input.columns.prompt=problem",
+        ],
+    )
+    report = inspect_input(cfg, rows=10, samples=2)
+    assert "sample: the first 10 traces of 1 files, 3 traces" in report
+    assert "layout: one row per prompt, each response in its list 'generations' a trace" in report
+    assert "conversation from 'problem' and each of 'generations'" in report
+    assert "teacher from column 'teacher' (else generations[item])" in report
+    assert "  generations[0]: 1\n  generations[1]: 1\n" in report
+    assert "1 x generations is not a non-empty list" in report and "train.jsonl row 2" in report
+    assert "train.jsonl row 1 item 1: teacher 'generations[1]'" in report

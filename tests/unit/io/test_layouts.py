@@ -173,3 +173,76 @@ def test_rows_take_their_path_fields_and_a_teacher_column_must_agree():
         "teacher 'r1' differs from its path's 'qwq'",
         None,
     ]
+
+
+# One prompt with its responses, as OpenR1-Math writes it (s1K's thinking_trajectories alike).
+PER_PROMPT = {
+    "problem": "What is 2+2?",
+    "generations": ["It is 4.", "Four."],
+    "correctness_math_verify": [True, False],
+    "reasoning": ["Add.", "Count."],
+    "meta": {"level": 1},
+}
+
+
+def _per_prompt(*records: dict, **columns: str) -> list[dict]:
+    names = ColumnsConfig(prompt="problem", correct="correctness_math_verify", **columns)
+    return list(iter_jsonl(_jsonl(*records), names, layout="per_prompt"))
+
+
+def test_a_row_per_prompt_is_one_trace_per_response_with_its_parallel_values():
+    rows = _per_prompt(PER_PROMPT, {**PER_PROMPT, "teacher": "qwq"})
+    assert [(r["row_number"], r["item"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [r["response"] for r in rows] == ["It is 4.", "Four."] * 2
+    assert [r["correct"] for r in rows] == [True, False] * 2
+    assert [r["reasoning"] for r in rows] == ["Add.", "Count."] * 2
+    # No teacher: each response is named by its place; one teacher for all: that one.
+    assert [r["teacher"] for r in rows] == ["generations[0]", "generations[1]", "qwq", "qwq"]
+    assert all(r["read_error"] is None and r["prompt"] == "What is 2+2?" for r in rows)
+    # The lists never travel with each trace; the other columns do.
+    assert json.loads(rows[0]["extra"]) == {"meta": {"level": 1}}
+
+
+def test_a_row_per_prompt_with_lists_of_different_lengths_is_one_reject_never_cut():
+    (row,) = _per_prompt({**PER_PROMPT, "reasoning": ["Add."]})
+    assert (row["row_number"], row.get("item")) == (1, None)
+    assert row["read_error"] == (
+        "per_prompt lists differ in length: generations 2, correctness_math_verify 2, reasoning 1"
+    )
+    missing, empty, text = _per_prompt(
+        {"problem": "p"}, {**PER_PROMPT, "generations": []}, {**PER_PROMPT, "generations": "4"}
+    )
+    assert missing["read_error"] == "generations is missing (input.layout=per_prompt)"
+    assert empty["read_error"] == "generations is not a non-empty list (input.layout=per_prompt)"
+    assert text["read_error"] == empty["read_error"]
+
+
+def test_a_row_per_prompt_reads_nested_lists_and_steps_per_response():
+    record = {
+        "problem": "p",
+        "out": {"texts": ["a b", "c"], "models": ["x", "y"]},
+        "steps": [["a ", "b"], ["c"]],
+    }
+    rows = _per_prompt(record, responses="out.texts", teacher="out.models")
+    assert [(r["response"], r["teacher"], r["steps"]) for r in rows] == [
+        ("a b", "x", ["a ", "b"]),
+        ("c", "y", ["c"]),
+    ]
+    assert rows[0]["extra"] is None  # the nested lists leave nothing behind
+
+
+def test_a_per_prompt_parquet_row_group_is_exploded_alike():
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([PER_PROMPT] * 3), buffer, row_group_size=2)
+    names = ColumnsConfig(prompt="problem", correct="correctness_math_verify")
+    rows = list(iter_parquet(io.BytesIO(buffer.getvalue()), names, layout="per_prompt"))
+    assert [(r["row_number"], r["item"]) for r in rows] == [
+        (number, item) for number in (1, 2, 3) for item in (0, 1)
+    ]
+
+
+def test_an_unknown_layout_is_a_config_error():
+    with pytest.raises(
+        ConfigError, match=r"input.layout must be one of \('per_trace', 'per_prompt'\)"
+    ):
+        load_config("default", ["input.layout=per_row"])

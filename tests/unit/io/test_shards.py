@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ln_ray.config import ColumnsConfig
-from ln_ray.io.shards import blocks, canonical_row, iter_parquet
+from ln_ray.io.canonical import canonical_row
+from ln_ray.io.shards import blocks, iter_parquet
 from ln_ray.schema import (
     RAW_SCHEMA,
 )

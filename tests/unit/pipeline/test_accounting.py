@@ -20,11 +20,14 @@ FILES = Inputs(
 )
 
 
-def _counts(scored: int, rejected: int, shard_errors: int = 0) -> dict[str, int]:
+def _counts(
+    scored: int, rejected: int, shard_errors: int = 0, input_rows: int | None = None
+) -> dict[str, int]:
     return {
         **dict.fromkeys(PER_FILE, 0),
         "rows_scored": scored,
         "rows_rejected": rejected,
+        "input_rows": scored + rejected if input_rows is None else input_rows,
         "shard_errors": shard_errors,
     }
 
@@ -36,6 +39,15 @@ def test_every_row_is_accounted_for_per_file():
     assert [entry["rows_read"] for entry in inputs] == [4, 1]
     with pytest.raises(AccountingError, match=r"in/a.jsonl: 5 rows in the file, 4 read"):
         check_inputs(FILES, per_file, [{"rows_in_file": 5}, unreadable])
+
+
+def test_a_per_prompt_file_is_checked_by_its_rows_and_counted_by_its_traces():
+    """Two rows of four responses each: eight traces read, two input rows counted."""
+    per_file = {"in/a.jsonl": _counts(7, 1, input_rows=2), "in/b.parquet": _counts(0, 0)}
+    inputs = check_inputs(FILES, per_file, [{"rows_in_file": 2}, {"rows_in_file": 0}])
+    assert (inputs[0]["rows_read"], inputs[0]["input_rows"]) == (8, 2)
+    with pytest.raises(AccountingError, match=r"in/a.jsonl: 3 rows in the file, 2 read"):
+        check_inputs(FILES, per_file, [{"rows_in_file": 3}, {"rows_in_file": 0}])
 
 
 def test_a_file_the_independent_count_could_not_read_but_the_pipeline_did_fails_the_run():

@@ -371,6 +371,10 @@ def throughput(
     return figures
 
 
+# A stand-in for a template's no-prompt context on the random-token traces (IFD's context).
+NO_PROMPT = np.arange(1, 9, dtype=np.int64)
+
+
 def agreement(
     shape: str, traces: list[TokenizedTrace], args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
@@ -379,7 +383,12 @@ def agreement(
     model = build_student(shape, device, torch.float32)
     for dtype in (torch.bfloat16, torch.float32):  # fp32 last: its copy is the one built
         student = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
-        scorer = StudentScorer(student, window=args.window, token_budget=args.token_budget)
+        scorer = StudentScorer(
+            student,
+            window=args.window,
+            token_budget=args.token_budget,
+            unconditional=NO_PROMPT,  # IFD too
+        )
         results[dtype] = scorer.score(traces)
         del scorer, student
         _free(device)
@@ -400,7 +409,7 @@ def agreement(
             - np.concatenate([getattr(s, field) for s in exact])
         )
         found[field] = {"largest": float(diff.max()), "mean": float(diff.mean())}
-    for metric in ("lalp", "galp", "rsr"):
+    for metric in ("lalp", "lalp_drop1", "galp", "rsr", "ifd", "ifd_ppl"):
         a = np.array([getattr(s, metric) for s in bf16])
         b = np.array([getattr(s, metric) for s in exact])
         found[metric] = {

@@ -6,6 +6,11 @@ and writes ``bench/results.json``; ``docs/BENCHMARKS.md`` records the runs.
 
     python -m bench.run                      # what `make bench` runs
     python -m bench.run --traces 4 --skip-job --skip-long   # a quick look
+
+``scoring.ifd``'s cost is measured apart (``ifd_model_token_share``: the model tokens it adds
+over the scorer's without it; ``ifd_time_share``: the time), so that the other figures compare
+like with like: the naive scorer and the dense forward compute no IFD, and the job is run with
+it off.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from bench.baselines import NaiveScorer, dense_forward
 from bench.corpus import REPO, Corpus, first_steps, load_rows, pick_corpus
 from ln_ray.config import ComputeConfig, ScoringConfig, StudentConfig, load_config
+from ln_ray.prepare.render import unconditional_context
 from ln_ray.score.scorer import StudentScorer
 from ln_ray.score.student import load_student
 
@@ -61,6 +67,7 @@ def main() -> None:
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--skip-job", action="store_true")
     parser.add_argument("--skip-long", action="store_true")
+    parser.add_argument("--skip-ifd", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     args = parser.parse_args()
 
@@ -128,6 +135,18 @@ def main() -> None:
         matmul_gflops=gemm_flops / 1e9,
         scorer_model_gflops=2 * params * model_tokens / ln_s / 1e9,
     )
+
+    if not args.skip_ifd:
+        # scoring.ifd: the same traces once more, each response after the no-prompt context.
+        # The other figures compare like with like without it (the baselines compute no IFD).
+        scorer.unconditional = unconditional_context(student.tokenizer)
+        ifd_s, with_ifd = timed(score_all, device)
+        scorer.unconditional = None
+        ifd_tokens = sum(r.model_tokens for r in with_ifd) - model_tokens
+        figures["ifd_model_token_share"] = ifd_tokens / model_tokens
+        figures["ifd_time_share"] = (ifd_s - ln_s) / ln_s
+        details.update(ifd_s=ifd_s, ifd_model_tokens=ifd_tokens)
+        print(f"with IFD        {ifd_s:8.1f} s (+{ifd_tokens} model tokens)", flush=True)
 
     if not args.skip_naive:
         naive_s, naive_out = timed(lambda: [naive.score(t) for t in corpus.traces], device)
@@ -277,6 +296,7 @@ def _time_job(corpus: Corpus, args) -> float:
             f"compute.token_budget={args.token_budget}",
             f"compute.batch_traces={args.batch_traces}",
             f"compute.gpus_per_actor={1 if args.device.startswith('cuda') else 0}",
+            "scoring.ifd=false",  # as the scorer it is compared with
         ],
     )
     # a running cluster, as in prod (its own, never one that `ray start` left on this node)

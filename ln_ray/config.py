@@ -19,7 +19,7 @@ from ln_ray.prepare.layout import LAYOUTS, check_pattern
 from ln_ray.prepare.reasoning import REASONING_MODES, ReasoningFormat
 from ln_ray.prepare.render import VIEWS, RenderOptions
 from ln_ray.prepare.segment import SEGMENT_MODES
-from ln_ray.schema import MESSAGES_FORMATS
+from ln_ray.schema import MESSAGES_FORMATS, SELECTED_BY
 
 # conf/ at the top of the checkout; ln_ray/conf links to it, and a wheel carries a copy.
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -132,7 +132,8 @@ class ScoringConfig:
     ``render``: the student's view, ``generation`` (context and generation prompt, then the
     response) or ``conversation`` (the whole conversation through the template). ``reasoning``:
     ``as_given`` scores responses as written, ``student`` re-presents marked reasoning in the
-    student's markers.
+    student's markers. ``ifd``: also score each response given no prompt, for ``ifd`` and
+    ``ifd_ppl`` (its tokens once more through the model; off, they are NaN).
     """
 
     render: str = "generation"
@@ -142,17 +143,20 @@ class ScoringConfig:
     rank_clip: int = 100
     max_tokens: int | None = None  # None: the student's declared context
     max_response_chars: int = 400_000
+    ifd: bool = True
 
 
 @dataclass
 class SelectionConfig:
-    """How one trace per prompt is chosen and how teachers are compared."""
+    """How one trace per prompt is chosen and how teachers are compared. ``curate_by``: the
+    metric whose selection makes the curated set (any of ``schema.SELECTED_BY``)."""
 
     require_correct: bool = True
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     seed: int = 0
     stability_replicates: int = 100
+    curate_by: str = "lalp"
 
 
 @dataclass
@@ -283,6 +287,10 @@ def validate_config(cfg: LnRayConfig) -> None:
     need(
         cfg.output.messages_format in MESSAGES_FORMATS,
         f"output.messages_format must be one of {MESSAGES_FORMATS}",
+    )
+    need(
+        cfg.selection.curate_by in SELECTED_BY,
+        f"selection.curate_by must be one of {SELECTED_BY}",
     )
     need(bool(cfg.student.model), "student.model is empty")
     need(cfg.student.dtype in DTYPES, f"student.dtype must be one of {DTYPES}")

@@ -3,14 +3,16 @@
 It reads a uniform sample of rows from a few of the input files (spread over the listing),
 prepares them exactly as the job does (the student's tokenizer, chat template and view; no model
 weights), and counts, per trace, the tokens the scorer runs through the model: the chat prefix
-once, the global sequence, and every local window (``score.windows.plan_windows``, the scorer's
-own plan). Rows in the whole input are
+once, the global sequence, every local window and (``scoring.ifd``) the response given no prompt
+(``score.planning.plan_scoring``, the scorer's own plan). Rows in the whole input are
 extrapolated from the sampled files' rows per byte. The compute follows from the student's size,
 counted from its config without loading weights:
 
     FLOPs = 2 x body parameters x model tokens  +  2 x hidden x vocabulary x scored positions
 
-(scored positions: each response token twice, once globally and once locally), and GPU-hours =
+(scored positions: the targets of every sequence the scorer runs: each response token once
+globally, once more locally unless its window is a prefix of the global sequence, and once more
+given no prompt with ``scoring.ifd``), and GPU-hours =
 FLOPs / (peak FLOP/s x MFU). The MFU is an assumption to state, not a measurement: docs/SCALING.md
 explains the defaults. From the wall-clock estimate follow the limits a RayJob needs for the run
 (``rayjob_limits``): a deadline that the run, and a retry of it, fit in.
@@ -27,8 +29,9 @@ import numpy as np
 from ln_ray.config import LnRayConfig, prepare_options
 from ln_ray.io import storage
 from ln_ray.io.shards import count_source_rows, iter_jsonl, iter_parquet
+from ln_ray.prepare.render import unconditional_context
 from ln_ray.prepare.rows import RowRejected, prepare_row
-from ln_ray.score.windows import plan_windows
+from ln_ray.score.planning import ScoringPlan, plan_scoring
 
 # Bytes of a trace's score cache row in Arrow (ids, metrics, step log-probs and lengths): the demo
 # run's cache held 22,828 bytes for 120 traces of 682 steps. Parquet on disk compresses that, and
@@ -91,17 +94,22 @@ def plan_run(
                 rejected += 1
     if not traces:
         raise ValueError("no row of the sample could be prepared: nothing to estimate from")
-    cap = _global_cap(cfg)
+    planned = _scoring_plan(traces, cfg, tokenizer)
     prefix = np.array([t.prefix_len for t in traces])
     response = np.array([t.n_response for t in traces])
     steps = np.array([t.n_steps for t in traces])
-    model = np.array([model_tokens(t, cfg, cap) for t in traces])
+    model = np.array(planned.model_tokens)  # the traces whose prompt fits the global cap
+    if not len(model):
+        raise ValueError("no sampled trace's prompt fits the student's global cap")
+    sequences = [*planned.global_sequences, *planned.window_sequences]
+    positions = sum(len(s.targets) for s in sequences + planned.unconditional_sequences)
+    ifd_tokens = sum(len(s.tokens) for s in planned.unconditional_sequences)
     total_bytes = sum(sizes.values())
     rows = total_bytes * rows_seen / bytes_seen if bytes_seen else 0.0
     accepted = rows * len(traces) / (len(traces) + rejected)
     new = accepted * new_fraction
     body, head = student_parameters(cfg)
-    flops = new * (2 * body * model.mean() + 2 * head * 2 * response.mean())
+    flops = new * (2 * body * model.mean() + 2 * head * positions / len(model))
     gpu_hours = flops / (gpu_tflops * 1e12 * mfu) / 3600
     return {
         "input": storage.redact_url(cfg.input.path),
@@ -114,6 +122,8 @@ def plan_run(
             "response_tokens_p95": float(np.percentile(response, 95)),
             "steps": float(steps.mean()),
             "model_tokens": float(model.mean()),
+            "ifd_tokens": ifd_tokens / len(model),  # of model_tokens: scoring.ifd's cost
+            "scored_positions": positions / len(model),
         },
         "rows": round(rows),
         "traces_to_score": round(new),
@@ -137,14 +147,26 @@ def rayjob_limits(wall_hours: float, retries: int = RAYJOB_RETRIES) -> dict[str,
     return {"active_deadline_s": hours * 3600, "backoff_limit": retries}
 
 
-def model_tokens(trace: Any, cfg: LnRayConfig, cap: int) -> int:
-    """Tokens one trace runs through the model: its prefix once, its global sequence (capped at
-    ``cap`` with the prefix), every local window."""
-    scored_globally = max(0, min(trace.n_response, cap - trace.prefix_len))
-    _, spans = plan_windows(
-        trace.step_bounds, cfg.scoring.window, cfg.scoring.window_fraction, scored_globally
+def _scoring_plan(traces: list[Any], cfg: LnRayConfig, tokenizer: Any) -> ScoringPlan:
+    """The sequences the scorer would run for ``traces`` (its own ``plan_scoring``), with the
+    student's global cap and RoPE limit; a student the job would refuse is refused here too."""
+    from ln_ray.score.student import load_model_config
+    from ln_ray.score.vetting import check_scorable, global_cap
+
+    config = load_model_config(cfg.student)
+    cap = global_cap(config, cfg.scoring.max_tokens)
+    rope_limit = check_scorable(config, cap)
+    unconditional = None
+    if cfg.scoring.ifd:
+        unconditional = unconditional_context(tokenizer, cfg.student.template_kwargs)
+    return plan_scoring(
+        [t for t in traces if t.prefix_len < cap],
+        window=cfg.scoring.window,
+        window_fraction=cfg.scoring.window_fraction,
+        max_tokens=cap,
+        rope_limit=rope_limit,
+        unconditional=unconditional,
     )
-    return trace.prefix_len + scored_globally + sum(span.length for span in spans)
 
 
 def student_parameters(cfg: LnRayConfig) -> tuple[int, int]:
@@ -174,7 +196,8 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"({plan['sample']['rejected']} rejected)",
             f"  per trace: {t['response_tokens']:.0f} response tokens (p95 "
             f"{t['response_tokens_p95']:.0f}), {t['prefix_tokens']:.0f} prefix tokens, "
-            f"{t['steps']:.0f} steps, {t['model_tokens']:.0f} model tokens",
+            f"{t['steps']:.0f} steps, {t['model_tokens']:.0f} model tokens"
+            + (f" ({t['ifd_tokens']:.0f} of them for IFD)" if t["ifd_tokens"] else ""),
             f"  rows (estimated): {plan['rows']:,}; traces to score: {plan['traces_to_score']:,}",
             f"  student: {plan['student']['body_parameters'] / 1e9:.3f} B body parameters",
             f"  model tokens: {plan['model_tokens']:,.0f}; compute: {plan['flops']:.3g} FLOP",
@@ -212,14 +235,3 @@ def _rows(
             elif (slot := rng.randrange(seen + 1)) < limit:
                 kept[slot] = row
     return kept
-
-
-def _global_cap(cfg: LnRayConfig) -> int:
-    """The student's global cap; a student the job would refuse is refused here too."""
-    from ln_ray.score.student import load_model_config
-    from ln_ray.score.vetting import check_scorable, global_cap
-
-    config = load_model_config(cfg.student)
-    cap = global_cap(config, cfg.scoring.max_tokens)
-    check_scorable(config, cap)
-    return cap

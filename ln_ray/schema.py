@@ -30,7 +30,10 @@ TEXT_COLUMNS = ("messages", "extra")
 # The steps' lengths in characters (they partition the response).
 _STEP_CHARS = ("step_chars", pa.list_(pa.int32()))
 
-METRIC_COLUMNS = ("galp", "lalp", "lalp_drop1", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
+METRIC_COLUMNS = (
+    *("galp", "lalp", "lalp_drop1", "lalp_token", "ifd", "ifd_ppl"),
+    *("rsr", "avg_rank", "avg_surprisal"),
+)
 _SCORES = [
     ("n_tokens", pa.int64()),
     ("n_steps", pa.int64()),
@@ -200,11 +203,18 @@ TEACHER_METRICS = {
     "galp": True,
     "lalp_drop1": True,
     "lalp_token": True,
+    "ifd": False,
+    "ifd_ppl": False,
     "rsr": False,
     "rsr_dataset": False,
     "avg_rank": False,
     "avg_surprisal": False,
 }
+
+
+# The metrics a trace is selected by (selections/); ``selection.curate_by`` names the one
+# whose picks make the curated set.
+SELECTED_BY = ("lalp", "lalp_drop1", "galp", "rsr", "ifd", "ifd_ppl")
 
 
 def better_direction(metric: str) -> str:

@@ -211,7 +211,10 @@ def raw_table(lines: bytes, columns: ColumnsConfig | None = None) -> pa.Table:
     return pa.concat_tables(list(blocks(rows, "mem://shard.jsonl")))
 
 
-TRACE_METRICS = ["lalp", "lalp_drop1", "galp", "lalp_token", "rsr", "avg_rank", "avg_surprisal"]
+TRACE_METRICS = [
+    *("lalp", "lalp_drop1", "galp", "lalp_token", "ifd", "ifd_ppl"),
+    *("rsr", "avg_rank", "avg_surprisal"),
+]
 
 
 def scores_table(rows: list[dict]) -> pa.Table:

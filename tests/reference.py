@@ -34,8 +34,12 @@ def reference_scores(
     fraction=None,
     max_tokens=10**9,
     rank_clip=ScoringConfig.rank_clip,
+    unconditional=None,
 ):
-    """Score one TokenizedTrace by brute force; returns a dict like TraceScores' fields."""
+    """Score one TokenizedTrace by brute force; returns a dict like TraceScores' fields.
+
+    ``unconditional``: the context the student has with no prompt (a list of token ids, maybe
+    empty); None: no IFD (NaN)."""
     ids = trace.input_ids.tolist()
     p = trace.prefix_len
     t = len(ids) - p
@@ -70,6 +74,21 @@ def reference_scores(
     # with no token is skipped.
     dropped = [local_lp[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a >= 2]
     clipped = [min(r, rank_clip) for r in global_rank]
+    ifd = ifd_ppl = math.nan
+    if unconditional is not None:
+        # IFD from its definition: the response's global tokens after the no-prompt context,
+        # one plain forward; with no context, the first response token has no predictor and
+        # leaves both means.
+        u = list(unconditional)
+        n = max(0, min(g, max_tokens - len(u)))
+        skip = 0 if u else 1
+        if n > skip:
+            _, logprobs = _forward_logprobs(model, u + ids[p : p + n])
+            alone = [logprobs[len(u) + j - 1, ids[p + j]].item() for j in range(skip, n)]
+            loss_given = -float(np.mean(global_lp[skip:n]))
+            loss_alone = -float(np.mean(alone))
+            ifd = loss_given / loss_alone
+            ifd_ppl = math.exp(loss_given) / math.exp(loss_alone)
     return {
         "global_logprobs": np.array(global_lp),
         "global_ranks": np.array(global_rank, dtype=np.int64),
@@ -79,6 +98,8 @@ def reference_scores(
         "lalp": float(np.mean([s for s in step_means if s is not None])),
         "lalp_token": float(np.mean(local_lp)),
         "lalp_drop1": float(np.mean([np.mean(d) for d in dropped])) if dropped else math.nan,
+        "ifd": ifd,
+        "ifd_ppl": ifd_ppl,
         "rsr": sum(clipped) / -sum(global_lp) if g else math.nan,
         "avg_rank": float(np.mean(clipped)) if g else math.nan,
         "avg_surprisal": -float(np.mean(global_lp)) if g else math.nan,
@@ -86,12 +107,15 @@ def reference_scores(
     }
 
 
+RSR_METRICS = ("rsr", "avg_rank", "avg_surprisal")
+
+
 def assert_matches_reference(fast, ref):
     """The fast scorer's TraceScores equal the reference's: log-probs within 1e-4, ranks exactly."""
     np.testing.assert_allclose(fast.global_logprobs, ref["global_logprobs"], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(fast.global_ranks, ref["global_ranks"])
     np.testing.assert_allclose(fast.local_logprobs, ref["local_logprobs"], atol=1e-4, rtol=0)
-    for key in ("galp", "lalp", "lalp_drop1", "lalp_token", "rsr", "avg_rank", "avg_surprisal"):
+    for key in (*("galp", "lalp", "lalp_drop1", "lalp_token", "ifd", "ifd_ppl"), *RSR_METRICS):
         assert fast.__dict__[key] == pytest.approx(ref[key], abs=1e-4, nan_ok=True), key
     assert fast.truncated == ref["truncated"]
     for a, b in zip(fast.step_logprobs, ref["step_logprobs"], strict=True):

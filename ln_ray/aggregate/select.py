@@ -1,11 +1,12 @@
 """Per-prompt selection: the best eligible trace by each metric, deterministically, vectorized.
 
-Selection is an argmax (argmin for RSR) per (prompt, metric) under one total order: the metric,
-then teacher name, then trace_id. That order makes it decomposable: the best of any split of a
-prompt's candidates is the best of the splits' bests, and the counts add up. So the job selects
-within each block of the scores (``partial_selections``, after a sort that keeps a prompt's rows
-together but for the blocks' edges) and merges the blocks' winners (``merge_selections``); no
-Python runs per prompt or per row.
+Selection is an argmax (argmin for RSR and IFD, where lower is better) per (prompt, metric)
+under one total order: the metric, then teacher name, then trace_id. That order makes it
+decomposable: the best of any split of a prompt's candidates is the best of the splits' bests,
+and the counts add up. So the job selects within each block of the scores
+(``partial_selections``, after a sort that keeps a prompt's rows together but for the blocks'
+edges) and merges the blocks' winners (``merge_selections``); no Python runs per prompt or per
+row.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from ln_ray.schema import SELECTIONS_SCHEMA, TEACHER_METRICS
+from ln_ray.schema import SELECTED_BY, SELECTIONS_SCHEMA, TEACHER_METRICS
 
-# The metrics a trace is selected by, and which way is better for each.
-SELECTED_BY = ("lalp", "lalp_drop1", "galp", "rsr")
+# Which way is better for each metric a trace is selected by.
 HIGHER_IS_BETTER = {metric: TEACHER_METRICS[metric] for metric in SELECTED_BY}
 CANDIDATE_COLUMNS = ["prompt_id", "teacher", "trace_id", "correct", *SELECTED_BY]
 

@@ -63,9 +63,10 @@ def write_curated(
     selections: Any,
     partitions: int,
     messages_format: str = "openai",
+    curate_by: str = "lalp",
 ) -> None:
-    """Write ``curated/``: each prompt's trace selected by LALP with its text, the conversation
-    in ``messages_format`` (``schema.curated_base``).
+    """Write ``curated/``: each prompt's trace selected by ``curate_by`` (LALP by default) with
+    its text, the conversation in ``messages_format`` (``schema.curated_base``).
 
     The selected traces' rows are found by a grouping on trace_id (the selections and the rows'
     keys meet in the same group); each row then goes to a group per file of ``text`` that may
@@ -78,7 +79,7 @@ def write_curated(
     rows = ray.data.read_parquet(
         source.full(ROWS_DIR), filesystem=arrow_fs, columns=_ROW_KEYS.names, schema=_ROW_KEYS
     ).map_batches(_as_pickable, batch_format="pyarrow")
-    picked = selections.map_batches(_lalp_picks, batch_format="pyarrow")
+    picked = selections.map_batches(_picks, fn_kwargs={"metric": curate_by}, batch_format="pyarrow")
     selected = grouped_by_hash(rows.union(picked), "trace_id", _picked_rows, partitions)
     holders = _files_holding(source, text)
     # The rows to read, by file (keys only, a row per selected trace): the text itself is read
@@ -107,9 +108,9 @@ def _as_pickable(rows: pa.Table) -> pa.Table:
     return padded(rows.append_column("picked", pa.repeat(False, rows.num_rows)), _PICKABLE)
 
 
-def _lalp_picks(selections: pa.Table) -> pa.Table:
-    """The traces LALP selected, on the selections' side of the grouping on trace_id."""
-    ids = selections.filter(pc.equal(selections["metric"], "lalp"))["trace_id"]
+def _picks(selections: pa.Table, metric: str) -> pa.Table:
+    """The traces ``metric`` selected, on the selections' side of the grouping on trace_id."""
+    ids = selections.filter(pc.equal(selections["metric"], metric))["trace_id"]
     return padded(pa.table({"trace_id": ids, "picked": pa.repeat(True, len(ids))}), _PICKABLE)
 
 

@@ -163,11 +163,13 @@ def reduce_scores(
         }
         for metric in TEACHER_METRICS
     }
-    write_curated(source, text, target, selections, partitions, messages_format)
+    write_curated(
+        source, text, target, selections, partitions, messages_format, selection.curate_by
+    )
     return {
         **summary,
         "prompts": prompts,
-        "prompts_selected": int(wins.loc[wins["metric"] == "lalp", "wins"].sum()),
+        "prompts_selected": int(wins.loc[wins["metric"] == selection.curate_by, "wins"].sum()),
         "reduce_s": _since(started),
     }
 

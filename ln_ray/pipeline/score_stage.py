@@ -76,6 +76,7 @@ class ScoreStage:
         started = time.perf_counter()
         import torch
 
+        from ln_ray.prepare.render import unconditional_context
         from ln_ray.score.attention import attention_kernel
         from ln_ray.score.proof import prove_student
         from ln_ray.score.scorer import StudentScorer
@@ -110,6 +111,9 @@ class ScoreStage:
                 token_budget=compute.token_budget,
                 prefix_budget=compute.prefix_budget,
                 head_chunk=compute.head_chunk,
+                unconditional=unconditional_context(self.student.tokenizer, student.template_kwargs)
+                if scoring.ifd
+                else None,
             )
             self.proof = prove_student(self.scorer, student.model)
         except StudentError as exc:

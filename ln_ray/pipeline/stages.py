@@ -31,7 +31,7 @@ from ln_ray.config import (
     render_options,
 )
 from ln_ray.io import jsontext
-from ln_ray.prepare.render import TokenizedTrace
+from ln_ray.prepare.render import TokenizedTrace, unconditional_context
 from ln_ray.prepare.rows import (
     RowRejected,
     TraceRow,
@@ -190,7 +190,10 @@ def tokenize_batch(
             }
         )
     if progress is not None and limits is not None:
-        progress.plan(len(planned), planned_tokens(planned, scoring, limits))
+        unconditional = None
+        if scoring.ifd:
+            unconditional = unconditional_context(tokenizer, student.template_kwargs)
+        progress.plan(len(planned), planned_tokens(planned, scoring, limits, unconditional))
     return pa.Table.from_pylist(
         [{name: row.get(name) for name in PREPARED_SCHEMA.names} for row in out],
         schema=PREPARED_SCHEMA,
@@ -205,8 +208,14 @@ class PlanLimits:
     rope_limit: int | None
 
 
-def planned_tokens(traces: list[TokenizedTrace], scoring: ScoringConfig, limits: PlanLimits) -> int:
-    """The model tokens scoring ``traces`` costs (prompts too long to score cost none)."""
+def planned_tokens(
+    traces: list[TokenizedTrace],
+    scoring: ScoringConfig,
+    limits: PlanLimits,
+    unconditional: np.ndarray | None = None,
+) -> int:
+    """The model tokens scoring ``traces`` costs (prompts too long to score cost none), with
+    their responses given no prompt after ``unconditional`` (``scoring.ifd``)."""
     scorable = [t for t in traces if t.prefix_len < limits.global_cap]
     if not scorable:
         return 0
@@ -216,6 +225,7 @@ def planned_tokens(traces: list[TokenizedTrace], scoring: ScoringConfig, limits:
         window_fraction=scoring.window_fraction,
         max_tokens=limits.global_cap,
         rope_limit=limits.rope_limit,
+        unconditional=unconditional,
     )
     return sum(plan.model_tokens)
 

@@ -15,6 +15,8 @@ _METRIC_NAMES = {
     "lalp_drop1": "local naturalness without each step's first token",
     "galp": "global log-prob",
     "lalp_token": "local log-prob per token",
+    "ifd": "instruction-following difficulty, loss ratio",
+    "ifd_ppl": "instruction-following difficulty, perplexity ratio",
     "rsr": "rank-surprisal ratio, per-trace mean",
     "rsr_dataset": "sum of ranks / sum of surprisals",
     "avg_rank": "mean token rank",

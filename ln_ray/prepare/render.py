@@ -176,6 +176,27 @@ def context_text(
     return _apply(tokenizer, context, template_kwargs)
 
 
+def unconditional_context(
+    tokenizer: Any, template_kwargs: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """What the student has before a response when it is given no prompt, for IFD: the chat
+    template rendered for one empty user turn with its generation prompt (so the response
+    follows the same assistant header and opening as in its conversation), tokenized as a
+    rendered context is; where the template refuses that, the tokenizer's BOS token alone; where
+    it has none, nothing.
+
+    Returns:
+        The context's token ids (int64; possibly empty).
+    """
+    try:
+        text = generation_prompt(tokenizer, [{"role": "user", "content": ""}], template_kwargs)
+    except RenderError:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return np.asarray([] if bos is None else [bos], dtype=np.int64)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
 def render_conversation(
     tokenizer: Any, messages: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
 ) -> RenderedTrace:

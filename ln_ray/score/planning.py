@@ -6,7 +6,9 @@ it can be tested (and costed, by ``ln-ray plan``) without a student.
 Three words keep apart what could all be called a "row":
 
 - a *sequence* is one run of tokens with its own causal attention: a trace's global sequence
-  ``prefix + r_1..r_g``, or one local window;
+  ``prefix + r_1..r_g``, one local window, or (for IFD) its unconditional sequence
+  ``U + r_1..r_g``, the same response tokens after the context ``U`` the student has with no
+  prompt;
 - a *pack* is several sequences laid end to end and run as one forward call of at most
   ``token_budget`` tokens (``attention.py`` keeps them apart inside it);
 - a *position* is a token's place in a sequence. The hidden state at position ``q`` predicts the
@@ -52,6 +54,7 @@ class ScoredSequence:
             after the one predicting ``targets[j - 1]``.
         target_offset: Response index of ``targets[0]``.
         is_global: Part of the global pass (whose token ranks are kept).
+        unconditional: The trace's unconditional sequence (IFD's response given no prompt).
     """
 
     trace: int
@@ -62,6 +65,7 @@ class ScoredSequence:
     targets: np.ndarray
     target_offset: int
     is_global: bool
+    unconditional: bool = False
 
 
 @dataclass
@@ -74,13 +78,17 @@ class ScoringPlan:
             global pass (their windows are prefixes of the global sequence).
         global_sequences: One per trace, ``prefix + r_1..r_g``.
         window_sequences: Every other window, without the prefix (it attends to the recorded one).
-        model_tokens: Per trace, the tokens it runs through the model: prefix once, every window.
+        unconditional_sequences: With an unconditional context, one per trace that has a
+            response token to score after it (``unconditional_sequence``).
+        model_tokens: Per trace, the tokens it runs through the model: prefix once, every
+            window, its unconditional sequence.
     """
 
     n_global: list[int]
     reused: list[int]
     global_sequences: list[ScoredSequence]
     window_sequences: list[ScoredSequence]
+    unconditional_sequences: list[ScoredSequence]
     model_tokens: list[int]
 
 
@@ -91,8 +99,10 @@ def plan_scoring(
     window_fraction: float | None,
     max_tokens: int,
     rope_limit: int | None,
+    unconditional: np.ndarray | None = None,
 ) -> ScoringPlan:
-    """The sequences that score ``traces``, globally and locally.
+    """The sequences that score ``traces``, globally and locally (and, given the unconditional
+    context, with no prompt).
 
     Args:
         traces: Tokenized traces.
@@ -101,6 +111,8 @@ def plan_scoring(
         max_tokens: Cap on a global sequence (prefix + response).
         rope_limit: Length past which the student's RoPE frequencies change with the sequence's
             length (``vetting.check_scorable``); None when they never do.
+        unconditional: The context the student has with no prompt
+            (``render.unconditional_context``); None: no unconditional sequences (no IFD).
 
     Returns:
         The plan; every response token is scored globally (up to the cap) and locally exactly
@@ -126,14 +138,21 @@ def plan_scoring(
         for i, (_, spans) in enumerate(windows)
         for span in spans
     ]
+    unconditional_ = []
+    if unconditional is not None:
+        for i, (t, g) in enumerate(zip(traces, n_global)):
+            seq = unconditional_sequence(i, t, g, unconditional, max_tokens)
+            if seq is not None:
+                unconditional_.append(seq)
     model_tokens = [len(seq.tokens) for seq in globals_]
-    for seq in windows_:
+    for seq in windows_ + unconditional_:
         model_tokens[seq.trace] += len(seq.tokens)
     return ScoringPlan(
         n_global=n_global,
         reused=[reused for reused, _ in windows],
         global_sequences=globals_,
         window_sequences=windows_,
+        unconditional_sequences=unconditional_,
         model_tokens=model_tokens,
     )
 
@@ -159,6 +178,35 @@ def global_sequence(
         targets=trace.input_ids[p : p + n_global],
         target_offset=0,
         is_global=True,
+    )
+
+
+def unconditional_sequence(
+    index: int, trace: TokenizedTrace, n_global: int, context: np.ndarray, max_tokens: int
+) -> ScoredSequence | None:
+    """The trace's response given no prompt, for IFD: ``context + r_1..r_n``, the first of the
+    response tokens the global pass scores (all ``n_global`` of them unless the context is
+    longer than the prompt and the cap falls earlier).
+
+    With no context at all, nothing predicts ``r_1``: it is left out (``target_offset`` 1), and
+    IFD compares the two passes over ``r_2..r_n``. None when no token is left to score.
+    """
+    c = len(context)
+    n = max(0, min(n_global, max_tokens - c))
+    offset = 0 if c else 1
+    if n <= offset:
+        return None
+    p = trace.prefix_len
+    return ScoredSequence(
+        trace=index,
+        tokens=np.concatenate([context.astype(trace.input_ids.dtype), trace.input_ids[p : p + n]]),
+        uses_prefix=False,
+        records_prefix_len=0,
+        first_predictor=c - 1 if c else 0,
+        targets=trace.input_ids[p + offset : p + n],
+        target_offset=offset,
+        is_global=False,
+        unconditional=True,
     )
 
 

@@ -8,9 +8,11 @@ over packs of sequences (``attention.py`` keeps a pack's sequences apart):
    rank of every scored response token, the local log-probs of the first ``k + 1`` steps (their
    windows are prefixes of this sequence), and records the chat prefix's keys/values and its last
    position's hidden state for phase 2;
-2. local: the remaining windows (``windows.py``), each attending to its trace's recorded prefix.
+2. local: the remaining windows (``windows.py``), each attending to its trace's recorded prefix,
+   and (with an unconditional context, for IFD) each trace's globally scored response tokens
+   after the context the student has with no prompt, packed with the windows.
 
-Then ``metrics.py`` turns each trace's token log-probs into GALP, LALP, RSR and the rest.
+Then ``metrics.py`` turns each trace's token log-probs into GALP, LALP, RSR, IFD and the rest.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class TraceScores:
     lalp: float
     lalp_drop1: float
     lalp_token: float
+    ifd: float
+    ifd_ppl: float
     rsr: float
     avg_rank: float
     avg_surprisal: float
@@ -101,6 +105,9 @@ class StudentScorer:
             prompt alone is longer, alone).
         head_chunk: Rows per output-projection chunk; 0 picks by device (128 rows keep a CPU's
             logits in cache, 2048 fill a GPU).
+        unconditional: The context the student has with no prompt
+            (``render.unconditional_context``): each trace's response is also scored after it,
+            for IFD. None: not (``ifd`` and ``ifd_ppl`` are NaN).
 
     On a CPU, creating a scorer also fixes glibc's allocator thresholds for the process
     (``allocator.keep_freed_memory``), so each layer reuses the memory the last one freed.
@@ -121,6 +128,7 @@ class StudentScorer:
         token_budget: int = ComputeConfig.token_budget,
         prefix_budget: int = ComputeConfig.prefix_budget,
         head_chunk: int = ComputeConfig.head_chunk,
+        unconditional: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         settle_vector_math()  # before the first multi-threaded cos of RoPE: see vector_math
         self.max_tokens = resolve_global_cap(declared_context(model), max_tokens)
@@ -140,6 +148,9 @@ class StudentScorer:
         self.token_budget = token_budget
         self.prefix_budget = prefix_budget
         self.head_chunk = head_chunk or (128 if self.device.type == "cpu" else 2048)
+        self.unconditional = (
+            None if unconditional is None else np.asarray(unconditional, dtype=np.int64)
+        )
         self.model_tokens = 0  # tokens run through the model so far (for throughput figures)
         self.on_pack: Callable[[int], None] | None = None  # told each pack's tokens when done
         self.layers_attended: set[int] = set()  # decoder layers whose attention ran a pack
@@ -184,6 +195,7 @@ class StudentScorer:
         global_lp = [np.full(g, np.nan, dtype=np.float32) for g in plan.n_global]
         global_rank = [np.zeros(g, dtype=np.int64) for g in plan.n_global]
         local_lp = [np.full(t.n_response, np.nan, dtype=np.float32) for t in traces]
+        unconditional: list[tuple[np.ndarray, int] | None] = [None] * len(traces)
 
         store = PrefixStore()
         started = time.perf_counter()
@@ -193,8 +205,12 @@ class StudentScorer:
         for i, reused in enumerate(plan.reused):
             local_lp[i][:reused] = global_lp[i][:reused]
         between = time.perf_counter()
-        for seq, lp, _ in self._run(plan.window_sequences, traces, store):
-            local_lp[seq.trace][seq.target_offset : seq.target_offset + len(lp)] = lp
+        local = plan.window_sequences + plan.unconditional_sequences
+        for seq, lp, _ in self._run(local, traces, store):
+            if seq.unconditional:
+                unconditional[seq.trace] = (lp, seq.target_offset)
+            else:
+                local_lp[seq.trace][seq.target_offset : seq.target_offset + len(lp)] = lp
         store.clear()
         self.seconds["global"] += between - started
         self.seconds["local"] += time.perf_counter() - between
@@ -204,7 +220,12 @@ class StudentScorer:
             assert not np.isnan(local_lp[i]).any(), "a response token was never scored locally"
             assert not np.isnan(global_lp[i]).any(), "a response token was never scored globally"
             metrics = trace_metrics(
-                global_lp[i], global_rank[i], local_lp[i], trace.step_bounds, self.rank_clip
+                global_lp[i],
+                global_rank[i],
+                local_lp[i],
+                trace.step_bounds,
+                self.rank_clip,
+                unconditional[i],
             )
             results.append(
                 TraceScores(
@@ -241,6 +262,7 @@ class StudentScorer:
             window_fraction=self.window_fraction,
             max_tokens=self.max_tokens,
             rope_limit=self.rope_limit,
+            unconditional=self.unconditional,
         )
 
     def _run(

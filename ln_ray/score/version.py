@@ -6,5 +6,6 @@ a score: the scorer, the segmenter, the student's view, the tokenization of a tr
 ``tests/equivalence/test_golden.py`` fails when the golden numbers move while it stays the same.
 """
 
-# 2: control tokens inside a trace's text are tokenized as text; 3: lalp_drop1 scored and cached
-SCORING_VERSION = 3
+# 2: control tokens inside a trace's text are tokenized as text; 3: lalp_drop1 scored and cached;
+# 4: ifd and ifd_ppl scored and cached
+SCORING_VERSION = 4

@@ -14,6 +14,7 @@ from ln_ray.config import ComputeConfig, load_config
 from ln_ray.pipeline.job import run_score, run_select
 from ln_ray.pipeline.ray_ops import connect_ray
 from ln_ray.pipeline.summary import format_summary
+from ln_ray.schema import SELECTED_BY, TEACHER_METRICS, better_direction
 from tests.helpers import TEACHERS, make_rows, read_output
 from tests.templates import R1_DISTILL
 
@@ -43,6 +44,8 @@ def expected_selections(scores: pd.DataFrame, filter_correct: bool) -> dict[tupl
         ("lalp_drop1", False),
         ("galp", False),
         ("rsr", True),
+        ("ifd", True),
+        ("ifd_ppl", True),
     ):
         ordered = eligible.dropna(subset=[metric]).sort_values(
             [metric, "teacher", "trace_id"], ascending=[ascending, True, True]
@@ -54,15 +57,19 @@ def expected_selections(scores: pd.DataFrame, filter_correct: bool) -> dict[tupl
     return picked
 
 
-def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> None:
+def check_outputs(
+    url: str, rows: list[dict], filter_correct: bool = True, curate_by: str = "lalp"
+) -> None:
     scores = read_output(url, "scores")
     assert len(scores) == len(rows)
     assert list(scores.columns) == [
         "prompt_id", "teacher", "trace_id", "n_tokens", "n_steps", "galp", "lalp", "lalp_drop1",
-        "lalp_token", "rsr", "avg_rank", "avg_surprisal", "truncated", "step_logprobs", "correct",
+        "lalp_token", "ifd", "ifd_ppl", "rsr", "avg_rank", "avg_surprisal", "truncated",
+        "step_logprobs", "correct",
     ]  # fmt: skip
     assert scores["trace_id"].is_unique
     assert (scores["n_tokens"] > 0).all() and scores["lalp"].notna().all()
+    assert (scores["ifd"] > 0).all() and (scores["ifd_ppl"] > 0).all()  # scoring.ifd: on
     rejects = read_output(url, "rejects")
     assert sorted(rejects["reason"]) == [
         "empty response",
@@ -76,7 +83,7 @@ def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> No
     assert got == expected_selections(scores, filter_correct)
 
     teachers = read_output(url, "teachers").set_index(["metric", "teacher"])
-    for metric in ("lalp", "lalp_drop1", "galp", "rsr"):  # the metrics traces are selected by
+    for metric in SELECTED_BY:  # the metrics traces are selected by
         means = scores.groupby("teacher")[metric].mean()
         wins = selections[selections["metric"] == metric]["teacher"].value_counts()
         for teacher in TEACHERS:
@@ -85,7 +92,7 @@ def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> No
             assert row["ci_low"] <= row["mean"] <= row["ci_high"]
             assert row["count"] == (scores["teacher"] == teacher).sum()
             assert row["wins"] == wins.get(teacher, 0)
-        order = means.sort_values(ascending=metric == "rsr").index.tolist()
+        order = means.sort_values(ascending=better_direction(metric) == "lower").index.tolist()
         assert teachers.xs(metric).sort_values("rank").index.tolist() == order
     by_teacher = scores.groupby("teacher")
     dataset_rsr = by_teacher["avg_rank"].sum() / by_teacher["avg_surprisal"].sum()
@@ -99,7 +106,7 @@ def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> No
 
     # paired comparisons over the prompts both teachers answered (one trace each here)
     pairs = read_output(url, "teacher_pairs").set_index(["metric", "teacher_a", "teacher_b"])
-    assert len(pairs) == 8 * len(TEACHERS) * (len(TEACHERS) - 1)
+    assert len(pairs) == len(TEACHER_METRICS) * len(TEACHERS) * (len(TEACHERS) - 1)
     wide = scores.pivot(index="prompt_id", columns="teacher", values="lalp")
     first, second = TEACHERS[0], TEACHERS[1]
     shared = wide[[first, second]].dropna()
@@ -119,8 +126,8 @@ def check_outputs(url: str, rows: list[dict], filter_correct: bool = True) -> No
     assert (curve.groupby("metric")["agreement"].last() == 1.0).all()  # all prompts: the ranking
 
     curated = read_output(url, "curated")
-    lalp_ids = set(selections[selections["metric"] == "lalp"]["trace_id"])
-    assert set(curated["trace_id"]) == lalp_ids
+    picked = set(selections[selections["metric"] == curate_by]["trace_id"])
+    assert set(curated["trace_id"]) == picked
     source = {(r["prompt_id"], r["teacher"]): r for r in rows}
     for record in curated.to_dict("records"):
         original = source[(record["prompt_id"], record["teacher"])]
@@ -196,9 +203,17 @@ def test_job_on_local_jsonl_and_parquet(ray_cluster, tiny_student_dir, tmp_path)
     # then the per-metric details.
     overview = summary.index("Overview: each teacher's rank by each metric")
     assert overview < summary.index("In detail, metric by metric:") < summary.index("Teachers by")
-    assert "The selections agree (same trace for a prompt): galp and lalp " in summary
+    agree = summary.split("The selections agree (same trace for a prompt): ")[1].split("\n")[0]
+    assert "galp and lalp " in agree and "ifd and ifd_ppl " in agree
     statement = selected.selection["stability"]["lalp"]["statement"]
     assert f"{statement[0].upper()}{statement[1:]}." in summary
+
+    # The curated set by another metric: IFD's picks, lower is better.
+    by_ifd = job_config(str(tmp_path / "in"), out, tiny_student_dir, "selection.curate_by=ifd")
+    curated = run_select(by_ifd)
+    check_outputs(out, rows, curate_by="ifd")
+    wins = read_output(out, "teachers").set_index(["metric", "teacher"])["wins"]
+    assert curated.selection["prompts_selected"] == wins.xs("ifd").sum() == 6
 
 
 def test_large_files_are_read_in_pieces_with_exact_provenance(

@@ -12,6 +12,7 @@ import pytest
 from ln_ray.config import load_config
 from ln_ray.pipeline.job import run_score
 from ln_ray.report import load_run, render_report, shown_traces, write_report
+from ln_ray.schema import SELECTED_BY, TEACHER_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def test_report_content(demo_run):
     # the agreement was counted in Ray by the reduce stage; it equals the selections' own
     agreement = run["agreement"]
     assert run["manifest"].selection["agreement"]
-    for metric in ("lalp", "lalp_drop1", "galp", "rsr"):
+    for metric in SELECTED_BY:
         assert agreement.loc[metric, metric] == 1.0
     selections = run["published"].table("selections")
     lalp_galp = selections.pivot(index="prompt_id", columns="metric", values="trace_id")
@@ -59,7 +60,7 @@ def test_report_content(demo_run):
     # the paired comparisons and the stability curve are in the run and on the page
     teachers = run["scores"].teachers
     pairs = run["pairs"]
-    assert len(pairs) == len(teachers) * (len(teachers) - 1) * 8
+    assert len(pairs) == len(teachers) * (len(teachers) - 1) * len(TEACHER_METRICS)
     assert set(run["stability"]["metric"]) == set(pairs["metric"])
     page = render_report(run)
     assert page.count("<h3>lalp</h3><table><tr><th></th>") == 1  # the lalp pair matrix

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 
+from ln_ray.prepare.render import unconditional_context
 from ln_ray.score.planning import pack_sequences
 from ln_ray.score.proof import longest_sliding_window
 from ln_ray.score.scorer import StudentScorer
@@ -30,9 +31,11 @@ def test_a_covered_family_matches_the_reference(tiny_tokenizer, model_type):
     if window is not None:  # prefixes, windows and traces all run past it
         assert min(t.prefix_len for t in traces) > window
         assert max(t.n_response for t in traces) > 4 * window
-    scorer = StudentScorer(model, window=1, token_budget=96)
+    unconditional = unconditional_context(tiny_tokenizer)
+    scorer = StudentScorer(model, window=1, token_budget=96, unconditional=unconditional)
     plan = scorer.plan(traces)
     packs = pack_sequences(plan.window_sequences, 96, scorer.rope_limit)
     assert any(len(pack) > 1 for pack in packs)  # windows of several traces share packs
     for trace, fast in zip(traces, scorer.score(traces), strict=True):
-        assert_matches_reference(fast, reference_scores(reference, trace, window=1))
+        ref = reference_scores(reference, trace, window=1, unconditional=unconditional.tolist())
+        assert_matches_reference(fast, ref)

@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 
+from ln_ray.prepare.render import unconditional_context
 from ln_ray.score.scorer import StudentScorer
 from tests.helpers import LONGROPE, make_tiny_causal_lm, make_traces
 from tests.reference import assert_matches_reference, reference_scores
@@ -20,13 +21,45 @@ from tests.reference import assert_matches_reference, reference_scores
 def test_tiny_llama_matches_reference(tiny_tokenizer, tiny_pair, window, fraction, max_tokens):
     model, ref_model = tiny_pair
     traces = make_traces(tiny_tokenizer, count=6)
+    unconditional = unconditional_context(tiny_tokenizer)
     scorer = StudentScorer(
-        model, window=window, window_fraction=fraction, max_tokens=max_tokens, token_budget=96
+        model,
+        window=window,
+        window_fraction=fraction,
+        max_tokens=max_tokens,
+        token_budget=96,
+        unconditional=unconditional,
     )
     for trace, fast in zip(traces, scorer.score(traces), strict=True):
         ref = reference_scores(
-            ref_model, trace, window=window, fraction=fraction, max_tokens=max_tokens
+            ref_model,
+            trace,
+            window=window,
+            fraction=fraction,
+            max_tokens=max_tokens,
+            unconditional=unconditional.tolist(),
         )
+        assert_matches_reference(fast, ref)
+        # IFD wherever the global pass scored a token (a prompt that fills the cap: none)
+        assert np.isfinite(fast.ifd) == np.isfinite(fast.ifd_ppl) == np.isfinite(fast.galp)
+
+
+@pytest.mark.parametrize("context", ["bos", "none"])
+def test_ifd_without_a_template_context_matches_reference(tiny_tokenizer, tiny_pair, context):
+    """A template that refuses an empty user turn: the BOS token alone is the context; a
+    tokenizer without one: no context, and the first response token leaves both means."""
+    model, ref_model = tiny_pair
+    traces = make_traces(tiny_tokenizer, count=4, seed=2)
+    unconditional = (
+        [tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")] if context == "bos" else []
+    )
+    scorer = StudentScorer(model, window=2, token_budget=96, unconditional=unconditional)
+    plan = scorer.plan(traces)
+    assert len(plan.unconditional_sequences) == len(traces)
+    first = plan.unconditional_sequences[0]
+    assert first.target_offset == (0 if unconditional else 1)
+    for trace, fast in zip(traces, scorer.score(traces), strict=True):
+        ref = reference_scores(ref_model, trace, window=2, unconditional=unconditional)
         assert_matches_reference(fast, ref)
 
 
@@ -35,15 +68,28 @@ def test_capped_longrope_student_matches_reference(tiny_tokenizer, fraction):
     model = make_tiny_causal_lm("phi3", len(tiny_tokenizer), **LONGROPE)
     ref_model = copy.deepcopy(model)
     traces = make_traces(tiny_tokenizer, count=6, seed=1)
+    unconditional = unconditional_context(tiny_tokenizer)
     scorer = StudentScorer(
-        model, window=1, window_fraction=fraction, max_tokens=80, token_budget=96
+        model,
+        window=1,
+        window_fraction=fraction,
+        max_tokens=80,
+        token_budget=96,
+        unconditional=unconditional,
     )
     # Some windows (prefix included) outgrow 80 tokens: the student reads them with long factors.
     assert any(
         not s.uses_prefix and len(s.tokens) > 80 for s in scorer.plan(traces).window_sequences
     )
     for trace, fast in zip(traces, scorer.score(traces), strict=True):
-        ref = reference_scores(ref_model, trace, window=1, fraction=fraction, max_tokens=80)
+        ref = reference_scores(
+            ref_model,
+            trace,
+            window=1,
+            fraction=fraction,
+            max_tokens=80,
+            unconditional=unconditional.tolist(),
+        )
         assert_matches_reference(fast, ref)
 
 
@@ -59,12 +105,16 @@ def test_window_covering_all_steps_equals_global(tiny_tokenizer, tiny_pair):
 def test_results_do_not_depend_on_budget_or_batch_mates(tiny_tokenizer, tiny_pair):
     model, _ = tiny_pair
     traces = make_traces(tiny_tokenizer, count=8, seed=5)
-    baseline = StudentScorer(model, window=2, token_budget=10**6).score(traces)
+    unconditional = unconditional_context(tiny_tokenizer)
+    baseline = StudentScorer(
+        model, window=2, token_budget=10**6, unconditional=unconditional
+    ).score(traces)
     for budget in (16, 50, 200):
-        scorer = StudentScorer(model, window=2, token_budget=budget)
+        scorer = StudentScorer(model, window=2, token_budget=budget, unconditional=unconditional)
         for a, b in zip(baseline, scorer.score(traces), strict=True):
             np.testing.assert_allclose(a.local_logprobs, b.local_logprobs, atol=1e-5, rtol=0)
             np.testing.assert_allclose(a.global_logprobs, b.global_logprobs, atol=1e-5, rtol=0)
+            assert a.ifd == pytest.approx(b.ifd, abs=1e-5)
     # each trace alone, and the batch reversed, give the same scores
     scorer = StudentScorer(model, window=2, token_budget=128)
     alone = [scorer.score([t])[0] for t in traces]
@@ -94,9 +144,11 @@ def test_smollm2_matches_reference(smollm2):
     ref_model = load_student(StudentConfig(model="smollm2-135m")).model
     fast_model = copy.deepcopy(smollm2.model)
     traces = make_traces(smollm2.tokenizer, count=3, seed=2)
-    scorer = StudentScorer(fast_model, window=2, token_budget=256)
+    unconditional = unconditional_context(smollm2.tokenizer)
+    scorer = StudentScorer(fast_model, window=2, token_budget=256, unconditional=unconditional)
     for trace, fast in zip(traces, scorer.score(traces), strict=True):
-        assert_matches_reference(fast, reference_scores(ref_model, trace, window=2))
+        ref = reference_scores(ref_model, trace, window=2, unconditional=unconditional.tolist())
+        assert_matches_reference(fast, ref)
 
 
 def test_prompts_held_at_once_stay_within_the_prefix_budget(tiny_tokenizer, tiny_pair):

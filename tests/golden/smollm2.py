@@ -35,13 +35,17 @@ WINDOW = 4
 LOGPROB_ATOL = 1e-4
 METRIC_ATOL = 2e-5
 RANK_SWAPS = 2
-METRICS = ("galp", "lalp", "lalp_drop1", "lalp_token", "rsr", "avg_rank", "avg_surprisal")
+METRICS = (
+    *("galp", "lalp", "lalp_drop1", "lalp_token", "ifd", "ifd_ppl"),
+    *("rsr", "avg_rank", "avg_surprisal"),
+)
 
 
 def compute(student: Any) -> dict[str, Any]:
     """The golden entries: per demo trace, its tokens' log-probs and ranks and its metrics."""
     import copy
 
+    from ln_ray.prepare.render import unconditional_context
     from ln_ray.prepare.rows import prepare_row
     from ln_ray.score.scorer import StudentScorer
 
@@ -49,7 +53,9 @@ def compute(student: Any) -> dict[str, Any]:
     rows = [row for row in rows if row["prompt_id"] == PROMPT]
     prepared = [prepare_row(row, student.tokenizer) for row in rows]
     model = copy.deepcopy(student.model)  # the scorer installs its attention into the model
-    scores = StudentScorer(model, window=WINDOW).score([p.tokens for p in prepared])
+    unconditional = unconditional_context(student.tokenizer)
+    scorer = StudentScorer(model, window=WINDOW, unconditional=unconditional)
+    scores = scorer.score([p.tokens for p in prepared])
     from ln_ray.score.version import SCORING_VERSION
 
     return {

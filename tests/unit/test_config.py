@@ -131,6 +131,9 @@ def test_unknown_key_is_named():
         ("compute.wait_for_cluster_s=0", "compute.wait_for_cluster_s must be > 0"),
         ("scoring.max_tokens=0", "scoring.max_tokens must be >= 1 or null"),
         ("selection.seed=-1", "selection.seed must be >= 0"),
+        ("selection.curate_by=avg_rank", "selection.curate_by must be one of"),
+        ("input.layout=per_row", "input.layout must be one of"),
+        ("scoring.ifd=maybe", "scoring.ifd"),
         ("scoring.window=[1", "bad override value"),
     ],
 )

@@ -33,6 +33,8 @@ def _scores(n: int, seed: int) -> pd.DataFrame:
             "lalp_drop1": rng.normal(-1.1, 0.3, n),
             "galp": rng.normal(-1.2, 0.2, n),
             "rsr": rng.uniform(0.5, 2.0, n),
+            "ifd": rng.uniform(0.4, 1.1, n),
+            "ifd_ppl": rng.uniform(0.1, 1.5, n),
             "correct": None,
         }
     )

@@ -17,10 +17,12 @@ from ln_ray.aggregate.select import (
 
 def _prompt(rows):
     """Candidates given as (prompt, teacher, trace, correct, lalp, galp, rsr); lalp_drop1 is
-    their lalp."""
-    columns = [c for c in CANDIDATE_COLUMNS if c != "lalp_drop1"]
+    their lalp, and ifd and ifd_ppl their rsr (lower is better for each)."""
+    copied = {"lalp_drop1": "lalp", "ifd": "rsr", "ifd_ppl": "rsr"}
+    columns = [c for c in CANDIDATE_COLUMNS if c not in copied]
     frame = pd.DataFrame(rows, columns=columns)
-    frame["lalp_drop1"] = frame["lalp"]
+    for name, source in copied.items():
+        frame[name] = frame[source]
     return pa.Table.from_pandas(frame[CANDIDATE_COLUMNS], preserve_index=False)
 
 
@@ -39,7 +41,8 @@ def test_select_argmax_argmin_with_correct_filter():
     picked = select_prompt(group, filter_correct=True).set_index("metric")
     assert picked.loc["lalp", "teacher"] == picked.loc["lalp_drop1", "teacher"] == "a"
     assert picked.loc["galp", "teacher"] == "c"
-    assert picked.loc["rsr", "teacher"] == "c"
+    assert picked.loc["rsr", "teacher"] == picked.loc["ifd", "teacher"] == "c"
+    assert picked.loc["ifd_ppl", "teacher"] == "c"
     assert (picked["n_candidates"] == 2).all()
     unfiltered = select_prompt(group, filter_correct=False).set_index("metric")
     assert set(unfiltered["teacher"]) == {"b"}
@@ -98,6 +101,8 @@ def test_selection_over_many_prompts_matches_a_loop_and_merges_over_any_split():
                 "lalp_drop1": float(rng.choice([value, -1.0, np.nan, rng.normal()])),
                 "galp": float(rng.choice([-1.0, rng.normal()])),
                 "rsr": float(rng.choice([3.0, np.nan, abs(rng.normal())])),
+                "ifd": float(rng.choice([0.5, np.nan, abs(rng.normal())])),
+                "ifd_ppl": float(rng.choice([0.5, 1.2, np.inf, abs(rng.normal())])),
             }
         )
     table = pa.Table.from_pylist(rows)

@@ -24,6 +24,8 @@ def _teacher(name, lalp, rank=None, surprisal=None):
             "lalp_drop1": lalp,
             "galp": lalp,
             "lalp_token": lalp,
+            "ifd": -np.asarray(lalp),
+            "ifd_ppl": -np.asarray(lalp),
             "rsr": np.asarray(rank or [2.0] * n) / np.asarray(surprisal or [1.0] * n),
             "avg_rank": rank or [2.0] * n,
             "avg_surprisal": surprisal or [1.0] * n,

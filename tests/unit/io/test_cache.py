@@ -40,6 +40,7 @@ def test_every_scoring_setting_but_the_row_filter_is_in_the_cache_key():
         "rank_clip": 10,
         "max_tokens": 512,
         "max_response_chars": 10,
+        "ifd": False,
     }
     assert set(changed) == {f.name for f in dataclasses.fields(ScoringConfig)}
     for name, value in changed.items():

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from ln_ray.config import StudentConfig, load_config
-from ln_ray.prepare.render import RenderError, RenderOptions, tokenize_trace
+from ln_ray.prepare.render import (
+    RenderError,
+    RenderOptions,
+    tokenize_trace,
+    unconditional_context,
+)
 from ln_ray.prepare.rows import RowRejected, prepare_row
 from ln_ray.score.student import check_student
 from ln_ray.score.vetting import StudentError
@@ -291,3 +296,34 @@ def test_real_reasoning_traces_render_for_every_family(smollm2):
                 except RowRejected:
                     rejected += 1
             assert rejected >= len(rows) * 0.8
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_unconditional_context_is_the_template_for_an_empty_user_turn(marker_tokenizer, family):
+    """IFD's no-prompt context ends as the trace's own prefix does: the assistant header and the
+    generation prompt's opening (R1-distill's <think>), tokenized as a rendered context is."""
+    tokenizer = templated(marker_tokenizer, family)
+    empty = tokenizer.apply_chat_template(
+        [{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True
+    )
+    context = unconditional_context(tokenizer)
+    assert context.tolist() == tokenizer(empty, add_special_tokens=False)["input_ids"]
+    trace = tokenize_trace(
+        tokenizer,
+        [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "It works."}],
+        ["It works."],
+    )
+    assert context[-1] == trace.input_ids[trace.prefix_len - 1]
+
+
+def test_a_template_that_refuses_an_empty_turn_leaves_the_bos_token_or_nothing(marker_tokenizer):
+    tokenizer = copy.copy(marker_tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if not m['content'] %}"
+        "{{ raise_exception('empty message') }}{% endif %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tokenizer.bos_token = "<|im_start|>"
+    assert unconditional_context(tokenizer).tolist() == [tokenizer.bos_token_id]
+    tokenizer.bos_token = None
+    assert unconditional_context(tokenizer).tolist() == []

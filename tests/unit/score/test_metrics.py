@@ -46,3 +46,27 @@ def test_no_global_tokens_gives_nan_global_metrics():
     )
     assert math.isnan(m["galp"]) and math.isnan(m["rsr"]) and math.isnan(m["avg_rank"])
     assert m["lalp"] == pytest.approx(-1.0)
+
+
+def test_ifd_is_the_loss_ratio_and_ifd_ppl_the_perplexity_ratio():
+    global_lp = np.array([-1.0, -2.0, -3.0, -2.0])  # s(A|Q) = 2 over all four tokens
+    ranks, local, bounds = np.array([1, 1, 1, 1]), global_lp, np.array([0, 4])
+    alone = np.array([-4.0, -4.0, -3.0, -5.0])  # s(A) = 4
+    m = trace_metrics(global_lp, ranks, local, bounds, 100, (alone, 0))
+    assert m["ifd"] == pytest.approx(2.0 / 4.0)
+    assert m["ifd_ppl"] == pytest.approx(math.exp(2.0) / math.exp(4.0))
+    # With no context the first token has no predictor: both means are over tokens 2..4.
+    m = trace_metrics(global_lp, ranks, local, bounds, 100, (alone[1:], 1))
+    assert m["ifd"] == pytest.approx((7 / 3) / 4.0)
+    assert m["ifd_ppl"] == pytest.approx(math.exp(7 / 3 - 4.0))
+    # The variants rank traces differently: the loss ratio weighs a trace's losses relative to
+    # each other, the perplexity ratio their difference.
+    easy = trace_metrics(
+        -np.array([0.2]), ranks[:1], local[:1], np.array([0, 1]), 100, (-np.array([0.5]), 0)
+    )
+    hard = trace_metrics(
+        -np.array([3.0]), ranks[:1], local[:1], np.array([0, 1]), 100, (-np.array([5.0]), 0)
+    )
+    assert easy["ifd"] < hard["ifd"] and easy["ifd_ppl"] > hard["ifd_ppl"]
+    off = trace_metrics(global_lp, ranks, local, bounds, 100)
+    assert math.isnan(off["ifd"]) and math.isnan(off["ifd_ppl"])

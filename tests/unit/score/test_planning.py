@@ -33,6 +33,9 @@ def _random_settings(rng: np.random.Generator) -> dict:
         window_fraction=None if rng.random() < 0.6 else float(rng.uniform(0.1, 1.0)),
         max_tokens=int(rng.integers(2, 40)),
         rope_limit=None if rng.random() < 0.6 else int(rng.integers(8, 30)),
+        unconditional=None
+        if rng.random() < 0.3
+        else rng.integers(0, 1000, size=int(rng.integers(0, 4))).astype(np.int64),
     )
 
 
@@ -93,10 +96,28 @@ def test_every_kept_prediction_sees_exactly_its_definition(seed):
                 scored[j] += 1
         assert (scored == 1).all()
 
+        # Unconditional (IFD): the no-prompt context + every earlier response token, for the
+        # global pass's tokens (as many as fit the cap after that context); with no context,
+        # the first response token has no predictor and is left out.
+        alone = [s for s in plan.unconditional_sequences if s.trace == i]
+        context = settings["unconditional"]
+        if context is None:
+            assert alone == []
+        else:
+            n = max(0, min(plan.n_global[i], settings["max_tokens"] - len(context)))
+            skip = 0 if len(context) else 1
+            assert len(alone) == (1 if n > skip else 0)
+            for seq in alone:
+                assert seq.unconditional and not seq.is_global and not seq.uses_prefix
+                assert seq.target_offset == skip and len(seq.targets) == n - skip
+                for j, seen in enumerate(_seen_by_each_target(seq, trace), skip):
+                    assert np.array_equal(seen, np.concatenate([context, response[:j]]))
+
         # The prefix is recorded when a window needs it, and the token count is what runs.
         if any(s.uses_prefix for s in windows):
             assert glob.records_prefix_len == p
-        assert plan.model_tokens[i] == len(glob.tokens) + sum(len(s.tokens) for s in windows)
+        ran = [glob, *windows, *alone]
+        assert plan.model_tokens[i] == sum(len(s.tokens) for s in ran)
 
 
 def test_windows_past_the_rope_limit_carry_their_prefix_and_run_in_a_pack_alone():

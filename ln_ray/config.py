@@ -292,6 +292,10 @@ def validate_config(cfg: LnRayConfig) -> None:
         cfg.selection.curate_by in SELECTED_BY,
         f"selection.curate_by must be one of {SELECTED_BY}",
     )
+    need(
+        cfg.scoring.ifd or not cfg.selection.curate_by.startswith("ifd"),
+        f"selection.curate_by={cfg.selection.curate_by} needs scoring.ifd=true",
+    )
     need(bool(cfg.student.model), "student.model is empty")
     need(cfg.student.dtype in DTYPES, f"student.dtype must be one of {DTYPES}")
     need(cfg.segment.mode in SEGMENT_MODES, f"segment.mode must be one of {SEGMENT_MODES}")

@@ -142,7 +142,7 @@ def _sections(run: dict[str, Any], order: list[str]) -> list[str]:
         ),
         _details(
             "Score distributions",
-            _figure(_plot_distributions(scores.sample, order), sampled),
+            _figure(_plot_distributions(scores.sample, order, _ranked(teachers)), sampled),
         ),
         _details(
             "Wins",
@@ -203,10 +203,14 @@ def run_agreement(published: PublishedRun) -> pd.DataFrame:
 
 def metric_agreement(counts: list[dict[str, Any]]) -> pd.DataFrame:
     """The shares of ``counts`` (``AGREEMENT_SCHEMA`` rows) as a metrics x metrics frame (NaN
-    where no prompt has both)."""
-    shares = pd.DataFrame(index=list(METRICS), columns=list(METRICS), dtype=float)
+    where no prompt has both), over the metrics that selected a trace for some prompt."""
+    chosen = {e["metric"] for e in counts if e["prompts"]} | {
+        e["other"] for e in counts if e["prompts"]
+    }
+    metrics = [m for m in METRICS if m in chosen]
+    shares = pd.DataFrame(index=metrics, columns=metrics, dtype=float)
     for entry in counts:
-        if entry["metric"] in METRICS and entry["other"] in METRICS:
+        if entry["metric"] in metrics and entry["other"] in metrics:
             share = entry["same"] / entry["prompts"] if entry["prompts"] else np.nan
             shares.loc[entry["metric"], entry["other"]] = share
     return shares
@@ -214,7 +218,7 @@ def metric_agreement(counts: list[dict[str, Any]]) -> pd.DataFrame:
 
 def _teacher_tables(teachers: pd.DataFrame) -> str:
     parts = []
-    ordered = [*METRICS, *sorted(set(teachers["metric"]) - set(METRICS))]
+    ordered = [*_ranked(teachers), *sorted(set(teachers["metric"]) - set(METRICS))]
     for metric in ordered:
         part = teachers[teachers["metric"] == metric]
         rows = "".join(
@@ -350,11 +354,19 @@ def _highlight(response: str, step_chars: list[int], step_logprobs: list[float |
     return "".join(out) + _e(response[start:])
 
 
+def _ranked(teachers: pd.DataFrame) -> list[str]:
+    """The selection metrics the teacher table ranks (a metric no trace has, as ``ifd`` with
+    ``scoring.ifd=false``, has no rows there and no plot here)."""
+    present = set(teachers["metric"])
+    return [m for m in METRICS if m in present] or list(METRICS)
+
+
 def _plot_teachers(teachers: pd.DataFrame, order: list[str]):
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 0.5 * len(order) + 1.6))
-    for ax, metric in zip(axes, METRICS):
+    metrics = _ranked(teachers)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 0.5 * len(order) + 1.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         part = teachers[teachers["metric"] == metric].set_index("teacher").reindex(order)
         y = np.arange(len(order))
         err = np.vstack([part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]])
@@ -367,11 +379,11 @@ def _plot_teachers(teachers: pd.DataFrame, order: list[str]):
     return fig
 
 
-def _plot_distributions(scores: pd.DataFrame, order: list[str]):
+def _plot_distributions(scores: pd.DataFrame, order: list[str], metrics: list[str]):
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 0.5 * len(order) + 1.6))
-    for ax, metric in zip(axes, METRICS):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 0.5 * len(order) + 1.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         data = [scores.loc[scores["teacher"] == t, metric].dropna().to_numpy() for t in order]
         ax.boxplot(data, orientation="horizontal", tick_labels=[printable(t) for t in order])
         ax.invert_yaxis()
@@ -400,13 +412,14 @@ def _plot_wins(teachers: pd.DataFrame, order: list[str]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
-    width = 0.8 / len(METRICS)
+    metrics = _ranked(teachers)
+    width = 0.8 / len(metrics)
     x = np.arange(len(order))
-    for k, metric in enumerate(METRICS):
+    for k, metric in enumerate(metrics):
         part = teachers[teachers["metric"] == metric].set_index("teacher")["wins"]
         wins = part.reindex(order).fillna(0).astype(float)
         share = wins / max(wins.sum(), 1)
-        ax.bar(x + (k - (len(METRICS) - 1) / 2) * width, share.to_numpy(), width, label=metric)
+        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, share.to_numpy(), width, label=metric)
     ax.set_xticks(x, [printable(t) for t in order], rotation=20, ha="right")
     ax.set_ylabel("share of prompts won")
     ax.legend()

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from ln_ray.aggregate.select import SELECTED_BY
 from ln_ray.io.run_folder import PublishedRun
+from ln_ray.schema import SCORES_SCHEMA
 
 SAMPLE_PER_TEACHER = 5_000
 BATCH_ROWS = 65_536
@@ -80,7 +81,8 @@ def read_scores(
 
 
 def _batches(run: PublishedRun) -> Iterator[pl.DataFrame]:
-    for batch in run.batches("scores", SHOWN, BATCH_ROWS):
+    # By schema: a metric a run was scored without (older scores/) reads as null.
+    for batch in run.batches("scores", SHOWN, BATCH_ROWS, SCORES_SCHEMA):
         frame = pl.from_arrow(pa.Table.from_batches([batch]))
         assert isinstance(frame, pl.DataFrame)
         yield frame.select(SHOWN)

@@ -83,6 +83,10 @@ def rank_teachers(
     """Add the direction, wins (prompts where the teacher was selected), rank (1 = best) and
     whether each teacher is told apart from the next in rank, per metric.
 
+    A teacher with no value of a metric (``count`` 0) is not ranked on it: a metric no trace
+    has (``ifd`` with ``scoring.ifd=false``, a run scored before the metric existed) has no rows,
+    never a rank made of NaNs.
+
     Args:
         stats: Output rows of ``teacher_stats`` for every teacher.
         wins: Columns metric, teacher, wins (see ``count_wins``).
@@ -91,6 +95,7 @@ def rank_teachers(
     Returns:
         The teacher table in ``TEACHERS_SCHEMA`` columns, sorted by metric then rank.
     """
+    stats = stats[stats["count"] > 0]
     won = {(m, t): int(n) for m, t, n in zip(wins["metric"], wins["teacher"], wins["wins"])}
 
     def wins_of(metric: str, teacher: str) -> int | None:

@@ -104,13 +104,17 @@ class Folder(DirFileSystem):
             filesystem=self.arrow_fs,
         )
 
-    def batches(self, name: str, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(
+        self, name: str, columns: list[str], batch_rows: int, schema: pa.Schema | None = None
+    ) -> Iterator[pa.RecordBatch]:
         """A Parquet file or folder below the folder, streamed in batches of at most
         ``batch_rows`` rows (``columns`` only): memory bounded by a few batches, whatever its
-        size."""
+        size. With ``schema``, a column its files lack reads as nulls."""
         import pyarrow.dataset as pads
 
-        data = pads.dataset(self.full(name), format="parquet", filesystem=self.arrow_fs)
+        data = pads.dataset(
+            self.full(name), format="parquet", filesystem=self.arrow_fs, schema=schema
+        )
         return data.to_batches(
             columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1
         )

@@ -264,9 +264,9 @@ class PublishedRun:
     def url(self, name: str) -> str:
         return self.root.url_of(self.manifest.located(name))
 
-    def batches(self, name: str, columns: list[str], batch_rows: int) -> Any:
+    def batches(self, name: str, columns: list[str], batch_rows: int, schema: Any = None) -> Any:
         """Output ``name`` streamed in record batches (``Folder.batches``)."""
-        return self.root.batches(self.manifest.located(name), columns, batch_rows)
+        return self.root.batches(self.manifest.located(name), columns, batch_rows, schema)
 
     def table(self, name: str, columns: list[str] | None = None, filters: Any = None) -> Any:
         """Output ``name`` (``columns`` only, default all; the rows that pass ``filters``, in

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ln_ray.aggregate.curate import curated_schema, extra_schema
 from ln_ray.aggregate.pairs import (
@@ -136,7 +137,6 @@ def reduce_scores(
         ray.remote(num_cpus=1)(_compare).remote(sums.to_arrow_refs(), selection)
     )
     target.write_table("teacher_pairs/part-0.parquet", pairs)
-    target.write_table("teacher_stability/part-0.parquet", curve)
     stats = (
         scores.select_columns(["teacher", *TRACE_METRICS])
         .groupby("teacher", num_partitions=partitions)
@@ -155,6 +155,10 @@ def reduce_scores(
         "teachers/part-0.parquet",
         pa.Table.from_pandas(table, schema=TEACHERS_SCHEMA, preserve_index=False),
     )
+    # A metric no teacher has a value of is not ranked, so its ranking has no stability.
+    ranked = sorted(set(table["metric"]))
+    curve = curve.filter(pc.is_in(curve["metric"], value_set=pa.array(ranked, pa.string())))
+    target.write_table("teacher_stability/part-0.parquet", curve)
     summary["stability"] = {
         metric: {
             "stable_from": stable_from(curve, metric),
@@ -162,6 +166,7 @@ def reduce_scores(
             "statement": stability_statement(curve, metric, teachers),
         }
         for metric in TEACHER_METRICS
+        if metric in ranked
     }
     write_curated(
         source, text, target, selections, partitions, messages_format, selection.curate_by

@@ -619,3 +619,28 @@ def _padded(rows: list[dict], schema: pa.Schema) -> pa.Table:
     from ln_ray.schema import padded
 
     return padded(pa.Table.from_pylist(rows), schema)
+
+
+def test_a_run_without_ifd_ranks_no_teacher_on_it(ray_cluster, tiny_student_dir, tmp_path):
+    """scoring.ifd=false: ifd and ifd_ppl are NaN, and nothing ranks, selects or plots them
+    (no rank made of NaNs, no stability claimed for them)."""
+    from ln_ray.report import load_run, render_report
+
+    rows = make_rows(n_prompts=3)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "out")
+    manifest = run_score(
+        job_config(str(tmp_path / "in"), out, tiny_student_dir, "scoring.ifd=false")
+    )
+    scores = read_output(out, "scores")
+    assert scores[["ifd", "ifd_ppl"]].isna().all().all() and scores["lalp"].notna().all()
+    ranked = {"teachers", "teacher_stability", "teacher_pairs", "selections"}
+    for name in ranked:
+        assert not {"ifd", "ifd_ppl"} & set(read_output(out, name)["metric"]), name
+    assert not {"ifd", "ifd_ppl"} & set(manifest.selection["stability"])
+    summary = format_summary(
+        manifest, read_output(out, "teachers"), read_output(out, "teacher_pairs")
+    )
+    assert "ifd" not in summary and "Teachers by lalp" in summary
+    assert "ifd" not in render_report(load_run(out))

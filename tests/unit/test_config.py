@@ -132,6 +132,7 @@ def test_unknown_key_is_named():
         ("scoring.max_tokens=0", "scoring.max_tokens must be >= 1 or null"),
         ("selection.seed=-1", "selection.seed must be >= 0"),
         ("selection.curate_by=avg_rank", "selection.curate_by must be one of"),
+        ("scoring.ifd=false selection.curate_by=ifd_ppl", "curate_by=ifd_ppl needs scoring.ifd"),
         ("input.layout=per_row", "input.layout must be one of"),
         ("scoring.ifd=maybe", "scoring.ifd"),
         ("scoring.window=[1", "bad override value"),
@@ -139,7 +140,7 @@ def test_unknown_key_is_named():
 )
 def test_bad_values_fail_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("default", [override])
+        load_config("default", override.split(" "))
 
 
 def test_unknown_config_name():

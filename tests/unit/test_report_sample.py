@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from ln_ray.report_sample import read_scores
+from ln_ray.schema import padded
 
 
 class _Streamed:
@@ -16,10 +17,11 @@ class _Streamed:
     def __init__(self, table: pa.Table, rows: int) -> None:
         self.table, self.rows, self.reads = table, rows, 0
 
-    def batches(self, name: str, columns: list[str], batch_rows: int):
+    def batches(self, name: str, columns: list[str], batch_rows: int, schema=None):
         assert name == "scores"
         self.reads += 1
-        return self.table.select(columns).to_batches(max_chunksize=self.rows)
+        table = self.table if schema is None else padded(self.table, schema)
+        return table.select(columns).to_batches(max_chunksize=self.rows)
 
 
 def _scores(n: int, seed: int) -> pd.DataFrame:
@@ -79,3 +81,11 @@ def test_too_few_traces_to_measure_a_gap(usable):
     view = read_scores(_Streamed(pa.Table.from_pandas(frame, preserve_index=False), 2), 5)
     assert len(view.disagreements) == usable and (view.disagreements["gap"] == 0).all()
     assert view.traces == 4
+
+
+def test_scores_written_before_a_metric_existed_read_it_as_missing():
+    """A run scored by an earlier ln-ray (no ifd columns) is still reported."""
+    frame = _scores(200, seed=4).drop(columns=["ifd", "ifd_ppl"])
+    view = read_scores(_Streamed(pa.Table.from_pandas(frame, preserve_index=False), 64), 5)
+    assert view.traces == 200 and view.sample["ifd"].isna().all()
+    assert view.sample["lalp"].notna().any()

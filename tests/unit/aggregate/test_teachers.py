@@ -77,6 +77,21 @@ def test_rank_teachers_orders_by_direction_and_counts_wins():
     assert table.loc[("rsr_dataset", "b"), "wins"] == 1
 
 
+def test_a_metric_without_values_is_not_ranked():
+    """IFD off (every trace NaN), and one teacher without lalp_drop1 values: no rank is made
+    of NaNs."""
+    a, b = _teacher("a", [-1.0, -1.2]), _teacher("b", [-2.0, -2.2])
+    for frame in (a, b):
+        frame["ifd"] = frame["ifd_ppl"] = np.nan
+    b["lalp_drop1"] = np.nan
+    stats = pd.concat([teacher_stats(t, samples=50, confidence=0.95, seed=1) for t in (a, b)])
+    table = rank_teachers(stats, count_wins(pd.DataFrame(columns=["metric", "teacher"])))
+    assert not {"ifd", "ifd_ppl"} & set(table["metric"])
+    ranked = table[table["metric"] == "lalp_drop1"]
+    assert ranked[["teacher", "rank"]].values.tolist() == [["a", 1]]
+    assert (table["count"] > 0).all()
+
+
 def test_the_teacher_table_says_who_is_separated_from_the_next():
     frame = difficulty_corpus().to_pandas()
     stats = pd.concat(

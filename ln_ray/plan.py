@@ -31,7 +31,7 @@ from ln_ray.io import storage
 from ln_ray.io.shards import count_source_rows, iter_jsonl, iter_parquet
 from ln_ray.prepare.render import unconditional_context
 from ln_ray.prepare.rows import RowRejected, prepare_row
-from ln_ray.score.planning import ScoringPlan, plan_scoring
+from ln_ray.score.planning import ScoringPlan, plan_scorable
 
 # Bytes of a trace's score cache row in Arrow (ids, metrics, step log-probs and lengths): the demo
 # run's cache held 22,828 bytes for 120 traces of 682 steps. Parquet on disk compresses that, and
@@ -159,13 +159,8 @@ def _scoring_plan(traces: list[Any], cfg: LnRayConfig, tokenizer: Any) -> Scorin
     unconditional = None
     if cfg.scoring.ifd:
         unconditional = unconditional_context(tokenizer, cfg.student.template_kwargs)
-    return plan_scoring(
-        [t for t in traces if t.prefix_len < cap],
-        window=cfg.scoring.window,
-        window_fraction=cfg.scoring.window_fraction,
-        max_tokens=cap,
-        rope_limit=rope_limit,
-        unconditional=unconditional,
+    return plan_scorable(
+        traces, cfg.scoring, max_tokens=cap, rope_limit=rope_limit, unconditional=unconditional
     )
 
 

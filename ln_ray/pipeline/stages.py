@@ -46,7 +46,7 @@ from ln_ray.schema import (
     VALIDATED_SCHEMA,
     require_columns,
 )
-from ln_ray.score.planning import plan_scoring
+from ln_ray.score.planning import plan_scorable
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def tokenize_batch(
         segment: Segmenter settings for rows without ``steps``.
         scoring: The student's view, and its windows.
         limits: The student's global cap and RoPE limit: with ``progress``, the model tokens
-            the batch's traces will cost are planned (``planning.plan_scoring``) and reported
+            the batch's traces will cost are planned (``planning.plan_scorable``) and reported
             (``progress.plan(traces, tokens)``), the progress report's total.
         progress: The job's progress report.
 
@@ -216,13 +216,9 @@ def planned_tokens(
 ) -> int:
     """The model tokens scoring ``traces`` costs (prompts too long to score cost none), with
     their responses given no prompt after ``unconditional`` (``scoring.ifd``)."""
-    scorable = [t for t in traces if t.prefix_len < limits.global_cap]
-    if not scorable:
-        return 0
-    plan = plan_scoring(
-        scorable,
-        window=scoring.window,
-        window_fraction=scoring.window_fraction,
+    plan = plan_scorable(
+        traces,
+        scoring,
         max_tokens=limits.global_cap,
         rope_limit=limits.rope_limit,
         unconditional=unconditional,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ln_ray.config import ScoringConfig
 from ln_ray.prepare.render import TokenizedTrace
 from ln_ray.score.windows import WindowSpan, plan_windows
 
@@ -154,6 +155,27 @@ def plan_scoring(
         window_sequences=windows_,
         unconditional_sequences=unconditional_,
         model_tokens=model_tokens,
+    )
+
+
+def plan_scorable(
+    traces: Sequence[TokenizedTrace],
+    scoring: ScoringConfig,
+    *,
+    max_tokens: int,
+    rope_limit: int | None,
+    unconditional: np.ndarray | None,
+) -> ScoringPlan:
+    """``plan_scoring`` with ``scoring``'s windows, over the traces whose prompt fits
+    ``max_tokens`` (the others are rejected, and cost nothing): what the job's progress total
+    and ``ln-ray plan`` count."""
+    return plan_scoring(
+        [t for t in traces if t.prefix_len < max_tokens],
+        window=scoring.window,
+        window_fraction=scoring.window_fraction,
+        max_tokens=max_tokens,
+        rope_limit=rope_limit,
+        unconditional=unconditional,
     )
 
 
